@@ -1,0 +1,475 @@
+//! OTLP export requests → typed records. Pure: no I/O, no clock (the caller passes `now`).
+//!
+//! Every span of a request ends up in exactly one of: a tool call, another MCP request, an LLM
+//! call, an upstream HTTP call, a counted drop (not telemetry toolsight models) or a counted
+//! rejection (malformed: reported back to the client in `partial_success`).
+
+pub mod attrs;
+pub mod content;
+pub mod ratelimit;
+mod sources;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+
+pub use content::{Redactor, ResultShape};
+pub use ratelimit::RateLimit;
+
+/// Which side of an MCP exchange a span describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Ok,
+    Error,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The instrumentation a span came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// OpenTelemetry MCP semantic conventions (any conforming instrumentation).
+    Semconv,
+    /// FastMCP 3.x/4.x native tracing (scope `fastmcp`).
+    Fastmcp,
+    /// The MCP Python SDK 2.x built-in tracing (scope `mcp-python-sdk`).
+    McpSdk,
+    /// OpenLLMetry / Traceloop `opentelemetry-instrumentation-mcp`.
+    Traceloop,
+    /// Pydantic Logfire's MCP instrumentation.
+    Logfire,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Semconv => "semconv",
+            Source::Fastmcp => "fastmcp",
+            Source::McpSdk => "mcp_sdk",
+            Source::Traceloop => "traceloop",
+            Source::Logfire => "logfire",
+        }
+    }
+}
+
+/// Which attribute the session key was taken from (the fallback chain, in order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionSource {
+    /// `mcp.session.id`, only where it is stable (protocol versions before 2026-07-28).
+    McpSessionId,
+    ConversationId,
+    SessionId,
+    TraceId,
+}
+
+impl SessionSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionSource::McpSessionId => "mcp.session.id",
+            SessionSource::ConversationId => "gen_ai.conversation.id",
+            SessionSource::SessionId => "session.id",
+            SessionSource::TraceId => "trace_id",
+        }
+    }
+}
+
+/// Fields every record shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanRef {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub service: String,
+    pub service_instance: Option<String>,
+    /// Unix nanoseconds.
+    pub start_unix_nanos: i64,
+    pub duration_us: i64,
+}
+
+/// One MCP `tools/call`, counted once per side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub span: SpanRef,
+    pub tool: String,
+    pub side: Side,
+    pub source: Source,
+    pub outcome: Outcome,
+    pub error_type: Option<String>,
+    pub session_key: String,
+    pub session_source: SessionSource,
+    pub request_id: Option<String>,
+    pub result: Option<ResultShape>,
+    pub args_hash: Option<[u8; 16]>,
+    pub args_redacted: Option<String>,
+    pub result_redacted: Option<String>,
+}
+
+/// Any other MCP request or notification (`tools/list`, `initialize`, `resources/read`, …).
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpRequest {
+    pub span: SpanRef,
+    pub method: String,
+    pub side: Side,
+    pub source: Source,
+    pub outcome: Outcome,
+    /// A server span with no parent: not caused by a traced client request (FastMCP's
+    /// header-validation `tools/list`, notifications).
+    pub orphan: bool,
+}
+
+/// A model call with token usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmCall {
+    pub span: SpanRef,
+    pub model: String,
+    pub provider: Option<String>,
+    pub operation: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub error: bool,
+    pub session_key: String,
+    pub session_source: SessionSource,
+}
+
+/// An outgoing HTTP call (an MCP server calling the APIs behind its tools).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamCall {
+    pub span: SpanRef,
+    pub server_address: String,
+    pub method: Option<String>,
+    pub status_code: Option<i32>,
+    pub rate_limit: RateLimit,
+}
+
+/// Why a span was rejected as malformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    InvalidTraceId,
+    InvalidSpanId,
+    InvalidTimestamps,
+    TimestampOutOfRange,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::InvalidTraceId,
+        RejectReason::InvalidSpanId,
+        RejectReason::InvalidTimestamps,
+        RejectReason::TimestampOutOfRange,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::InvalidTraceId => "invalid_trace_id",
+            RejectReason::InvalidSpanId => "invalid_span_id",
+            RejectReason::InvalidTimestamps => "invalid_timestamps",
+            RejectReason::TimestampOutOfRange => "timestamp_out_of_range",
+        }
+    }
+}
+
+/// Why a well-formed span was not turned into a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Neither MCP, nor an LLM call with usage, nor an HTTP client call.
+    NotModelled,
+    /// A client `tools/call` span nested in another one for the same call (FastMCP's client span
+    /// wraps the MCP SDK's `MCP send` span): the call is counted once, from the outer span.
+    NestedClientSpan,
+    /// An instrumentation's transport or wrapper span (Traceloop `ResponseStreamWriter`,
+    /// `mcp.server`, `mcp.client.session`) that says nothing a sibling span does not.
+    TransportSpan,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [
+        DropReason::NotModelled,
+        DropReason::NestedClientSpan,
+        DropReason::TransportSpan,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NotModelled => "not_modelled",
+            DropReason::NestedClientSpan => "nested_client_span",
+            DropReason::TransportSpan => "transport_span",
+        }
+    }
+}
+
+/// The records of one export request.
+#[derive(Debug, Default)]
+pub struct Normalized {
+    pub tool_calls: Vec<ToolCall>,
+    pub mcp_requests: Vec<McpRequest>,
+    pub llm_calls: Vec<LlmCall>,
+    pub upstream_calls: Vec<UpstreamCall>,
+    pub spans: u64,
+    pub rejected: Vec<(RejectReason, u64)>,
+    pub dropped: Vec<(DropReason, u64)>,
+    /// The first rejection, worded for `partial_success.error_message`.
+    pub first_rejection: Option<String>,
+}
+
+impl Normalized {
+    pub fn records(&self) -> usize {
+        self.tool_calls.len()
+            + self.mcp_requests.len()
+            + self.llm_calls.len()
+            + self.upstream_calls.len()
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+
+    fn reject(&mut self, reason: RejectReason, detail: impl FnOnce() -> String) {
+        bump(&mut self.rejected, reason);
+        if self.first_rejection.is_none() {
+            self.first_rejection = Some(format!("{}: {}", reason.as_str(), detail()));
+        }
+    }
+
+    fn drop_span(&mut self, reason: DropReason) {
+        bump(&mut self.dropped, reason);
+    }
+}
+
+fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
+    }
+}
+
+/// Settings the normalizer needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Spans that started longer ago than this are rejected (they would land in dropped data).
+    pub max_age_nanos: i64,
+    /// Spans that start further in the future than this are rejected (clock skew).
+    pub max_future_nanos: i64,
+    /// When set, a redacted copy of arguments and results is kept.
+    pub redactor: Option<Redactor>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_age_nanos: 7 * 24 * 3600 * 1_000_000_000,
+            max_future_nanos: 3600 * 1_000_000_000,
+            redactor: None,
+        }
+    }
+}
+
+/// What the normalizer remembers between requests: the service instances known to run a
+/// FastMCP client, whose nested `MCP send` spans are then dropped even when the outer span
+/// arrives in another export. Bounded; a full set stops learning and counts it.
+#[derive(Debug)]
+pub struct Memory {
+    fastmcp_clients: Mutex<HashSet<String>>,
+    capacity: usize,
+    full: std::sync::atomic::AtomicU64,
+}
+
+impl Memory {
+    pub fn new(capacity: usize) -> Self {
+        Memory {
+            fastmcp_clients: Mutex::new(HashSet::new()),
+            capacity,
+            full: Default::default(),
+        }
+    }
+
+    /// Instances that could not be remembered because the set was full.
+    pub fn overflowed(&self) -> u64 {
+        self.full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn knows_fastmcp_client(&self, instance: &str) -> bool {
+        self.fastmcp_clients
+            .lock()
+            .map(|s| s.contains(instance))
+            .unwrap_or(false)
+    }
+
+    fn learn_fastmcp_client(&self, instance: &str) {
+        if let Ok(mut s) = self.fastmcp_clients.lock() {
+            if s.contains(instance) {
+                return;
+            }
+            if s.len() >= self.capacity {
+                self.full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            s.insert(instance.to_owned());
+        }
+    }
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory::new(10_000)
+    }
+}
+
+/// Normalizes one export request. `now_unix_nanos` bounds the accepted timestamps.
+pub fn normalize(
+    req: &ExportTraceServiceRequest,
+    now_unix_nanos: i64,
+    opts: &Options,
+    memory: &Memory,
+) -> Normalized {
+    let mut out = Normalized::default();
+    for rs in &req.resource_spans {
+        let resource_attrs: &[KeyValue] = rs
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or(&[]);
+        let service = attrs::get_nonempty(resource_attrs, "service.name")
+            .map(|s| s.into_owned())
+            .unwrap_or_else(|| "unknown_service".to_owned());
+        let instance = attrs::get_nonempty(resource_attrs, "service.instance.id").map(|s| s.into_owned());
+        let memory_key = instance.clone().unwrap_or_else(|| service.clone());
+
+        // Client `tools/call` spans of this resource, to find nested ones.
+        let client_tool_spans: HashSet<[u8; 8]> = rs
+            .scope_spans
+            .iter()
+            .flat_map(|ss| &ss.spans)
+            .filter(|s| s.kind == SpanKind::Client as i32 && sources::is_tools_call_span(s))
+            .filter_map(|s| id8(&s.span_id))
+            .collect();
+
+        for ss in &rs.scope_spans {
+            let scope = ss.scope.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+            if scope == "fastmcp"
+                && ss
+                    .spans
+                    .iter()
+                    .any(|s| s.kind == SpanKind::Client as i32 && sources::is_tools_call_span(s))
+            {
+                memory.learn_fastmcp_client(&memory_key);
+            }
+            for span in &ss.spans {
+                out.spans += 1;
+                let Some(span_ref) = validate(span, &service, &instance, now_unix_nanos, opts, &mut out) else {
+                    continue;
+                };
+                let ctx = sources::SpanCtx {
+                    span,
+                    scope,
+                    span_ref,
+                    opts,
+                    nested_in_client_call: span
+                        .parent_span_id
+                        .as_slice()
+                        .try_into()
+                        .is_ok_and(|p: [u8; 8]| client_tool_spans.contains(&p)),
+                    instance_runs_fastmcp_client: memory.knows_fastmcp_client(&memory_key),
+                };
+                sources::classify(ctx, &mut out);
+            }
+        }
+    }
+    out
+}
+
+fn id8(b: &[u8]) -> Option<[u8; 8]> {
+    b.try_into().ok().filter(|id: &[u8; 8]| id != &[0; 8])
+}
+
+fn id16(b: &[u8]) -> Option<[u8; 16]> {
+    b.try_into().ok().filter(|id: &[u8; 16]| id != &[0; 16])
+}
+
+fn validate(
+    span: &Span,
+    service: &str,
+    instance: &Option<String>,
+    now: i64,
+    opts: &Options,
+    out: &mut Normalized,
+) -> Option<SpanRef> {
+    let Some(trace_id) = id16(&span.trace_id) else {
+        out.reject(RejectReason::InvalidTraceId, || {
+            format!("span {:?} has a trace id of {} bytes", span.name, span.trace_id.len())
+        });
+        return None;
+    };
+    let Some(span_id) = id8(&span.span_id) else {
+        out.reject(RejectReason::InvalidSpanId, || {
+            format!("span {:?} has a span id of {} bytes", span.name, span.span_id.len())
+        });
+        return None;
+    };
+    let parent_span_id = if span.parent_span_id.is_empty() {
+        None
+    } else {
+        match id8(&span.parent_span_id) {
+            Some(p) => Some(p),
+            None => {
+                out.reject(RejectReason::InvalidSpanId, || {
+                    format!("span {:?} has a parent span id of {} bytes", span.name, span.parent_span_id.len())
+                });
+                return None;
+            }
+        }
+    };
+    let (start, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
+    if start == 0 || end < start || start > i64::MAX as u64 || end > i64::MAX as u64 {
+        out.reject(RejectReason::InvalidTimestamps, || {
+            format!("span {:?} starts at {start} and ends at {end}", span.name)
+        });
+        return None;
+    }
+    let start = start as i64;
+    if start < now.saturating_sub(opts.max_age_nanos) || start > now.saturating_add(opts.max_future_nanos) {
+        out.reject(RejectReason::TimestampOutOfRange, || {
+            format!("span {:?} starts at {start}, outside the accepted window around now", span.name)
+        });
+        return None;
+    }
+    Some(SpanRef {
+        trace_id,
+        span_id,
+        parent_span_id,
+        service: service.to_owned(),
+        service_instance: instance.clone(),
+        start_unix_nanos: start,
+        duration_us: ((end as i64 - start) / 1000).max(0),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,406 @@
+//! Per-instrumentation recognition of spans. Each source names the same facts differently;
+//! this module maps them onto the records of `normalize`.
+
+use std::borrow::Cow;
+
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
+use serde_json::Value;
+
+use super::attrs::{self, first_i64, first_nonempty, get_nonempty};
+use super::content::{self, ResultShape};
+use super::{
+    DropReason, LlmCall, McpRequest, Normalized, Options, Outcome, SessionSource, Side, Source,
+    SpanRef, ToolCall, UpstreamCall, ratelimit,
+};
+
+pub(super) struct SpanCtx<'a> {
+    pub span: &'a Span,
+    pub scope: &'a str,
+    pub span_ref: SpanRef,
+    pub opts: &'a Options,
+    /// The parent is a client `tools/call` span of the same export.
+    pub nested_in_client_call: bool,
+    /// This service instance has been seen running a FastMCP client.
+    pub instance_runs_fastmcp_client: bool,
+}
+
+/// The MCP SDK's client span name prefix (`MCP send tools/call echo`).
+const MCP_SEND: &str = "MCP send ";
+/// Logfire's MCP span name prefixes: client `MCP request: tools/call echo`, server
+/// `MCP server handle request: tools/call`. Both are INTERNAL spans.
+const LOGFIRE_CLIENT: &str = "MCP request: ";
+const LOGFIRE_SERVER: &str = "MCP server handle request: ";
+
+pub(super) fn is_tools_call_span(s: &Span) -> bool {
+    attrs::get_str(&s.attributes, "mcp.method.name").is_some_and(|m| m == "tools/call")
+}
+
+pub(super) fn classify(ctx: SpanCtx<'_>, out: &mut Normalized) {
+    let a = &ctx.span.attributes;
+    if let Some(method) = get_nonempty(a, "mcp.method.name") {
+        return semconv(&ctx, &method, out);
+    }
+    if let Some(label) = ctx.span.name.strip_prefix(LOGFIRE_CLIENT) {
+        return logfire(&ctx, label, Side::Client, out);
+    }
+    if let Some(label) = ctx.span.name.strip_prefix(LOGFIRE_SERVER) {
+        return logfire(&ctx, label, Side::Server, out);
+    }
+    if let Some(kind) = get_nonempty(a, "traceloop.span.kind") {
+        return traceloop(&ctx, &kind, out);
+    }
+    if ctx.span.name == "ResponseStreamWriter" || attrs::get(a, "mcp.request.id").is_some() {
+        return out.drop_span(DropReason::TransportSpan);
+    }
+    if let Some(method) = ctx.span.name.strip_suffix(".mcp") {
+        if attrs::get(a, "traceloop.entity.input").is_some() || ctx.scope.contains("instrumentation.mcp") {
+            return out.mcp_requests.push(McpRequest {
+                orphan: false,
+                method: method.to_owned(),
+                side: Side::Client,
+                source: Source::Traceloop,
+                outcome: outcome(ctx.span, None, None).0,
+                span: ctx.span_ref,
+            });
+        }
+    }
+    if let Some(llm) = llm_call(&ctx) {
+        return out.llm_calls.push(llm);
+    }
+    if let Some(up) = upstream_call(&ctx) {
+        return out.upstream_calls.push(up);
+    }
+    out.drop_span(DropReason::NotModelled);
+}
+
+fn side_of_kind(kind: i32) -> Side {
+    if kind == SpanKind::Client as i32 || kind == SpanKind::Producer as i32 {
+        Side::Client
+    } else {
+        Side::Server
+    }
+}
+
+/// OpenTelemetry MCP semantic conventions, and the FastMCP / MCP SDK spans that follow them.
+fn semconv(ctx: &SpanCtx<'_>, method: &str, out: &mut Normalized) {
+    let span = ctx.span;
+    let a = &span.attributes;
+    let source = match ctx.scope {
+        "fastmcp" => Source::Fastmcp,
+        "mcp-python-sdk" => Source::McpSdk,
+        _ => Source::Semconv,
+    };
+    let side = side_of_kind(span.kind);
+    if method != "tools/call" {
+        return out.mcp_requests.push(McpRequest {
+            orphan: side == Side::Server && ctx.span_ref.parent_span_id.is_none(),
+            method: method.to_owned(),
+            side,
+            source,
+            outcome: outcome(span, None, None).0,
+            span: ctx.span_ref.clone(),
+        });
+    }
+    if side == Side::Client
+        && (ctx.nested_in_client_call
+            || (source == Source::McpSdk
+                && ctx.instance_runs_fastmcp_client
+                && span.name.starts_with(MCP_SEND)))
+    {
+        return out.drop_span(DropReason::NestedClientSpan);
+    }
+    let tool = get_nonempty(a, "gen_ai.tool.name")
+        .map(Cow::into_owned)
+        .or_else(|| tool_from_span_name(&span.name))
+        .unwrap_or_else(|| "(unknown)".to_owned());
+    let result_raw = attrs::get(a, "gen_ai.tool.call.result").map(value_as_json_text);
+    let result = result_raw.as_deref().map(content::measure_result);
+    let args = attrs::get(a, "gen_ai.tool.call.arguments").map(|v| match v {
+        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
+            content::parse_args(s)
+        }
+        other => attrs::to_json(other),
+    });
+    let result_json = result_raw.as_deref().map(content::parse_args);
+    push_tool_call(ctx, tool, side, source, result, args, result_json, out);
+}
+
+fn value_as_json_text(v: &opentelemetry_proto::tonic::common::v1::any_value::Value) -> String {
+    match v {
+        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => s.clone(),
+        other => attrs::to_json(other).to_string(),
+    }
+}
+
+/// `tools/call echo`, `MCP send tools/call echo` → `echo`.
+fn tool_from_span_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(MCP_SEND).unwrap_or(name);
+    let tool = rest.strip_prefix("tools/call ")?.trim();
+    (!tool.is_empty()).then(|| tool.to_owned())
+}
+
+/// OpenLLMetry (`opentelemetry-instrumentation-mcp`): INTERNAL `{tool}.tool` spans.
+fn traceloop(ctx: &SpanCtx<'_>, kind: &str, out: &mut Normalized) {
+    let a = &ctx.span.attributes;
+    if kind != "tool" {
+        // `mcp.server`, `mcp.client.session`: wrappers around the tool span.
+        return out.drop_span(DropReason::TransportSpan);
+    }
+    let tool = get_nonempty(a, "traceloop.entity.name")
+        .map(Cow::into_owned)
+        .or_else(|| ctx.span.name.strip_suffix(".tool").map(str::to_owned))
+        .unwrap_or_else(|| "(unknown)".to_owned());
+    // Server-side tool spans (FastMCP 2.x servers) name the server's workflow.
+    let side = if get_nonempty(a, "traceloop.workflow.name").is_some() {
+        Side::Server
+    } else {
+        Side::Client
+    };
+    let input = get_nonempty(a, "traceloop.entity.input").map(|s| content::parse_args(&s));
+    let args = input.as_ref().map(|i| i.get("arguments").cloned().unwrap_or(Value::Null));
+    let output = attrs::get_str(a, "traceloop.entity.output");
+    let result = match &output {
+        Some(o) => Some(content::measure_result(o)),
+        // Content capture is on (the input is there) but no output: OpenLLMetry leaves the
+        // output out when the result has no content.
+        None if input.is_some() && !status_is_error(ctx.span) => Some(ResultShape {
+            bytes: 0,
+            items: Some(0),
+            empty: true,
+            is_error: None,
+        }),
+        None => None,
+    };
+    let result_json = output.as_deref().map(content::parse_args);
+    push_tool_call(ctx, tool, side, Source::Traceloop, result, args, result_json, out);
+}
+
+/// Pydantic Logfire: spans named by method (and tool, client side) with `request` / `response`
+/// JSON attributes; the tool result's `isError` is only in `response`.
+fn logfire(ctx: &SpanCtx<'_>, label: &str, side: Side, out: &mut Normalized) {
+    let span = ctx.span;
+    let a = &span.attributes;
+    let request = get_nonempty(a, "request").map(|s| content::parse_args(&s));
+    let method = request
+        .as_ref()
+        .and_then(|r| r.get("method").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| label.split_whitespace().next().unwrap_or("").to_owned());
+    if method != "tools/call" {
+        return out.mcp_requests.push(McpRequest {
+            orphan: false,
+            method,
+            side,
+            source: Source::Logfire,
+            outcome: outcome(span, None, None).0,
+            span: ctx.span_ref.clone(),
+        });
+    }
+    let params = request.as_ref().and_then(|r| r.get("params"));
+    let tool = params
+        .and_then(|p| p.get("name").and_then(Value::as_str).map(str::to_owned))
+        .or_else(|| label.strip_prefix("tools/call ").map(|t| t.trim().to_owned()))
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "(unknown)".to_owned());
+    let args = params.map(|p| p.get("arguments").cloned().unwrap_or(Value::Null));
+    let response = get_nonempty(a, "response");
+    let result = response.as_deref().map(content::measure_result);
+    let result_json = response.as_deref().map(content::parse_args);
+    push_tool_call(ctx, tool, side, Source::Logfire, result, args, result_json, out);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_tool_call(
+    ctx: &SpanCtx<'_>,
+    tool: String,
+    side: Side,
+    source: Source,
+    result: Option<ResultShape>,
+    args: Option<Value>,
+    result_json: Option<Value>,
+    out: &mut Normalized,
+) {
+    let a = &ctx.span.attributes;
+    let (outcome, error_type) = outcome(ctx.span, attrs::get_str(a, "error.type"), result.and_then(|r| r.is_error));
+    let (session_key, session_source) = session(ctx);
+    let redactor = ctx.opts.redactor.as_ref();
+    out.tool_calls.push(ToolCall {
+        tool,
+        side,
+        source,
+        outcome,
+        error_type,
+        session_key,
+        session_source,
+        request_id: first_nonempty(a, &["jsonrpc.request.id", "mcp.request.id"]).map(Cow::into_owned),
+        result,
+        args_hash: args.as_ref().map(content::args_hash),
+        args_redacted: redactor.zip(args.as_ref()).map(|(r, v)| r.redact(v)),
+        result_redacted: redactor.zip(result_json.as_ref()).map(|(r, v)| r.redact(v)),
+        span: ctx.span_ref.clone(),
+    });
+}
+
+fn status_is_error(span: &Span) -> bool {
+    span.status.as_ref().is_some_and(|s| s.code == StatusCode::Error as i32)
+}
+
+/// Outcome and error type, from the span status, `error.type`, the result's `isError`, and
+/// the timeout / cancellation wording instrumentations use.
+fn outcome(span: &Span, error_type: Option<Cow<'_, str>>, result_is_error: Option<bool>) -> (Outcome, Option<String>) {
+    let a = &span.attributes;
+    let error_type = error_type
+        .filter(|e| !e.trim().is_empty())
+        .map(Cow::into_owned)
+        .or_else(|| get_nonempty(a, "rpc.response.status_code").map(Cow::into_owned));
+    let message = span.status.as_ref().map(|s| s.message.as_str()).unwrap_or("");
+    let is_error = status_is_error(span) || error_type.is_some() || result_is_error == Some(true);
+    if is_error && is_cancellation(error_type.as_deref(), message) {
+        return (Outcome::Cancelled, Some(error_type.unwrap_or_else(|| "timeout".to_owned())));
+    }
+    if result_is_error == Some(true) {
+        return (Outcome::Error, Some(error_type.unwrap_or_else(|| "tool_error".to_owned())));
+    }
+    if is_error {
+        let et = error_type
+            .or_else(|| exception_type(span))
+            .or_else(|| message.split(':').next().filter(|m| !m.is_empty() && !m.contains(' ')).map(str::to_owned))
+            .unwrap_or_else(|| "error".to_owned());
+        return (Outcome::Error, Some(et));
+    }
+    (Outcome::Ok, None)
+}
+
+fn is_cancellation(error_type: Option<&str>, message: &str) -> bool {
+    let et = error_type.unwrap_or("");
+    if matches!(et, "TimeoutError" | "CancelledError" | "asyncio.CancelledError" | "timeout" | "cancelled") {
+        return true;
+    }
+    let m = message.to_ascii_lowercase();
+    m.contains("timed out") || m.starts_with("timeouterror") || m.contains("cancelled") || m.contains("canceled")
+}
+
+fn exception_type(span: &Span) -> Option<String> {
+    span.events
+        .iter()
+        .filter(|e| e.name == "exception")
+        .find_map(|e| get_nonempty(&e.attributes, "exception.type").map(Cow::into_owned))
+}
+
+/// The session key fallback chain: a stable `mcp.session.id`, `gen_ai.conversation.id`,
+/// `session.id`, then the trace id. Under MCP 2026-07-28 and later `mcp.session.id` is a new
+/// random value per request, so it is skipped there.
+fn session(ctx: &SpanCtx<'_>) -> (String, SessionSource) {
+    let a = &ctx.span.attributes;
+    if let Some(sid) = get_nonempty(a, "mcp.session.id") {
+        let sessionless = attrs::get_str(a, "mcp.protocol.version").is_some_and(|v| v.as_ref() >= "2026-07-28");
+        if !sessionless {
+            return (sid.into_owned(), SessionSource::McpSessionId);
+        }
+    }
+    common_session(ctx)
+}
+
+fn common_session(ctx: &SpanCtx<'_>) -> (String, SessionSource) {
+    let a = &ctx.span.attributes;
+    if let Some(c) = get_nonempty(a, "gen_ai.conversation.id") {
+        return (c.into_owned(), SessionSource::ConversationId);
+    }
+    if let Some(s) = get_nonempty(a, "session.id") {
+        return (s.into_owned(), SessionSource::SessionId);
+    }
+    (hex::encode(ctx.span_ref.trace_id), SessionSource::TraceId)
+}
+
+const INPUT_TOKENS: &[&str] = &[
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.prompt_tokens",
+    "llm.usage.prompt_tokens",
+    "llm.token_count.prompt",
+];
+const OUTPUT_TOKENS: &[&str] = &[
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.completion_tokens",
+    "llm.usage.completion_tokens",
+    "llm.token_count.completion",
+];
+
+fn llm_call(ctx: &SpanCtx<'_>) -> Option<LlmCall> {
+    let a = &ctx.span.attributes;
+    let input = first_i64(a, INPUT_TOKENS);
+    let output = first_i64(a, OUTPUT_TOKENS);
+    let (input, output) = match (input, output) {
+        (None, None) => (first_i64(a, &["llm.usage.total_tokens", "llm.token_count.total"])?, 0),
+        (i, o) => (i.unwrap_or(0), o.unwrap_or(0)),
+    };
+    let (session_key, session_source) = common_session(ctx);
+    Some(LlmCall {
+        model: first_nonempty(a, &["gen_ai.response.model", "gen_ai.request.model", "llm.response.model", "llm.request.model"])
+            .map_or_else(|| "unknown".to_owned(), Cow::into_owned),
+        provider: first_nonempty(a, &["gen_ai.provider.name", "gen_ai.system"]).map(Cow::into_owned),
+        operation: first_nonempty(a, &["gen_ai.operation.name", "llm.request.type"])
+            .map_or_else(|| "chat".to_owned(), Cow::into_owned),
+        input_tokens: input.max(0),
+        output_tokens: output.max(0),
+        error: status_is_error(ctx.span) || get_nonempty(a, "error.type").is_some(),
+        session_key,
+        session_source,
+        span: ctx.span_ref.clone(),
+    })
+}
+
+fn upstream_call(ctx: &SpanCtx<'_>) -> Option<UpstreamCall> {
+    let span = ctx.span;
+    if span.kind != SpanKind::Client as i32 {
+        return None;
+    }
+    let a = &span.attributes;
+    let method = first_nonempty(a, &["http.request.method", "http.method"]);
+    let status = first_i64(a, &["http.response.status_code", "http.status_code"]);
+    if method.is_none() && status.is_none() {
+        return None;
+    }
+    let server_address = first_nonempty(a, &["server.address", "net.peer.name", "http.host"])
+        .map(Cow::into_owned)
+        .or_else(|| first_nonempty(a, &["url.full", "http.url"]).and_then(|u| host_of(&u)))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let end = span.end_time_unix_nano.min(i64::MAX as u64) as i64;
+    Some(UpstreamCall {
+        server_address,
+        method: method.map(Cow::into_owned),
+        status_code: status.and_then(|s| i32::try_from(s).ok()),
+        rate_limit: ratelimit::parse(a, end),
+        span: ctx.span_ref.clone(),
+    })
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host_port.starts_with('[') {
+        host_port.split_inclusive(']').next()?
+    } else {
+        host_port.split(':').next()?
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn tool_names_come_from_span_names_when_attributes_lack_them() {
+        assert_eq!(tool_from_span_name("MCP send tools/call echo").as_deref(), Some("echo"));
+        assert_eq!(tool_from_span_name("tools/call get-weather").as_deref(), Some("get-weather"));
+        assert_eq!(tool_from_span_name("tools/call"), None);
+        assert_eq!(tool_from_span_name("tools/list"), None);
+    }
+
+    #[test]
+    fn hosts_are_read_from_urls() {
+        assert_eq!(host_of("https://API.github.com:443/repos?x=1").as_deref(), Some("api.github.com"));
+        assert_eq!(host_of("http://user:pw@[::1]:8080/").as_deref(), Some("[::1]"));
+        assert_eq!(host_of("/relative"), None);
+    }
+}
