@@ -1,1 +1,154 @@
-fn main() {}
+//! The `toolsight` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use toolsight::config::{Config, LogFormat};
+use toolsight::{app, store};
+
+#[derive(Parser)]
+#[command(
+    name = "toolsight",
+    version,
+    about = "OTLP collector and alerting for MCP tool calls"
+)]
+struct Cli {
+    /// Config file (TOML); environment variables TOOLSIGHT_<SECTION>__<KEY> override it.
+    #[arg(long, short, global = true, env = "TOOLSIGHT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: OTLP receivers, writers and the admin API.
+    Serve,
+    /// Create the database if missing and apply migrations, then exit.
+    Migrate,
+    /// Per-tool calls, errors, empty results and latency quantiles, as a table.
+    Tools {
+        /// Time range to summarize, e.g. 15m, 2h, 7d.
+        #[arg(long, default_value = "15m")]
+        since: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print the effective settings.
+    Config,
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    init_logging(&config);
+    match cli.command {
+        Command::Serve => {
+            let listeners = app::Listeners::bind(&config).await?;
+            app::run(config, listeners, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            app::prepare_database(&config).await?;
+            eprintln!(
+                "database {} is up to date",
+                store::redact_url(&config.database.url)
+            );
+            Ok(())
+        }
+        Command::Tools { since, json } => {
+            let secs = toolsight::admin::parse_since(Some(&since)).map_err(anyhow::Error::msg)?;
+            let opts = store::connect_options(&config.database.url)?;
+            let pool = store::query_pool(&opts, 1)
+                .await
+                .context("connecting to the database")?;
+            let rows = store::queries::tool_summary(&pool, secs).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_tools(&rows, &since);
+            }
+            Ok(())
+        }
+        Command::Config => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+    }
+}
+
+fn print_tools(rows: &[store::queries::ToolSummary], since: &str) {
+    if rows.is_empty() {
+        println!("no tool calls in the last {since}");
+        return;
+    }
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY)
+        .set_header([
+            "service",
+            "tool",
+            "side",
+            "calls",
+            "errors",
+            "cancelled",
+            "empty",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "mean bytes",
+        ]);
+    for r in rows {
+        t.add_row([
+            r.service.clone(),
+            r.tool.clone(),
+            r.side.clone(),
+            r.calls.to_string(),
+            r.errors.to_string(),
+            r.cancellations.to_string(),
+            if r.with_result > 0 {
+                format!("{}/{}", r.empty_results, r.with_result)
+            } else {
+                "-".into()
+            },
+            ms(r.p50_ms),
+            ms(r.p95_ms),
+            ms(r.p99_ms),
+            r.mean_result_bytes
+                .map_or("-".into(), |b| format!("{b:.0}")),
+        ]);
+    }
+    println!("tool calls in the last {since}\n{t}");
+}

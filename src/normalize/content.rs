@@ -68,10 +68,10 @@ pub fn count_items(v: &Value) -> u64 {
         Value::String(s) => count_text(s),
         Value::Array(items) => {
             // A content list holding one text part: look inside the text.
-            if items.len() == 1 {
-                if let Some(text) = text_part(&items[0]) {
-                    return count_text(text);
-                }
+            if items.len() == 1
+                && let Some(text) = text_part(&items[0])
+            {
+                return count_text(text);
             }
             if !items.is_empty() && items.iter().all(|i| text_part(i).is_some()) {
                 return items
@@ -119,14 +119,14 @@ fn count_text(s: &str) -> u64 {
     if t.is_empty() {
         return 0;
     }
-    if t.starts_with('[') || t.starts_with('{') {
-        if let Ok(v) = serde_json::from_str::<Value>(t) {
-            return match &v {
-                Value::Array(a) => a.len() as u64,
-                Value::Object(o) => o.len() as u64,
-                _ => 1,
-            };
-        }
+    if (t.starts_with('[') || t.starts_with('{'))
+        && let Ok(v) = serde_json::from_str::<Value>(t)
+    {
+        return match &v {
+            Value::Array(a) => a.len() as u64,
+            Value::Object(o) => o.len() as u64,
+            _ => 1,
+        };
     }
     1
 }
@@ -266,7 +266,8 @@ mod tests {
         assert_eq!(s.bytes, raw.len() as i64);
         let s = measure_result(r#"{"result": "same", "is_error": true}"#);
         assert_eq!((s.items, s.is_error), (Some(1), Some(true)));
-        let s = measure_result(r#"{"content":[],"structuredContent":{"result":[{"a":1},{"a":2}]}}"#);
+        let s =
+            measure_result(r#"{"content":[],"structuredContent":{"result":[{"a":1},{"a":2}]}}"#);
         assert_eq!(s.items, Some(2));
     }
 
@@ -293,7 +294,10 @@ mod tests {
             max_bytes: 60,
         };
         let out = r.redact(&json!({"user": "ann@example.com", "Password": "hunter2", "q": "ok"}));
-        assert!(!out.contains("hunter2") && !out.contains("ann@example.com"), "{out}");
+        assert!(
+            !out.contains("hunter2") && !out.contains("ann@example.com"),
+            "{out}"
+        );
         assert!(out.contains(REDACTED));
         let long = r.redact(&json!({"q": "x".repeat(500)}));
         assert!(long.len() <= 64, "{}", long.len());

@@ -359,7 +359,8 @@ pub fn normalize(
         let service = attrs::get_nonempty(resource_attrs, "service.name")
             .map(|s| s.into_owned())
             .unwrap_or_else(|| "unknown_service".to_owned());
-        let instance = attrs::get_nonempty(resource_attrs, "service.instance.id").map(|s| s.into_owned());
+        let instance =
+            attrs::get_nonempty(resource_attrs, "service.instance.id").map(|s| s.into_owned());
         let memory_key = instance.clone().unwrap_or_else(|| service.clone());
 
         // Client `tools/call` spans of this resource, to find nested ones.
@@ -383,7 +384,9 @@ pub fn normalize(
             }
             for span in &ss.spans {
                 out.spans += 1;
-                let Some(span_ref) = validate(span, &service, &instance, now_unix_nanos, opts, &mut out) else {
+                let Some(span_ref) =
+                    validate(span, &service, &instance, now_unix_nanos, opts, &mut out)
+                else {
                     continue;
                 };
                 let ctx = sources::SpanCtx {
@@ -423,13 +426,21 @@ fn validate(
 ) -> Option<SpanRef> {
     let Some(trace_id) = id16(&span.trace_id) else {
         out.reject(RejectReason::InvalidTraceId, || {
-            format!("span {:?} has a trace id of {} bytes", span.name, span.trace_id.len())
+            format!(
+                "span {:?} has a trace id of {} bytes",
+                span.name,
+                span.trace_id.len()
+            )
         });
         return None;
     };
     let Some(span_id) = id8(&span.span_id) else {
         out.reject(RejectReason::InvalidSpanId, || {
-            format!("span {:?} has a span id of {} bytes", span.name, span.span_id.len())
+            format!(
+                "span {:?} has a span id of {} bytes",
+                span.name,
+                span.span_id.len()
+            )
         });
         return None;
     };
@@ -440,7 +451,11 @@ fn validate(
             Some(p) => Some(p),
             None => {
                 out.reject(RejectReason::InvalidSpanId, || {
-                    format!("span {:?} has a parent span id of {} bytes", span.name, span.parent_span_id.len())
+                    format!(
+                        "span {:?} has a parent span id of {} bytes",
+                        span.name,
+                        span.parent_span_id.len()
+                    )
                 });
                 return None;
             }
@@ -454,9 +469,14 @@ fn validate(
         return None;
     }
     let start = start as i64;
-    if start < now.saturating_sub(opts.max_age_nanos) || start > now.saturating_add(opts.max_future_nanos) {
+    if start < now.saturating_sub(opts.max_age_nanos)
+        || start > now.saturating_add(opts.max_future_nanos)
+    {
         out.reject(RejectReason::TimestampOutOfRange, || {
-            format!("span {:?} starts at {start}, outside the accepted window around now", span.name)
+            format!(
+                "span {:?} starts at {start}, outside the accepted window around now",
+                span.name
+            )
         });
         return None;
     }

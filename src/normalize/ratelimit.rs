@@ -85,15 +85,15 @@ pub fn parse(span_attrs: &[KeyValue], end_unix_nanos: i64) -> RateLimit {
             rl.limit = sf_param(&v, "limit");
         }
     }
-    if rl.limit.is_none() {
-        if let Some(v) = h("ratelimit-policy") {
-            rl.limit = sf_param(&v, "q").or_else(|| v.split([',', ';']).next().and_then(parse_number));
-        }
+    if rl.limit.is_none()
+        && let Some(v) = h("ratelimit-policy")
+    {
+        rl.limit = sf_param(&v, "q").or_else(|| v.split([',', ';']).next().and_then(parse_number));
     }
-    if rl.reset_at_unix_nanos.is_none() {
-        if let Some(ra) = rl.retry_after_s {
-            rl.reset_at_unix_nanos = Some(end_unix_nanos + secs_to_nanos(ra));
-        }
+    if rl.reset_at_unix_nanos.is_none()
+        && let Some(ra) = rl.retry_after_s
+    {
+        rl.reset_at_unix_nanos = Some(end_unix_nanos + secs_to_nanos(ra));
     }
     rl
 }
@@ -143,7 +143,9 @@ fn parse_retry_after(v: &str, end_unix_nanos: i64) -> Option<f64> {
     if let Some(n) = parse_number(v) {
         return Some(n);
     }
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?.timestamp_nanos_opt()?;
+    let at = chrono::DateTime::parse_from_rfc2822(v)
+        .ok()?
+        .timestamp_nanos_opt()?;
     Some(((at - end_unix_nanos) as f64 / 1e9).max(0.0))
 }
 
@@ -240,7 +242,12 @@ mod tests {
         assert_eq!(rl.remaining, Some(10.0));
         assert_eq!(
             rl.reset_at_unix_nanos,
-            Some(chrono::DateTime::parse_from_rfc3339("2027-01-15T08:00:00Z").unwrap().timestamp_nanos_opt().unwrap())
+            Some(
+                chrono::DateTime::parse_from_rfc3339("2027-01-15T08:00:00Z")
+                    .unwrap()
+                    .timestamp_nanos_opt()
+                    .unwrap()
+            )
         );
     }
 

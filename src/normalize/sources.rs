@@ -52,17 +52,18 @@ pub(super) fn classify(ctx: SpanCtx<'_>, out: &mut Normalized) {
     if ctx.span.name == "ResponseStreamWriter" || attrs::get(a, "mcp.request.id").is_some() {
         return out.drop_span(DropReason::TransportSpan);
     }
-    if let Some(method) = ctx.span.name.strip_suffix(".mcp") {
-        if attrs::get(a, "traceloop.entity.input").is_some() || ctx.scope.contains("instrumentation.mcp") {
-            return out.mcp_requests.push(McpRequest {
-                orphan: false,
-                method: method.to_owned(),
-                side: Side::Client,
-                source: Source::Traceloop,
-                outcome: outcome(ctx.span, None, None).0,
-                span: ctx.span_ref,
-            });
-        }
+    if let Some(method) = ctx.span.name.strip_suffix(".mcp")
+        && (attrs::get(a, "traceloop.entity.input").is_some()
+            || ctx.scope.contains("instrumentation.mcp"))
+    {
+        return out.mcp_requests.push(McpRequest {
+            orphan: false,
+            method: method.to_owned(),
+            side: Side::Client,
+            source: Source::Traceloop,
+            outcome: outcome(ctx.span, None, None).0,
+            span: ctx.span_ref,
+        });
     }
     if let Some(llm) = llm_call(&ctx) {
         return out.llm_calls.push(llm);
@@ -157,7 +158,9 @@ fn traceloop(ctx: &SpanCtx<'_>, kind: &str, out: &mut Normalized) {
         Side::Client
     };
     let input = get_nonempty(a, "traceloop.entity.input").map(|s| content::parse_args(&s));
-    let args = input.as_ref().map(|i| i.get("arguments").cloned().unwrap_or(Value::Null));
+    let args = input
+        .as_ref()
+        .map(|i| i.get("arguments").cloned().unwrap_or(Value::Null));
     let output = attrs::get_str(a, "traceloop.entity.output");
     let result = match &output {
         Some(o) => Some(content::measure_result(o)),
@@ -172,7 +175,16 @@ fn traceloop(ctx: &SpanCtx<'_>, kind: &str, out: &mut Normalized) {
         None => None,
     };
     let result_json = output.as_deref().map(content::parse_args);
-    push_tool_call(ctx, tool, side, Source::Traceloop, result, args, result_json, out);
+    push_tool_call(
+        ctx,
+        tool,
+        side,
+        Source::Traceloop,
+        result,
+        args,
+        result_json,
+        out,
+    );
 }
 
 /// Pydantic Logfire: spans named by method (and tool, client side) with `request` / `response`
@@ -198,14 +210,27 @@ fn logfire(ctx: &SpanCtx<'_>, label: &str, side: Side, out: &mut Normalized) {
     let params = request.as_ref().and_then(|r| r.get("params"));
     let tool = params
         .and_then(|p| p.get("name").and_then(Value::as_str).map(str::to_owned))
-        .or_else(|| label.strip_prefix("tools/call ").map(|t| t.trim().to_owned()))
+        .or_else(|| {
+            label
+                .strip_prefix("tools/call ")
+                .map(|t| t.trim().to_owned())
+        })
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| "(unknown)".to_owned());
     let args = params.map(|p| p.get("arguments").cloned().unwrap_or(Value::Null));
     let response = get_nonempty(a, "response");
     let result = response.as_deref().map(content::measure_result);
     let result_json = response.as_deref().map(content::parse_args);
-    push_tool_call(ctx, tool, side, Source::Logfire, result, args, result_json, out);
+    push_tool_call(
+        ctx,
+        tool,
+        side,
+        Source::Logfire,
+        result,
+        args,
+        result_json,
+        out,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,7 +245,11 @@ fn push_tool_call(
     out: &mut Normalized,
 ) {
     let a = &ctx.span.attributes;
-    let (outcome, error_type) = outcome(ctx.span, attrs::get_str(a, "error.type"), result.and_then(|r| r.is_error));
+    let (outcome, error_type) = outcome(
+        ctx.span,
+        attrs::get_str(a, "error.type"),
+        result.and_then(|r| r.is_error),
+    );
     let (session_key, session_source) = session(ctx);
     let redactor = ctx.opts.redactor.as_ref();
     out.tool_calls.push(ToolCall {
@@ -231,7 +260,8 @@ fn push_tool_call(
         error_type,
         session_key,
         session_source,
-        request_id: first_nonempty(a, &["jsonrpc.request.id", "mcp.request.id"]).map(Cow::into_owned),
+        request_id: first_nonempty(a, &["jsonrpc.request.id", "mcp.request.id"])
+            .map(Cow::into_owned),
         result,
         args_hash: args.as_ref().map(content::args_hash),
         args_redacted: redactor.zip(args.as_ref()).map(|(r, v)| r.redact(v)),
@@ -241,29 +271,51 @@ fn push_tool_call(
 }
 
 fn status_is_error(span: &Span) -> bool {
-    span.status.as_ref().is_some_and(|s| s.code == StatusCode::Error as i32)
+    span.status
+        .as_ref()
+        .is_some_and(|s| s.code == StatusCode::Error as i32)
 }
 
 /// Outcome and error type, from the span status, `error.type`, the result's `isError`, and
 /// the timeout / cancellation wording instrumentations use.
-fn outcome(span: &Span, error_type: Option<Cow<'_, str>>, result_is_error: Option<bool>) -> (Outcome, Option<String>) {
+fn outcome(
+    span: &Span,
+    error_type: Option<Cow<'_, str>>,
+    result_is_error: Option<bool>,
+) -> (Outcome, Option<String>) {
     let a = &span.attributes;
     let error_type = error_type
         .filter(|e| !e.trim().is_empty())
         .map(Cow::into_owned)
         .or_else(|| get_nonempty(a, "rpc.response.status_code").map(Cow::into_owned));
-    let message = span.status.as_ref().map(|s| s.message.as_str()).unwrap_or("");
+    let message = span
+        .status
+        .as_ref()
+        .map(|s| s.message.as_str())
+        .unwrap_or("");
     let is_error = status_is_error(span) || error_type.is_some() || result_is_error == Some(true);
     if is_error && is_cancellation(error_type.as_deref(), message) {
-        return (Outcome::Cancelled, Some(error_type.unwrap_or_else(|| "timeout".to_owned())));
+        return (
+            Outcome::Cancelled,
+            Some(error_type.unwrap_or_else(|| "timeout".to_owned())),
+        );
     }
     if result_is_error == Some(true) {
-        return (Outcome::Error, Some(error_type.unwrap_or_else(|| "tool_error".to_owned())));
+        return (
+            Outcome::Error,
+            Some(error_type.unwrap_or_else(|| "tool_error".to_owned())),
+        );
     }
     if is_error {
         let et = error_type
             .or_else(|| exception_type(span))
-            .or_else(|| message.split(':').next().filter(|m| !m.is_empty() && !m.contains(' ')).map(str::to_owned))
+            .or_else(|| {
+                message
+                    .split(':')
+                    .next()
+                    .filter(|m| !m.is_empty() && !m.contains(' '))
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| "error".to_owned());
         return (Outcome::Error, Some(et));
     }
@@ -272,11 +324,17 @@ fn outcome(span: &Span, error_type: Option<Cow<'_, str>>, result_is_error: Optio
 
 fn is_cancellation(error_type: Option<&str>, message: &str) -> bool {
     let et = error_type.unwrap_or("");
-    if matches!(et, "TimeoutError" | "CancelledError" | "asyncio.CancelledError" | "timeout" | "cancelled") {
+    if matches!(
+        et,
+        "TimeoutError" | "CancelledError" | "asyncio.CancelledError" | "timeout" | "cancelled"
+    ) {
         return true;
     }
     let m = message.to_ascii_lowercase();
-    m.contains("timed out") || m.starts_with("timeouterror") || m.contains("cancelled") || m.contains("canceled")
+    m.contains("timed out")
+        || m.starts_with("timeouterror")
+        || m.contains("cancelled")
+        || m.contains("canceled")
 }
 
 fn exception_type(span: &Span) -> Option<String> {
@@ -292,7 +350,8 @@ fn exception_type(span: &Span) -> Option<String> {
 fn session(ctx: &SpanCtx<'_>) -> (String, SessionSource) {
     let a = &ctx.span.attributes;
     if let Some(sid) = get_nonempty(a, "mcp.session.id") {
-        let sessionless = attrs::get_str(a, "mcp.protocol.version").is_some_and(|v| v.as_ref() >= "2026-07-28");
+        let sessionless =
+            attrs::get_str(a, "mcp.protocol.version").is_some_and(|v| v.as_ref() >= "2026-07-28");
         if !sessionless {
             return (sid.into_owned(), SessionSource::McpSessionId);
         }
@@ -329,14 +388,26 @@ fn llm_call(ctx: &SpanCtx<'_>) -> Option<LlmCall> {
     let input = first_i64(a, INPUT_TOKENS);
     let output = first_i64(a, OUTPUT_TOKENS);
     let (input, output) = match (input, output) {
-        (None, None) => (first_i64(a, &["llm.usage.total_tokens", "llm.token_count.total"])?, 0),
+        (None, None) => (
+            first_i64(a, &["llm.usage.total_tokens", "llm.token_count.total"])?,
+            0,
+        ),
         (i, o) => (i.unwrap_or(0), o.unwrap_or(0)),
     };
     let (session_key, session_source) = common_session(ctx);
     Some(LlmCall {
-        model: first_nonempty(a, &["gen_ai.response.model", "gen_ai.request.model", "llm.response.model", "llm.request.model"])
-            .map_or_else(|| "unknown".to_owned(), Cow::into_owned),
-        provider: first_nonempty(a, &["gen_ai.provider.name", "gen_ai.system"]).map(Cow::into_owned),
+        model: first_nonempty(
+            a,
+            &[
+                "gen_ai.response.model",
+                "gen_ai.request.model",
+                "llm.response.model",
+                "llm.request.model",
+            ],
+        )
+        .map_or_else(|| "unknown".to_owned(), Cow::into_owned),
+        provider: first_nonempty(a, &["gen_ai.provider.name", "gen_ai.system"])
+            .map(Cow::into_owned),
         operation: first_nonempty(a, &["gen_ai.operation.name", "llm.request.type"])
             .map_or_else(|| "chat".to_owned(), Cow::into_owned),
         input_tokens: input.max(0),
@@ -391,16 +462,28 @@ mod unit {
 
     #[test]
     fn tool_names_come_from_span_names_when_attributes_lack_them() {
-        assert_eq!(tool_from_span_name("MCP send tools/call echo").as_deref(), Some("echo"));
-        assert_eq!(tool_from_span_name("tools/call get-weather").as_deref(), Some("get-weather"));
+        assert_eq!(
+            tool_from_span_name("MCP send tools/call echo").as_deref(),
+            Some("echo")
+        );
+        assert_eq!(
+            tool_from_span_name("tools/call get-weather").as_deref(),
+            Some("get-weather")
+        );
         assert_eq!(tool_from_span_name("tools/call"), None);
         assert_eq!(tool_from_span_name("tools/list"), None);
     }
 
     #[test]
     fn hosts_are_read_from_urls() {
-        assert_eq!(host_of("https://API.github.com:443/repos?x=1").as_deref(), Some("api.github.com"));
-        assert_eq!(host_of("http://user:pw@[::1]:8080/").as_deref(), Some("[::1]"));
+        assert_eq!(
+            host_of("https://API.github.com:443/repos?x=1").as_deref(),
+            Some("api.github.com")
+        );
+        assert_eq!(
+            host_of("http://user:pw@[::1]:8080/").as_deref(),
+            Some("[::1]")
+        );
         assert_eq!(host_of("/relative"), None);
     }
 }

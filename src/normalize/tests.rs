@@ -28,7 +28,7 @@ fn run_with(req: &ExportTraceServiceRequest, opts: &Options, mem: &Memory) -> No
     normalize(req, now, opts, mem)
 }
 
-fn calls<'a>(n: &'a Normalized, side: Side) -> Vec<&'a ToolCall> {
+fn calls(n: &Normalized, side: Side) -> Vec<&ToolCall> {
     n.tool_calls.iter().filter(|c| c.side == side).collect()
 }
 
@@ -41,10 +41,21 @@ fn by_tool<'a>(calls: &[&'a ToolCall]) -> BTreeMap<&'a str, Vec<&'a ToolCall>> {
 }
 
 fn dropped(n: &Normalized, r: DropReason) -> u64 {
-    n.dropped.iter().find(|(k, _)| *k == r).map_or(0, |(_, v)| *v)
+    n.dropped
+        .iter()
+        .find(|(k, _)| *k == r)
+        .map_or(0, |(_, v)| *v)
 }
 
-const TOOLS: [&str; 7] = ["big_text", "crash_tool", "echo", "fail_tool", "list_items", "no_such_tool", "slow"];
+const TOOLS: [&str; 7] = [
+    "big_text",
+    "crash_tool",
+    "echo",
+    "fail_tool",
+    "list_items",
+    "no_such_tool",
+    "slow",
+];
 
 #[test]
 fn fastmcp_counts_each_call_once_per_side() {
@@ -68,16 +79,48 @@ fn fastmcp_counts_each_call_once_per_side() {
     assert_eq!(c["slow"][0].outcome, Outcome::Cancelled);
     let s = by_tool(&server);
     assert_eq!(s["slow"][0].outcome, Outcome::Ok);
-    assert_eq!(s["no_such_tool"][0].error_type.as_deref(), Some("NotFoundError"));
-    assert_eq!(s["echo"].iter().filter(|c| c.outcome == Outcome::Error).count(), 1);
-    assert_eq!(s["echo"].iter().find(|c| c.outcome == Outcome::Error).unwrap().error_type.as_deref(), Some("ValidationError"));
+    assert_eq!(
+        s["no_such_tool"][0].error_type.as_deref(),
+        Some("NotFoundError")
+    );
+    assert_eq!(
+        s["echo"]
+            .iter()
+            .filter(|c| c.outcome == Outcome::Error)
+            .count(),
+        1
+    );
+    assert_eq!(
+        s["echo"]
+            .iter()
+            .find(|c| c.outcome == Outcome::Error)
+            .unwrap()
+            .error_type
+            .as_deref(),
+        Some("ValidationError")
+    );
     // FastMCP captures no content: no result shape, no argument hash.
-    assert!(n.tool_calls.iter().all(|c| c.result.is_none() && c.args_hash.is_none()));
+    assert!(
+        n.tool_calls
+            .iter()
+            .all(|c| c.result.is_none() && c.args_hash.is_none())
+    );
     // 2026-07-28: `mcp.session.id` is random per request, so the trace id is the session key.
-    assert!(n.tool_calls.iter().all(|c| c.session_source == SessionSource::TraceId));
-    assert_eq!(s["echo"][0].session_key, hex::encode(s["echo"][0].span.trace_id));
+    assert!(
+        n.tool_calls
+            .iter()
+            .all(|c| c.session_source == SessionSource::TraceId)
+    );
+    assert_eq!(
+        s["echo"][0].session_key,
+        hex::encode(s["echo"][0].span.trace_id)
+    );
     // Other methods are counted per method.
-    let methods: Vec<(&str, Side)> = n.mcp_requests.iter().map(|m| (m.method.as_str(), m.side)).collect();
+    let methods: Vec<(&str, Side)> = n
+        .mcp_requests
+        .iter()
+        .map(|m| (m.method.as_str(), m.side))
+        .collect();
     assert!(methods.contains(&("tools/list", Side::Client)));
     assert!(methods.contains(&("server/discover", Side::Server)));
     assert_eq!(c["big_text"][0].span.service, "demo-fastmcp-client");
@@ -100,7 +143,11 @@ fn fastmcp_nested_sdk_span_dropped_across_exports_once_client_is_known() {
     // The same instance's `MCP send` spans alone (outer spans in another export).
     let mut only_sdk = req.clone();
     for rs in &mut only_sdk.resource_spans {
-        rs.scope_spans.retain(|ss| ss.scope.as_ref().is_some_and(|s| s.name == "mcp-python-sdk"));
+        rs.scope_spans.retain(|ss| {
+            ss.scope
+                .as_ref()
+                .is_some_and(|s| s.name == "mcp-python-sdk")
+        });
     }
     let second = run_with(&only_sdk, &Options::default(), &mem);
     assert_eq!(second.tool_calls.len(), 0);
@@ -114,28 +161,54 @@ fn fastmcp_nested_sdk_span_dropped_across_exports_once_client_is_known() {
 fn fastmcp_parentless_tools_list_noise_is_not_a_tool_call() {
     let n = run(&json_fixture("fastmcp/http-auto-server.json"));
     assert_eq!(n.tool_calls.len(), 9);
-    let lists: Vec<&McpRequest> = n.mcp_requests.iter().filter(|m| m.method == "tools/list").collect();
+    let lists: Vec<&McpRequest> = n
+        .mcp_requests
+        .iter()
+        .filter(|m| m.method == "tools/list")
+        .collect();
     assert_eq!(lists.len(), 8);
-    assert_eq!(lists.iter().filter(|m| m.orphan).count(), 7, "7 parent-less validation spans");
+    assert_eq!(
+        lists.iter().filter(|m| m.orphan).count(),
+        7,
+        "7 parent-less validation spans"
+    );
 }
 
 #[test]
 fn fastmcp_legacy_sessions_are_stable() {
     let server = run(&json_fixture("fastmcp/http-legacy-server.json"));
     assert_eq!(server.tool_calls.len(), 9);
-    assert!(server.tool_calls.iter().all(|c| c.session_source == SessionSource::McpSessionId));
-    let sessions: std::collections::HashSet<&str> = server.tool_calls.iter().map(|c| c.session_key.as_str()).collect();
+    assert!(
+        server
+            .tool_calls
+            .iter()
+            .all(|c| c.session_source == SessionSource::McpSessionId)
+    );
+    let sessions: std::collections::HashSet<&str> = server
+        .tool_calls
+        .iter()
+        .map(|c| c.session_key.as_str())
+        .collect();
     assert_eq!(sessions.len(), 1, "one HTTP session for the whole client");
     let client = run(&json_fixture("fastmcp/http-legacy-client.json"));
     assert_eq!(calls(&client, Side::Client).len(), 9);
-    assert!(client.tool_calls.iter().all(|c| c.session_key == *sessions.iter().next().unwrap()));
+    assert!(
+        client
+            .tool_calls
+            .iter()
+            .all(|c| c.session_key == *sessions.iter().next().unwrap())
+    );
 }
 
 #[test]
 fn mcp_sdk_client_and_server_spans() {
     let client = run(&json_fixture("mcp-sdk/stdio-auto-client.json"));
     let c = calls(&client, Side::Client);
-    assert_eq!(c.len(), 9, "no FastMCP client here: the `MCP send` spans are the calls");
+    assert_eq!(
+        c.len(),
+        9,
+        "no FastMCP client here: the `MCP send` spans are the calls"
+    );
     assert!(c.iter().all(|c| c.source == Source::McpSdk));
     let c = by_tool(&c);
     assert_eq!(c.keys().copied().collect::<Vec<_>>(), TOOLS);
@@ -149,7 +222,12 @@ fn mcp_sdk_client_and_server_spans() {
     assert_eq!(s.values().map(Vec::len).sum::<usize>(), 9);
     assert_eq!(s["fail_tool"][0].outcome, Outcome::Error);
     assert_eq!(s["fail_tool"][0].error_type.as_deref(), Some("tool_error"));
-    assert!(server.mcp_requests.iter().any(|m| m.method == "notifications/cancelled" && m.orphan));
+    assert!(
+        server
+            .mcp_requests
+            .iter()
+            .any(|m| m.method == "notifications/cancelled" && m.orphan)
+    );
 }
 
 #[test]
@@ -165,7 +243,10 @@ fn traceloop_client_spans_carry_arguments_and_results() {
     assert!(li.empty);
     assert_eq!(li.items, Some(0));
     let fail = c["fail_tool"][0];
-    assert_eq!((fail.outcome, fail.error_type.as_deref()), (Outcome::Error, Some("tool_error")));
+    assert_eq!(
+        (fail.outcome, fail.error_type.as_deref()),
+        (Outcome::Error, Some("tool_error"))
+    );
     assert_eq!(fail.result.unwrap().is_error, Some(true));
     let big = c["big_text"][0].result.unwrap();
     assert!(!big.empty);
@@ -177,9 +258,16 @@ fn traceloop_client_spans_carry_arguments_and_results() {
     assert_ne!(echo[0].args_hash, echo[2].args_hash);
     assert_eq!(c["slow"][0].outcome, Outcome::Cancelled);
     // Nothing stored whole by default.
-    assert!(n.tool_calls.iter().all(|c| c.args_redacted.is_none() && c.result_redacted.is_none()));
+    assert!(
+        n.tool_calls
+            .iter()
+            .all(|c| c.args_redacted.is_none() && c.result_redacted.is_none())
+    );
     assert!(n.mcp_requests.iter().any(|m| m.method == "tools/list"));
-    assert!(dropped(&n, DropReason::TransportSpan) >= 9, "ResponseStreamWriter spans");
+    assert!(
+        dropped(&n, DropReason::TransportSpan) >= 9,
+        "ResponseStreamWriter spans"
+    );
 }
 
 #[test]
@@ -202,7 +290,12 @@ fn logfire_client_and_server_spans() {
     let client = run(&json_fixture("logfire/sdk1-stdio-client.json"));
     let c = by_tool(&calls(&client, Side::Client));
     assert_eq!(c.keys().copied().collect::<Vec<_>>(), TOOLS);
-    assert!(client.tool_calls.iter().all(|c| c.source == Source::Logfire));
+    assert!(
+        client
+            .tool_calls
+            .iter()
+            .all(|c| c.source == Source::Logfire)
+    );
     let li = c["list_items"][0].result.unwrap();
     assert!(li.empty && li.items == Some(0));
     // Logfire leaves the span OK for isError results; the response says it.
@@ -210,13 +303,22 @@ fn logfire_client_and_server_spans() {
     assert_eq!(c["fail_tool"][0].error_type.as_deref(), Some("tool_error"));
     assert_eq!(c["echo"][0].args_hash, c["echo"][1].args_hash);
     assert!(c["big_text"][0].result.unwrap().bytes > 64 * 1024);
-    assert!(client.mcp_requests.iter().any(|m| m.method == "initialize" && m.side == Side::Client));
+    assert!(
+        client
+            .mcp_requests
+            .iter()
+            .any(|m| m.method == "initialize" && m.side == Side::Client)
+    );
 
     let server = run(&json_fixture("logfire/sdk1-stdio-server.json"));
     let s = by_tool(&calls(&server, Side::Server));
     assert_eq!(s["fail_tool"][0].outcome, Outcome::Error);
     assert!(s["list_items"][0].result.unwrap().empty);
-    assert_eq!(s["slow"][0].outcome, Outcome::Cancelled, "CancelledError on the server");
+    assert_eq!(
+        s["slow"][0].outcome,
+        Outcome::Cancelled,
+        "CancelledError on the server"
+    );
 }
 
 #[test]
@@ -229,9 +331,16 @@ fn redacted_copies_are_opt_in() {
         }),
         ..Options::default()
     };
-    let n = run_with(&json_fixture("traceloop/sdk1-stdio-client.json"), &opts, &Memory::default());
+    let n = run_with(
+        &json_fixture("traceloop/sdk1-stdio-client.json"),
+        &opts,
+        &Memory::default(),
+    );
     let fail = n.tool_calls.iter().find(|c| c.tool == "fail_tool").unwrap();
-    assert_eq!(fail.args_redacted.as_deref(), Some(r#"{"reason":"[REDACTED]"}"#));
+    assert_eq!(
+        fail.args_redacted.as_deref(),
+        Some(r#"{"reason":"[REDACTED]"}"#)
+    );
     let big = n.tool_calls.iter().find(|c| c.tool == "big_text").unwrap();
     assert!(big.result_redacted.as_ref().unwrap().len() <= 260);
 }
@@ -285,7 +394,12 @@ mod synthetic {
     }
 
     fn norm(spans: Vec<Span>) -> Normalized {
-        normalize(&request(spans), NOW, &Options::default(), &Memory::default())
+        normalize(
+            &request(spans),
+            NOW,
+            &Options::default(),
+            &Memory::default(),
+        )
     }
 
     #[test]
@@ -298,12 +412,21 @@ mod synthetic {
                 kv("gen_ai.tool.name", s("search")),
                 kv("gen_ai.conversation.id", s("conv-1")),
                 kv("gen_ai.tool.call.arguments", s(r#"{"q":"x"}"#)),
-                kv("gen_ai.tool.call.result", s(r#"{"content":[{"type":"text","text":"[1,2]"}]}"#)),
+                kv(
+                    "gen_ai.tool.call.result",
+                    s(r#"{"content":[{"type":"text","text":"[1,2]"}]}"#),
+                ),
             ],
         )]);
         let c = &n.tool_calls[0];
-        assert_eq!((c.tool.as_str(), c.side, c.source), ("search", Side::Client, Source::Semconv));
-        assert_eq!((c.session_key.as_str(), c.session_source), ("conv-1", SessionSource::ConversationId));
+        assert_eq!(
+            (c.tool.as_str(), c.side, c.source),
+            ("search", Side::Client, Source::Semconv)
+        );
+        assert_eq!(
+            (c.session_key.as_str(), c.session_source),
+            ("conv-1", SessionSource::ConversationId)
+        );
         assert_eq!(c.result.unwrap().items, Some(2));
         assert_eq!(c.span.duration_us, 250_000);
         assert!(c.args_hash.is_some());
@@ -312,49 +435,92 @@ mod synthetic {
     #[test]
     fn llm_usage_current_and_older_names() {
         let n = norm(vec![
-            span("chat gpt-4o", SpanKind::Client, vec![
-                kv("gen_ai.operation.name", s("chat")),
-                kv("gen_ai.request.model", s("gpt-4o")),
-                kv("gen_ai.usage.input_tokens", Value::IntValue(1200)),
-                kv("gen_ai.usage.output_tokens", Value::IntValue(80)),
-                kv("session.id", s("sess-9")),
-            ]),
-            span("openai.chat", SpanKind::Client, vec![
-                kv("llm.request.model", s("gpt-3.5")),
-                kv("gen_ai.usage.prompt_tokens", Value::StringValue("300".into())),
-                kv("gen_ai.usage.completion_tokens", Value::IntValue(20)),
-            ]),
+            span(
+                "chat gpt-4o",
+                SpanKind::Client,
+                vec![
+                    kv("gen_ai.operation.name", s("chat")),
+                    kv("gen_ai.request.model", s("gpt-4o")),
+                    kv("gen_ai.usage.input_tokens", Value::IntValue(1200)),
+                    kv("gen_ai.usage.output_tokens", Value::IntValue(80)),
+                    kv("session.id", s("sess-9")),
+                ],
+            ),
+            span(
+                "openai.chat",
+                SpanKind::Client,
+                vec![
+                    kv("llm.request.model", s("gpt-3.5")),
+                    kv(
+                        "gen_ai.usage.prompt_tokens",
+                        Value::StringValue("300".into()),
+                    ),
+                    kv("gen_ai.usage.completion_tokens", Value::IntValue(20)),
+                ],
+            ),
         ]);
         assert_eq!(n.llm_calls.len(), 2);
         let a = &n.llm_calls[0];
-        assert_eq!((a.model.as_str(), a.input_tokens, a.output_tokens), ("gpt-4o", 1200, 80));
-        assert_eq!((a.session_key.as_str(), a.session_source), ("sess-9", SessionSource::SessionId));
+        assert_eq!(
+            (a.model.as_str(), a.input_tokens, a.output_tokens),
+            ("gpt-4o", 1200, 80)
+        );
+        assert_eq!(
+            (a.session_key.as_str(), a.session_source),
+            ("sess-9", SessionSource::SessionId)
+        );
         let b = &n.llm_calls[1];
-        assert_eq!((b.model.as_str(), b.input_tokens, b.output_tokens, b.operation.as_str()), ("gpt-3.5", 300, 20, "chat"));
+        assert_eq!(
+            (
+                b.model.as_str(),
+                b.input_tokens,
+                b.output_tokens,
+                b.operation.as_str()
+            ),
+            ("gpt-3.5", 300, 20, "chat")
+        );
     }
 
     #[test]
     fn upstream_http_call_with_rate_limit() {
-        let n = norm(vec![span("GET", SpanKind::Client, vec![
-            kv("http.request.method", s("GET")),
-            kv("url.full", s("https://api.github.com/search")),
-            kv("http.response.status_code", Value::IntValue(429)),
-            kv("http.response.header.x-ratelimit-remaining", s("0")),
-            kv("http.response.header.x-ratelimit-limit", s("30")),
-            kv("http.response.header.retry-after", s("20")),
-        ])]);
+        let n = norm(vec![span(
+            "GET",
+            SpanKind::Client,
+            vec![
+                kv("http.request.method", s("GET")),
+                kv("url.full", s("https://api.github.com/search")),
+                kv("http.response.status_code", Value::IntValue(429)),
+                kv("http.response.header.x-ratelimit-remaining", s("0")),
+                kv("http.response.header.x-ratelimit-limit", s("30")),
+                kv("http.response.header.retry-after", s("20")),
+            ],
+        )]);
         let u = &n.upstream_calls[0];
         assert_eq!(u.server_address, "api.github.com");
         assert_eq!(u.status_code, Some(429));
-        assert_eq!((u.rate_limit.remaining, u.rate_limit.limit), (Some(0.0), Some(30.0)));
-        assert_eq!(u.rate_limit.reset_at_unix_nanos, Some(NOW + 250_000_000 + 20_000_000_000));
+        assert_eq!(
+            (u.rate_limit.remaining, u.rate_limit.limit),
+            (Some(0.0), Some(30.0))
+        );
+        assert_eq!(
+            u.rate_limit.reset_at_unix_nanos,
+            Some(NOW + 250_000_000 + 20_000_000_000)
+        );
     }
 
     #[test]
     fn other_spans_are_counted_and_dropped() {
         let n = norm(vec![
-            span("SELECT", SpanKind::Client, vec![kv("db.system", s("postgresql"))]),
-            span("GET /", SpanKind::Server, vec![kv("http.request.method", s("GET"))]),
+            span(
+                "SELECT",
+                SpanKind::Client,
+                vec![kv("db.system", s("postgresql"))],
+            ),
+            span(
+                "GET /",
+                SpanKind::Server,
+                vec![kv("http.request.method", s("GET"))],
+            ),
         ]);
         assert_eq!(n.records(), 0);
         assert_eq!(dropped(&n, DropReason::NotModelled), 2);
@@ -371,7 +537,13 @@ mod synthetic {
         let mut ancient = span("d", SpanKind::Client, vec![]);
         ancient.start_time_unix_nano = 1_000_000_000;
         ancient.end_time_unix_nano = 2_000_000_000;
-        let n = norm(vec![bad_trace, bad_span, backwards, ancient, span("ok", SpanKind::Client, vec![])]);
+        let n = norm(vec![
+            bad_trace,
+            bad_span,
+            backwards,
+            ancient,
+            span("ok", SpanKind::Client, vec![]),
+        ]);
         assert_eq!(n.rejected_total(), 4);
         assert_eq!(n.spans, 5);
         for r in RejectReason::ALL {
@@ -382,13 +554,21 @@ mod synthetic {
 
     #[test]
     fn error_status_without_error_type_uses_exception_event() {
-        let mut sp = span("tools/call t", SpanKind::Server, vec![kv("mcp.method.name", s("tools/call"))]);
-        sp.status = Some(Status { code: 2, message: "boom".into() });
-        sp.events.push(opentelemetry_proto::tonic::trace::v1::span::Event {
-            name: "exception".into(),
-            attributes: vec![kv("exception.type", s("ValueError"))],
-            ..Default::default()
+        let mut sp = span(
+            "tools/call t",
+            SpanKind::Server,
+            vec![kv("mcp.method.name", s("tools/call"))],
+        );
+        sp.status = Some(Status {
+            code: 2,
+            message: "boom".into(),
         });
+        sp.events
+            .push(opentelemetry_proto::tonic::trace::v1::span::Event {
+                name: "exception".into(),
+                attributes: vec![kv("exception.type", s("ValueError"))],
+                ..Default::default()
+            });
         let n = norm(vec![sp]);
         assert_eq!(n.tool_calls[0].outcome, Outcome::Error);
         assert_eq!(n.tool_calls[0].error_type.as_deref(), Some("ValueError"));

@@ -1,0 +1,191 @@
+//! Wiring: binds the listeners, connects the pieces, runs until shutdown, then drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::receive::{self, Ingest};
+use crate::store::{self, Writer, WriterConfig};
+
+/// The three listening sockets, bound before the service starts (tests bind port 0).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} ({what})"))
+        };
+        Ok(Listeners {
+            grpc: bind(config.otlp.grpc_listen, "otlp.grpc_listen").await?,
+            http: bind(config.otlp.http_listen, "otlp.http_listen").await?,
+            admin: bind(config.admin.listen, "admin.listen").await?,
+        })
+    }
+
+    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)> {
+        Ok((
+            self.grpc.local_addr()?,
+            self.http.local_addr()?,
+            self.admin.local_addr()?,
+        ))
+    }
+}
+
+/// Creates the database if configured to, waits for it up to `connect_timeout`, and migrates.
+pub async fn prepare_database(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    let opts = store::connect_options(&config.database.url)?;
+    let shown = store::redact_url(&config.database.url);
+    let deadline = Instant::now() + config.database.connect_timeout;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            if config.database.create_database {
+                store::create_database_if_missing(&opts).await?;
+            }
+            store::query_pool(&opts, config.database.query_connections).await
+        };
+        match attempt.await {
+            Ok(pool) => {
+                store::migrate(&pool).await.context("applying migrations")?;
+                return Ok(pool);
+            }
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tracing::warn!(database = %shown, error = %e, "database not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {shown}")),
+        }
+    }
+}
+
+/// Runs the service on `listeners` until `shutdown` resolves, then stops accepting, finishes
+/// the exports in flight, flushes the write queue and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = prepare_database(&config).await?;
+    let opts = store::connect_options(&config.database.url)?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(true));
+    metrics.db_up.set(1);
+
+    let (writer, writer_tasks) = Writer::spawn(
+        &opts,
+        &WriterConfig {
+            writers: config.ingest.writers,
+            batch_rows: config.ingest.batch_rows,
+            queue_rows: config.ingest.queue_rows,
+        },
+        metrics.clone(),
+    );
+    let ingest = Arc::new(Ingest::new(
+        writer,
+        config.normalize_options(),
+        metrics.clone(),
+        ready.clone(),
+    ));
+
+    let stop = CancellationToken::new();
+    let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
+
+    let health = tokio::spawn(watch_database(
+        pool.clone(),
+        ready.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let grpc = tokio::spawn(receive::grpc::serve(
+        listeners.grpc,
+        ingest.clone(),
+        config.otlp.max_decompressed_bytes,
+        stop.clone().cancelled_owned(),
+    ));
+    let http_router = receive::http::router(
+        ingest.clone(),
+        receive::http::Limits {
+            max_body_bytes: config.otlp.max_request_bytes,
+            max_decoded_bytes: config.otlp.max_decompressed_bytes,
+        },
+    );
+    let http = tokio::spawn(
+        axum::serve(listeners.http, http_router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let admin_router = admin::router(AdminState {
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
+    let admin = tokio::spawn(
+        axum::serve(listeners.admin, admin_router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    drop(ingest);
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, admin = %admin_addr, "toolsight is listening");
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down: no new exports, flushing accepted ones"),
+        _ = stop.cancelled() => {}
+    }
+    stop.cancel();
+    let (g, h, a) = tokio::join!(grpc, http, admin);
+    g?.context("otlp/grpc server")?;
+    h?.context("otlp/http server")?;
+    a?.context("admin server")?;
+    // Every receiver is gone, so the writer's queue is closed: the writers drain it and stop.
+    for t in writer_tasks {
+        t.await?;
+    }
+    health.await?;
+    pool.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Probes the database every 2 s; readiness follows it.
+async fn watch_database(
+    pool: sqlx::PgPool,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(2), store::ping(&pool))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let was = ready.swap(ok, Ordering::Relaxed);
+        metrics.db_up.set(i64::from(ok));
+        if was != ok {
+            if ok {
+                tracing::info!("database reachable again: accepting exports");
+            } else {
+                tracing::warn!("database unreachable: refusing exports with retryable errors");
+            }
+        }
+    }
+}

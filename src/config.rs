@@ -1,0 +1,529 @@
+//! Configuration: defaults, overridden by a TOML file, overridden by environment variables
+//! (`TOOLSIGHT_<SECTION>__<KEY>`, and `DATABASE_URL`). Loading reports every problem at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The whole configuration. See `toolsight.example.toml` for every setting explained.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub database: Database,
+    pub otlp: Otlp,
+    pub admin: Admin,
+    pub ingest: Ingest,
+    pub privacy: Privacy,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Database {
+    pub url: String,
+    pub create_database: bool,
+    pub query_connections: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Otlp {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub max_request_bytes: usize,
+    pub max_decompressed_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ingest {
+    pub writers: usize,
+    pub batch_rows: usize,
+    pub queue_rows: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub max_span_age: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Privacy {
+    pub store_redacted_content: bool,
+    pub redact_keys: Vec<String>,
+    pub redact_patterns: Vec<String>,
+    pub max_redacted_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Log {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/toolsight";
+
+/// Key names whose values are replaced in stored copies (case-insensitive substrings).
+pub const DEFAULT_REDACT_KEYS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "cookie",
+    "credential",
+    "private_key",
+    "ssn",
+];
+
+/// Patterns replaced inside stored string values: email addresses, bearer tokens, common API
+/// key shapes, card-like digit runs.
+pub const DEFAULT_REDACT_PATTERNS: &[&str] = &[
+    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+    r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+",
+    r"\b(?:sk|pk|rk|ghp|gho|ghs|xox[abprs])[-_][A-Za-z0-9_-]{10,}",
+    r"\b(?:\d[ -]?){13,19}\b",
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: Database {
+                url: DEFAULT_DATABASE_URL.into(),
+                create_database: true,
+                query_connections: 4,
+                connect_timeout: Duration::from_secs(30),
+            },
+            otlp: Otlp {
+                grpc_listen: "127.0.0.1:4317".parse().expect("valid default"),
+                http_listen: "127.0.0.1:4318".parse().expect("valid default"),
+                max_request_bytes: 16 << 20,
+                max_decompressed_bytes: 64 << 20,
+            },
+            admin: Admin {
+                listen: "127.0.0.1:9464".parse().expect("valid default"),
+            },
+            ingest: Ingest {
+                writers: 2,
+                batch_rows: 10_000,
+                queue_rows: 200_000,
+                max_span_age: Duration::from_secs(7 * 24 * 3600),
+                max_clock_skew: Duration::from_secs(3600),
+            },
+            privacy: Privacy {
+                store_redacted_content: false,
+                redact_keys: DEFAULT_REDACT_KEYS.iter().map(|s| s.to_string()).collect(),
+                redact_patterns: DEFAULT_REDACT_PATTERNS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                max_redacted_bytes: 2048,
+            },
+            log: Log {
+                level: "info".into(),
+                format: LogFormat::Text,
+            },
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("invalid configuration ({} problems):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// Configuration errors never fix themselves.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+const ENV_PREFIX: &str = "TOOLSIGHT_";
+
+impl Config {
+    /// Loads defaults, then `path` (if any), then the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut values: BTreeMap<String, (toml::Value, String)> = BTreeMap::new();
+        if let Some(path) = path {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: shown.clone(),
+                        message: e.to_string(),
+                    })?;
+            flatten("", toml::Value::Table(table), &shown, &mut values);
+        }
+        for (k, v) in env {
+            if k == "DATABASE_URL" {
+                values.insert(
+                    "database.url".into(),
+                    (toml::Value::String(v), "env DATABASE_URL".into()),
+                );
+            } else if let Some(rest) = k.strip_prefix(ENV_PREFIX) {
+                if rest == "CONFIG" {
+                    continue;
+                }
+                let key = rest.to_ascii_lowercase().replace("__", ".");
+                values.insert(key, (env_value(&v), format!("env {k}")));
+            }
+        }
+        let mut l = Loader {
+            values,
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+        };
+        let d = Config::default();
+        let cfg = Config {
+            database: Database {
+                url: l.get("database.url", d.database.url),
+                create_database: l.get("database.create_database", d.database.create_database),
+                query_connections: l
+                    .get("database.query_connections", d.database.query_connections),
+                connect_timeout: l.duration("database.connect_timeout", d.database.connect_timeout),
+            },
+            otlp: Otlp {
+                grpc_listen: l.get("otlp.grpc_listen", d.otlp.grpc_listen),
+                http_listen: l.get("otlp.http_listen", d.otlp.http_listen),
+                max_request_bytes: l.get("otlp.max_request_bytes", d.otlp.max_request_bytes),
+                max_decompressed_bytes: l
+                    .get("otlp.max_decompressed_bytes", d.otlp.max_decompressed_bytes),
+            },
+            admin: Admin {
+                listen: l.get("admin.listen", d.admin.listen),
+            },
+            ingest: Ingest {
+                writers: l.get("ingest.writers", d.ingest.writers),
+                batch_rows: l.get("ingest.batch_rows", d.ingest.batch_rows),
+                queue_rows: l.get("ingest.queue_rows", d.ingest.queue_rows),
+                max_span_age: l.duration("ingest.max_span_age", d.ingest.max_span_age),
+                max_clock_skew: l.duration("ingest.max_clock_skew", d.ingest.max_clock_skew),
+            },
+            privacy: Privacy {
+                store_redacted_content: l.get(
+                    "privacy.store_redacted_content",
+                    d.privacy.store_redacted_content,
+                ),
+                redact_keys: l.get("privacy.redact_keys", d.privacy.redact_keys),
+                redact_patterns: l.get("privacy.redact_patterns", d.privacy.redact_patterns),
+                max_redacted_bytes: l
+                    .get("privacy.max_redacted_bytes", d.privacy.max_redacted_bytes),
+            },
+            log: Log {
+                level: l.get("log.level", d.log.level),
+                format: l.get("log.format", d.log.format),
+            },
+        };
+        let mut problems = l.finish();
+        cfg.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate(&self, p: &mut Vec<String>) {
+        if let Err(e) = crate::store::connect_options(&self.database.url) {
+            p.push(format!("database.url: {e}"));
+        }
+        if self.database.query_connections == 0 {
+            p.push("database.query_connections: must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.ingest.writers) {
+            p.push(format!(
+                "ingest.writers: {} is outside 1..=64",
+                self.ingest.writers
+            ));
+        }
+        if self.ingest.batch_rows == 0 {
+            p.push("ingest.batch_rows: must be at least 1".into());
+        }
+        if self.ingest.queue_rows < self.ingest.batch_rows {
+            p.push(format!(
+                "ingest.queue_rows: {} is smaller than ingest.batch_rows ({})",
+                self.ingest.queue_rows, self.ingest.batch_rows
+            ));
+        }
+        if self.otlp.max_request_bytes == 0 {
+            p.push("otlp.max_request_bytes: must be at least 1".into());
+        }
+        if self.otlp.max_decompressed_bytes < self.otlp.max_request_bytes {
+            p.push("otlp.max_decompressed_bytes: must be at least otlp.max_request_bytes".into());
+        }
+        let addrs = [
+            ("otlp.grpc_listen", self.otlp.grpc_listen),
+            ("otlp.http_listen", self.otlp.http_listen),
+            ("admin.listen", self.admin.listen),
+        ];
+        for (i, (a, x)) in addrs.iter().enumerate() {
+            for (b, y) in &addrs[i + 1..] {
+                if x == y && x.port() != 0 {
+                    p.push(format!("{a} and {b}: both listen on {x}"));
+                }
+            }
+        }
+        for (i, pat) in self.privacy.redact_patterns.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(pat) {
+                p.push(format!("privacy.redact_patterns[{i}]: {e}"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!("log.level: {e}"));
+        }
+    }
+
+    /// The normalizer's settings derived from this configuration.
+    pub fn normalize_options(&self) -> crate::normalize::Options {
+        crate::normalize::Options {
+            max_age_nanos: self.ingest.max_span_age.as_nanos().min(i64::MAX as u128) as i64,
+            max_future_nanos: self.ingest.max_clock_skew.as_nanos().min(i64::MAX as u128) as i64,
+            redactor: self
+                .privacy
+                .store_redacted_content
+                .then(|| crate::normalize::Redactor {
+                    keys: self
+                        .privacy
+                        .redact_keys
+                        .iter()
+                        .map(|k| k.to_ascii_lowercase())
+                        .collect(),
+                    // Validated above.
+                    patterns: self
+                        .privacy
+                        .redact_patterns
+                        .iter()
+                        .filter_map(|p| regex::Regex::new(p).ok())
+                        .collect(),
+                    max_bytes: self.privacy.max_redacted_bytes,
+                }),
+        }
+    }
+
+    /// The effective configuration as TOML, with the database password hidden.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = crate::store::redact_url(&shown.database.url);
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+struct Loader {
+    values: BTreeMap<String, (toml::Value, String)>,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl Loader {
+    fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
+        self.used.insert(key.to_owned());
+        let Some((value, origin)) = self.values.get(key) else {
+            return default;
+        };
+        // Env values arrive as strings: let "4" stand for 4 and "true" for true.
+        let attempt = value.clone().try_into::<T>().or_else(|e| match value {
+            toml::Value::String(s) => toml::from_str::<toml::Table>(&format!("v = {s}"))
+                .ok()
+                .and_then(|t| t.get("v").cloned())
+                .and_then(|v| v.try_into::<T>().ok())
+                .ok_or(e),
+            _ => Err(e),
+        });
+        match attempt {
+            Ok(v) => v,
+            Err(e) => {
+                self.problems
+                    .push(format!("{key} (from {origin}): {}", e.to_string().trim()));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        let raw: Option<String> = self
+            .values
+            .contains_key(key)
+            .then(|| self.get(key, String::new()));
+        match raw {
+            None => default,
+            Some(s) if s.is_empty() => default,
+            Some(s) => humantime::parse_duration(&s).unwrap_or_else(|e| {
+                self.problems.push(format!(
+                    "{key}: {s:?} is not a duration ({e}); use e.g. \"30s\", \"15m\", \"7d\""
+                ));
+                default
+            }),
+        }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        for (key, (_, origin)) in &self.values {
+            if !self.used.contains(key) {
+                self.problems
+                    .push(format!("{key} (from {origin}): unknown setting"));
+            }
+        }
+        self.problems
+    }
+}
+
+fn flatten(
+    prefix: &str,
+    v: toml::Value,
+    origin: &str,
+    out: &mut BTreeMap<String, (toml::Value, String)>,
+) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, origin, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), (other, origin.to_owned()));
+        }
+    }
+}
+
+/// An env value is TOML when it parses as such (`["a", "b"]`, `4`, `true`), else a string.
+fn env_value(raw: &str) -> toml::Value {
+    if raw.trim_start().starts_with('[')
+        && let Some(v) = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|t| t.get("v").cloned())
+    {
+        return v;
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+/// Serializes durations as humantime strings in the effective-config dump.
+mod humantime_serde_compat {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(c.database.url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.otlp.grpc_listen.port(), 4317);
+        assert_eq!(c.otlp.http_listen.port(), 4318);
+        assert!(!c.privacy.store_redacted_content);
+        assert!(c.normalize_options().redactor.is_none());
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = std::env::temp_dir().join(format!("toolsight-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(
+            &path,
+            "[ingest]\nwriters = 3\nbatch_rows = 500\n[otlp]\nhttp_listen = \"0.0.0.0:14318\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(
+            Some(&path),
+            env(&[
+                ("TOOLSIGHT_INGEST__WRITERS", "4"),
+                ("DATABASE_URL", "postgres://u:pw@db/x"),
+                ("TOOLSIGHT_INGEST__MAX_SPAN_AGE", "2d"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.ingest.writers, 4);
+        assert_eq!(c.ingest.batch_rows, 500);
+        assert_eq!(c.otlp.http_listen.port(), 14318);
+        assert_eq!(c.database.url, "postgres://u:pw@db/x");
+        assert_eq!(c.ingest.max_span_age, Duration::from_secs(2 * 86400));
+        assert!(c.to_toml().contains("postgres://u:***@db/x"));
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_INGEST__WRITERS", "many"),
+                ("TOOLSIGHT_OTLP__GRPC_LISTEN", "not-an-address"),
+                ("TOOLSIGHT_INGEST__MAX_CLOCK_SKEW", "soon"),
+                ("TOOLSIGHT_PRIVACY__REDACT_PATTERNS", "[\"(unclosed\"]"),
+                ("TOOLSIGHT_NOPE__THING", "1"),
+                ("TOOLSIGHT_INGEST__QUEUE_ROWS", "10"),
+            ]),
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        let text = err.to_string();
+        for needle in [
+            "ingest.writers",
+            "otlp.grpc_listen",
+            "ingest.max_clock_skew",
+            "privacy.redact_patterns[0]",
+            "nope.thing",
+            "ingest.queue_rows",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        assert_eq!(problems.len(), 6, "{text}");
+    }
+}

@@ -1,0 +1,147 @@
+//! Self-observability: the counters and gauges served on the admin port's `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExportLabel {
+    pub transport: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryableLabel {
+    pub retryable: &'static str,
+}
+
+/// Every metric toolsight exports. Cheap to share: all fields are atomics behind `Arc`s.
+pub struct Metrics {
+    pub registry: Registry,
+    pub spans_received: Family<TransportLabel, Counter>,
+    pub spans_accepted: Counter,
+    pub spans_rejected: Family<ReasonLabel, Counter>,
+    pub spans_dropped: Family<ReasonLabel, Counter>,
+    pub exports: Family<ExportLabel, Counter>,
+    pub records_written: Family<KindLabel, Counter>,
+    pub queue_depth_rows: Gauge,
+    pub queue_capacity_rows: Gauge,
+    pub batch_rows: Histogram,
+    pub write_seconds: Histogram,
+    pub db_errors: Family<RetryableLabel, Counter>,
+    pub db_up: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("toolsight");
+        let m = Metrics {
+            spans_received: Family::default(),
+            spans_accepted: Counter::default(),
+            spans_rejected: Family::default(),
+            spans_dropped: Family::default(),
+            exports: Family::default(),
+            records_written: Family::default(),
+            queue_depth_rows: Gauge::default(),
+            queue_capacity_rows: Gauge::default(),
+            batch_rows: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            db_errors: Family::default(),
+            db_up: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "spans_received",
+            "spans received, by transport",
+            m.spans_received.clone(),
+        );
+        registry.register(
+            "spans_accepted",
+            "spans accepted and committed (records or counted drops)",
+            m.spans_accepted.clone(),
+        );
+        registry.register(
+            "spans_rejected",
+            "spans rejected as malformed, by reason",
+            m.spans_rejected.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "well-formed spans not stored, by reason",
+            m.spans_dropped.clone(),
+        );
+        registry.register(
+            "exports",
+            "export requests, by transport and result",
+            m.exports.clone(),
+        );
+        registry.register(
+            "records_written",
+            "records committed to PostgreSQL, by kind",
+            m.records_written.clone(),
+        );
+        registry.register(
+            "queue_depth_rows",
+            "records waiting for the writers",
+            m.queue_depth_rows.clone(),
+        );
+        registry.register(
+            "queue_capacity_rows",
+            "records the write queue holds at most",
+            m.queue_capacity_rows.clone(),
+        );
+        registry.register(
+            "batch_rows",
+            "records per database write",
+            m.batch_rows.clone(),
+        );
+        registry.register(
+            "write_seconds",
+            "time to write and commit one batch",
+            m.write_seconds.clone(),
+        );
+        registry.register(
+            "db_errors",
+            "database errors, by retryability",
+            m.db_errors.clone(),
+        );
+        registry.register(
+            "db_up",
+            "1 when the last database check succeeded",
+            m.db_up.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,97 @@
+//! OTLP/gRPC: `opentelemetry.proto.collector.trace.v1.TraceService/Export`.
+
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+use tonic::{Request, Response, Status};
+
+use super::{Ingest, ReceiveError, span_count};
+
+const TRANSPORT: &str = "grpc";
+
+struct Receiver {
+    ingest: Arc<Ingest>,
+}
+
+fn to_status(e: &ReceiveError) -> Status {
+    let mut status = Status::new(e.grpc_code(), e.to_string());
+    if let Some(secs) = e.retry_after_secs() {
+        // Plain-text hint; OTLP clients back off exponentially on UNAVAILABLE regardless.
+        if let Ok(v) = secs.to_string().parse() {
+            status.metadata_mut().insert("retry-after", v);
+        }
+    }
+    status
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let req = request.into_inner();
+        self.ingest.count_received(TRANSPORT, span_count(&req));
+        match self.ingest.export(req).await {
+            Ok(acc) => {
+                let result = if acc.rejected_spans > 0 {
+                    "partial"
+                } else {
+                    "ok"
+                };
+                self.ingest.count_export(TRANSPORT, result);
+                Ok(Response::new(ExportTraceServiceResponse {
+                    partial_success: (acc.rejected_spans > 0).then_some(
+                        ExportTracePartialSuccess {
+                            rejected_spans: acc.rejected_spans,
+                            error_message: acc.error_message,
+                        },
+                    ),
+                }))
+            }
+            Err(e) => {
+                self.ingest.count_export(TRANSPORT, e.metric_label());
+                Err(to_status(&e))
+            }
+        }
+    }
+}
+
+/// Serves OTLP/gRPC on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    ingest: Arc<Ingest>,
+    max_decoded_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let gate = ingest.clone();
+    let service = TraceServiceServer::new(Receiver { ingest })
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(max_decoded_bytes);
+    // Runs on the request headers, before the body is decoded: an overloaded or disconnected
+    // toolsight refuses early and cheaply.
+    let admit = move |req: Request<()>| match gate.admit() {
+        Ok(()) => Ok(req),
+        Err(e) => {
+            gate.count_export(TRANSPORT, e.metric_label());
+            Err(to_status(&e))
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            service, admit,
+        ))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+}

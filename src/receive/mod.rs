@@ -1,0 +1,200 @@
+//! OTLP receivers (gRPC and HTTP) and the one place their errors map to protocol statuses.
+
+pub mod grpc;
+pub mod http;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+use crate::metrics::{ExportLabel, Metrics, ReasonLabel, TransportLabel};
+use crate::normalize::{self, Memory, Options};
+use crate::store::{SubmitError, Writer};
+
+/// Errors answered to an exporter. Each maps to one HTTP status and one gRPC code, and says
+/// whether the client should retry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("unsupported content type {0:?}: use application/x-protobuf or application/json")]
+    UnsupportedMediaType(String),
+    #[error("unsupported content encoding {0:?}: use gzip, zstd, deflate or none")]
+    UnsupportedEncoding(String),
+    #[error("request body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("malformed export request: {0}")]
+    Malformed(String),
+    #[error("toolsight is overloaded: write queue full, retry later")]
+    Overloaded,
+    #[error("storage unavailable, retry later: {0}")]
+    Unavailable(String),
+    #[error("storing the export failed: {0}")]
+    Internal(String),
+}
+
+impl ReceiveError {
+    /// Whether an OTLP client should retry the same request.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ReceiveError::Overloaded | ReceiveError::Unavailable(_)
+        )
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ReceiveError::UnsupportedMediaType(_) | ReceiveError::UnsupportedEncoding(_) => 415,
+            ReceiveError::TooLarge { .. } => 413,
+            ReceiveError::Malformed(_) => 400,
+            ReceiveError::Overloaded | ReceiveError::Unavailable(_) => 503,
+            ReceiveError::Internal(_) => 500,
+        }
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            ReceiveError::UnsupportedMediaType(_)
+            | ReceiveError::UnsupportedEncoding(_)
+            | ReceiveError::Malformed(_) => tonic::Code::InvalidArgument,
+            ReceiveError::TooLarge { .. } => tonic::Code::InvalidArgument,
+            ReceiveError::Overloaded | ReceiveError::Unavailable(_) => tonic::Code::Unavailable,
+            ReceiveError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for retryable errors.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ReceiveError::Overloaded => Some(1),
+            ReceiveError::Unavailable(_) => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The label of `toolsight_exports_total{result}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ReceiveError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ReceiveError::UnsupportedEncoding(_) => "unsupported_encoding",
+            ReceiveError::TooLarge { .. } => "too_large",
+            ReceiveError::Malformed(_) => "malformed",
+            ReceiveError::Overloaded => "overloaded",
+            ReceiveError::Unavailable(_) => "unavailable",
+            ReceiveError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+/// A successful export: how many spans were rejected and why (for `partial_success`).
+#[derive(Debug, Default, PartialEq)]
+pub struct Accepted {
+    pub rejected_spans: i64,
+    pub error_message: String,
+}
+
+/// The receive → normalize → store path shared by both transports.
+pub struct Ingest {
+    writer: Writer,
+    options: Options,
+    memory: Memory,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Ingest {
+    pub fn new(
+        writer: Writer,
+        options: Options,
+        metrics: Arc<Metrics>,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Ingest {
+            writer,
+            options,
+            memory: Memory::default(),
+            metrics,
+            ready,
+        }
+    }
+
+    /// Refuses work before it is decoded when it could not be stored anyway.
+    pub fn admit(&self) -> Result<(), ReceiveError> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err(ReceiveError::Unavailable("database unreachable".into()));
+        }
+        if self.writer.is_saturated() {
+            return Err(ReceiveError::Overloaded);
+        }
+        Ok(())
+    }
+
+    /// Normalizes and stores one export; returns once its records are committed.
+    pub async fn export(&self, req: ExportTraceServiceRequest) -> Result<Accepted, ReceiveError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let records = normalize::normalize(&req, now, &self.options, &self.memory);
+        drop(req);
+        let spans = records.spans;
+        let rejected = records.rejected_total();
+        for (reason, n) in &records.rejected {
+            self.metrics
+                .spans_rejected
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .inc_by(*n);
+        }
+        let accepted = Accepted {
+            rejected_spans: rejected as i64,
+            error_message: records.first_rejection.clone().unwrap_or_default(),
+        };
+        let dropped = records.dropped.clone();
+        if records.records() > 0 {
+            self.writer.submit(records).await.map_err(|e| match e {
+                SubmitError::QueueFull => ReceiveError::Overloaded,
+                e @ (SubmitError::Closed
+                | SubmitError::Store {
+                    retryable: true, ..
+                }) => ReceiveError::Unavailable(e.to_string()),
+                e @ SubmitError::Store {
+                    retryable: false, ..
+                } => ReceiveError::Internal(e.to_string()),
+            })?;
+        }
+        for (reason, n) in dropped {
+            self.metrics
+                .spans_dropped
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .inc_by(n);
+        }
+        self.metrics.spans_accepted.inc_by(spans - rejected);
+        Ok(accepted)
+    }
+
+    pub(crate) fn count_received(&self, transport: &'static str, spans: usize) {
+        self.metrics
+            .spans_received
+            .get_or_create(&TransportLabel { transport })
+            .inc_by(spans as u64);
+    }
+
+    pub(crate) fn count_export(&self, transport: &'static str, result: &'static str) {
+        self.metrics
+            .exports
+            .get_or_create(&ExportLabel { transport, result })
+            .inc();
+    }
+}
+
+pub(crate) fn span_count(req: &ExportTraceServiceRequest) -> usize {
+    req.resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len())
+        .sum()
+}

@@ -1,0 +1,212 @@
+//! PostgreSQL binary COPY encoding of records (about twice as fast as UNNEST inserts).
+
+use crate::normalize::{LlmCall, McpRequest, SpanRef, ToolCall, UpstreamCall};
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+/// Longest name-like text stored (tool, service, model, error type, …); longer values are cut.
+const MAX_NAME_BYTES: usize = 512;
+/// Longest free text stored (redacted copies are already bounded by their own setting).
+const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// One COPY ... FROM STDIN (FORMAT binary) payload.
+pub struct CopyBuf {
+    buf: Vec<u8>,
+    rows: usize,
+}
+
+impl CopyBuf {
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.extend_from_slice(&0i32.to_be_bytes()); // flags
+        buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        CopyBuf { buf, rows: 0 }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buf
+    }
+
+    fn row(&mut self, fields: i16) {
+        self.rows += 1;
+        self.buf.extend_from_slice(&fields.to_be_bytes());
+    }
+
+    fn null(&mut self) {
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(&(b.len() as i32).to_be_bytes());
+        self.buf.extend_from_slice(b);
+    }
+
+    fn opt_bytes(&mut self, b: Option<&[u8]>) {
+        match b {
+            Some(b) => self.bytes(b),
+            None => self.null(),
+        }
+    }
+
+    /// Text, cut at a char boundary to `max` bytes; NUL (which PostgreSQL text cannot hold)
+    /// becomes U+FFFD so one bad string cannot fail a whole batch.
+    fn text_max(&mut self, s: &str, max: usize) {
+        let mut end = s.len().min(max);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let s = &s[..end];
+        if s.contains('\0') {
+            self.bytes(s.replace('\0', "\u{FFFD}").as_bytes());
+        } else {
+            self.bytes(s.as_bytes());
+        }
+    }
+
+    fn name(&mut self, s: &str) {
+        self.text_max(s, MAX_NAME_BYTES);
+    }
+
+    fn opt_name(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => self.name(s),
+            None => self.null(),
+        }
+    }
+
+    fn opt_text(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => self.text_max(s, MAX_TEXT_BYTES),
+            None => self.null(),
+        }
+    }
+
+    fn i64(&mut self, v: i64) {
+        self.buf.extend_from_slice(&8i32.to_be_bytes());
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+
+    fn opt_i64(&mut self, v: Option<i64>) {
+        match v {
+            Some(v) => self.i64(v),
+            None => self.null(),
+        }
+    }
+
+    fn opt_i32(&mut self, v: Option<i32>) {
+        match v {
+            Some(v) => {
+                self.buf.extend_from_slice(&4i32.to_be_bytes());
+                self.buf.extend_from_slice(&v.to_be_bytes());
+            }
+            None => self.null(),
+        }
+    }
+
+    fn opt_f64(&mut self, v: Option<f64>) {
+        match v {
+            Some(v) => {
+                self.buf.extend_from_slice(&8i32.to_be_bytes());
+                self.buf.extend_from_slice(&v.to_bits().to_be_bytes());
+            }
+            None => self.null(),
+        }
+    }
+
+    fn bool(&mut self, v: bool) {
+        self.buf.extend_from_slice(&1i32.to_be_bytes());
+        self.buf.push(u8::from(v));
+    }
+
+    fn opt_bool(&mut self, v: Option<bool>) {
+        match v {
+            Some(v) => self.bool(v),
+            None => self.null(),
+        }
+    }
+
+    /// timestamptz from Unix nanoseconds.
+    fn ts(&mut self, unix_nanos: i64) {
+        self.i64(unix_nanos / 1000 - PG_EPOCH_OFFSET_US);
+    }
+
+    /// trace_id, span_id, parent_span_id, start_time, duration_us, service, service_instance.
+    fn span_ref(&mut self, s: &SpanRef) {
+        self.bytes(&s.trace_id);
+        self.bytes(&s.span_id);
+        self.opt_bytes(s.parent_span_id.as_ref().map(|p| p.as_slice()));
+        self.ts(s.start_unix_nanos);
+        self.i64(s.duration_us);
+        self.name(&s.service);
+        self.opt_name(s.service_instance.as_deref());
+    }
+
+    pub fn tool_call(&mut self, c: &ToolCall) {
+        self.row(21);
+        self.span_ref(&c.span);
+        self.name(&c.tool);
+        self.name(c.side.as_str());
+        self.name(c.source.as_str());
+        self.name(c.outcome.as_str());
+        self.opt_name(c.error_type.as_deref());
+        self.name(&c.session_key);
+        self.name(c.session_source.as_str());
+        self.opt_name(c.request_id.as_deref());
+        self.opt_i64(c.result.map(|r| r.bytes));
+        self.opt_i32(c.result.and_then(|r| r.items));
+        self.opt_bool(c.result.map(|r| r.empty));
+        self.opt_bytes(c.args_hash.as_ref().map(|h| h.as_slice()));
+        self.opt_text(c.args_redacted.as_deref());
+        self.opt_text(c.result_redacted.as_deref());
+    }
+
+    pub fn mcp_request(&mut self, r: &McpRequest) {
+        self.row(12);
+        self.span_ref(&r.span);
+        self.name(&r.method);
+        self.name(r.side.as_str());
+        self.name(r.source.as_str());
+        self.name(r.outcome.as_str());
+        self.bool(r.orphan);
+    }
+
+    pub fn llm_call(&mut self, c: &LlmCall) {
+        self.row(15);
+        self.span_ref(&c.span);
+        self.name(&c.model);
+        self.opt_name(c.provider.as_deref());
+        self.name(&c.operation);
+        self.i64(c.input_tokens);
+        self.i64(c.output_tokens);
+        self.bool(c.error);
+        self.name(&c.session_key);
+        self.name(c.session_source.as_str());
+    }
+
+    pub fn upstream_call(&mut self, c: &UpstreamCall) {
+        self.row(14);
+        self.span_ref(&c.span);
+        self.name(&c.server_address);
+        self.opt_name(c.method.as_deref());
+        self.opt_i32(c.status_code);
+        self.opt_f64(c.rate_limit.remaining);
+        self.opt_f64(c.rate_limit.limit);
+        match c.rate_limit.reset_at_unix_nanos {
+            Some(t) => self.ts(t),
+            None => self.null(),
+        }
+        self.opt_f64(c.rate_limit.retry_after_s);
+    }
+}
+
+impl Default for CopyBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}

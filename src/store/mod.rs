@@ -1,0 +1,141 @@
+//! PostgreSQL: the only module with SQL. Schema migrations, the batch writer, and the queries
+//! the API and CLI read through.
+
+mod copy;
+pub mod queries;
+pub mod writer;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+pub use writer::{SubmitError, Writer, WriterConfig};
+
+/// Errors of the storage layer. Each says whether trying again later can succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database rejected the statement: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database url: {0}")]
+    Url(String),
+}
+
+impl StoreError {
+    /// Whether the same operation may succeed later (the database is down, busy, or a
+    /// transaction lost a deadlock), as opposed to failing again the same way.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let retryable = match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                // connection exceptions, serialization failures / deadlocks, insufficient
+                // resources, operator intervention (shutdown, crash recovery)
+                c.starts_with("08")
+                    || c == "40001"
+                    || c == "40P01"
+                    || c.starts_with("53")
+                    || c.starts_with("57P")
+            }),
+            _ => false,
+        };
+        if retryable {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Query(e)
+        }
+    }
+}
+
+/// The embedded migrations (`migrations/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Parses a database URL.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    url.parse::<PgConnectOptions>()
+        .map(|o| o.log_statements(tracing::log::LevelFilter::Trace))
+        .map_err(|e| StoreError::Url(format!("{}: {e}", redact_url(url))))
+}
+
+/// A URL safe to log: the password is replaced.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Creates the configured database when it does not exist yet (connecting to the `postgres`
+/// maintenance database to do so).
+pub async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<bool, StoreError> {
+    let Some(name) = opts.get_database().map(str::to_owned) else {
+        return Ok(false);
+    };
+    let mut conn = opts.clone().database("postgres").connect().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let ident = format!("\"{}\"", name.replace('"', "\"\""));
+        let create = format!("CREATE DATABASE {ident}");
+        match sqlx::query(&create).execute(&mut conn).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another replica created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    conn.close().await.ok();
+    Ok(!exists)
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// A pool for queries (API, CLI, readiness).
+pub async fn query_pool(opts: &PgConnectOptions, max: u32) -> Result<PgPool, StoreError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(opts.clone())
+        .await?)
+}
+
+/// A lazily connecting pool for queries: the service starts while the database is down.
+pub fn query_pool_lazy(opts: &PgConnectOptions, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(opts.clone())
+}
+
+/// Whether the database answers.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
