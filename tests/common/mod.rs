@@ -1,0 +1,131 @@
+//! Runs the real service in-process on 127.0.0.1:0 against a fresh PostgreSQL database.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use toolsight::app::{self, Listeners};
+use toolsight::config::Config;
+
+/// The base URL of the test PostgreSQL server (`TOOLSIGHT_TEST_DATABASE_URL`, default local).
+pub fn server_url() -> String {
+    std::env::var("TOOLSIGHT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub struct Service {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub pool: PgPool,
+    pub database_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    /// Starts toolsight on a database named after the test, dropped first if it exists.
+    pub async fn start(name: &str) -> Service {
+        Self::start_with(name, |_| {}).await
+    }
+
+    pub async fn start_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Service {
+        let db = format!("toolsight_it_{name}");
+        let admin_pool = PgPool::connect(&format!("{}/postgres", server_url())).await.expect("test postgres reachable");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin_pool).await.unwrap();
+        admin_pool.close().await;
+
+        let mut config = Config::default();
+        config.database.url = format!("{}/{db}", server_url());
+        config.otlp.grpc_listen = "127.0.0.1:0".parse().unwrap();
+        config.otlp.http_listen = "127.0.0.1:0".parse().unwrap();
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
+        tweak(&mut config);
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let (grpc, http, admin) = listeners.addrs().unwrap();
+        let database_url = config.database.url.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        let svc = Service {
+            grpc,
+            http,
+            admin,
+            pool: PgPool::connect_lazy(&database_url).unwrap(),
+            database_url,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        svc.wait_ready().await;
+        svc
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(r) = client.get(format!("http://{}/readyz", self.admin)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("service did not become ready");
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/traces", self.http)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one sample line of `/metrics`, e.g. `toolsight_exports_total{result="malformed",transport="http_json"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                labels_match(name, series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Stops the service (graceful shutdown) and returns its result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
+    }
+}
+
+/// `name{a="1",b="2"}` matches `name{b="2",a="1"}`: label order is not significant.
+fn labels_match(line_series: &str, wanted: &str) -> bool {
+    let split = |s: &str| -> (String, Vec<String>) {
+        match s.split_once('{') {
+            Some((n, rest)) => {
+                let mut labels: Vec<String> = rest.trim_end_matches('}').split(',').map(str::to_owned).collect();
+                labels.sort();
+                (n.to_owned(), labels)
+            }
+            None => (s.to_owned(), vec![]),
+        }
+    };
+    split(line_series) == split(wanted)
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
