@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::Service;
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
@@ -44,7 +46,13 @@ fn span_data(trace: u128, span: u64, start: SystemTime, s: SpanSpec) -> SpanData
     }
 }
 
-fn tool(name: &'static str, tool: &'static str, ms: u64, status: Status, mut extra: Vec<KeyValue>) -> SpanSpec {
+fn tool(
+    name: &'static str,
+    tool: &'static str,
+    ms: u64,
+    status: Status,
+    mut extra: Vec<KeyValue>,
+) -> SpanSpec {
     extra.push(KeyValue::new("mcp.method.name", "tools/call"));
     extra.push(KeyValue::new("gen_ai.tool.name", tool));
     SpanSpec {
@@ -69,19 +77,57 @@ fn workload(seed: u128) -> Vec<SpanData> {
     let mut specs = Vec::new();
     for i in 0..10u64 {
         let failing = i == 9;
-        let status = if failing { Status::error("upstream refused") } else { Status::Ok };
-        let extra = if failing { vec![KeyValue::new("error.type", "rate_limited")] } else { vec![] };
-        specs.push(tool("tools/call search", "search", 100 * (i + 1), status, extra));
+        let status = if failing {
+            Status::error("upstream refused")
+        } else {
+            Status::Ok
+        };
+        let extra = if failing {
+            vec![KeyValue::new("error.type", "rate_limited")]
+        } else {
+            vec![]
+        };
+        specs.push(tool(
+            "tools/call search",
+            "search",
+            100 * (i + 1),
+            status,
+            extra,
+        ));
     }
-    specs.push(tool("tools/call fetch", "fetch", 50, Status::Unset, vec![
-        KeyValue::new("gen_ai.tool.call.arguments", r#"{"url":"a"}"#),
-        KeyValue::new("gen_ai.tool.call.result", r#"{"content":[],"isError":false}"#),
-    ]));
-    specs.push(tool("tools/call fetch", "fetch", 70, Status::Unset, vec![
-        KeyValue::new("gen_ai.tool.call.arguments", r#"{"url":"b"}"#),
-        KeyValue::new("gen_ai.tool.call.result", r#"{"content":[{"type":"text","text":"[1,2,3]"}]}"#),
-    ]));
-    specs.push(SpanSpec { name: "tools/list", kind: SpanKind::Client, ms: 5, status: Status::Unset, attrs: vec![KeyValue::new("mcp.method.name", "tools/list")] });
+    specs.push(tool(
+        "tools/call fetch",
+        "fetch",
+        50,
+        Status::Unset,
+        vec![
+            KeyValue::new("gen_ai.tool.call.arguments", r#"{"url":"a"}"#),
+            KeyValue::new(
+                "gen_ai.tool.call.result",
+                r#"{"content":[],"isError":false}"#,
+            ),
+        ],
+    ));
+    specs.push(tool(
+        "tools/call fetch",
+        "fetch",
+        70,
+        Status::Unset,
+        vec![
+            KeyValue::new("gen_ai.tool.call.arguments", r#"{"url":"b"}"#),
+            KeyValue::new(
+                "gen_ai.tool.call.result",
+                r#"{"content":[{"type":"text","text":"[1,2,3]"}]}"#,
+            ),
+        ],
+    ));
+    specs.push(SpanSpec {
+        name: "tools/list",
+        kind: SpanKind::Client,
+        ms: 5,
+        status: Status::Unset,
+        attrs: vec![KeyValue::new("mcp.method.name", "tools/list")],
+    });
     specs.push(SpanSpec {
         name: "chat gpt-4o",
         kind: SpanKind::Client,
@@ -103,15 +149,34 @@ fn workload(seed: u128) -> Vec<SpanData> {
             KeyValue::new("http.request.method", "GET"),
             KeyValue::new("server.address", "api.example.com"),
             KeyValue::new("http.response.status_code", 429),
-            KeyValue::new("http.response.header.x-ratelimit-remaining", header_value("0")),
-            KeyValue::new("http.response.header.x-ratelimit-limit", header_value("100")),
+            KeyValue::new(
+                "http.response.header.x-ratelimit-remaining",
+                header_value("0"),
+            ),
+            KeyValue::new(
+                "http.response.header.x-ratelimit-limit",
+                header_value("100"),
+            ),
         ],
     });
-    specs.push(SpanSpec { name: "SELECT", kind: SpanKind::Client, ms: 3, status: Status::Unset, attrs: vec![KeyValue::new("db.system.name", "postgresql")] });
+    specs.push(SpanSpec {
+        name: "SELECT",
+        kind: SpanKind::Client,
+        ms: 3,
+        status: Status::Unset,
+        attrs: vec![KeyValue::new("db.system.name", "postgresql")],
+    });
     specs
         .into_iter()
         .enumerate()
-        .map(|(i, s)| span_data(seed + i as u128, 1 + i as u64, start + Duration::from_millis(i as u64), s))
+        .map(|(i, s)| {
+            span_data(
+                seed + i as u128,
+                1 + i as u64,
+                start + Duration::from_millis(i as u64),
+                s,
+            )
+        })
         .collect()
 }
 
@@ -136,19 +201,34 @@ async fn export(protocol: &str, svc: &Service, service_name: &str, spans: Vec<Sp
             .unwrap(),
         other => panic!("{other}"),
     };
-    exporter.set_resource(&Resource::builder_empty().with_service_name(service_name.to_owned()).build());
-    exporter.export(spans).await.unwrap_or_else(|e| panic!("{protocol} export failed: {e}"));
+    exporter.set_resource(
+        &Resource::builder_empty()
+            .with_service_name(service_name.to_owned())
+            .build(),
+    );
+    exporter
+        .export(spans)
+        .await
+        .unwrap_or_else(|e| panic!("{protocol} export failed: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
     let svc = Service::start("exporters").await;
-    for (i, protocol) in ["grpc", "http-protobuf", "http-json"].into_iter().enumerate() {
+    for (i, protocol) in ["grpc", "http-protobuf", "http-json"]
+        .into_iter()
+        .enumerate()
+    {
         let service = format!("agent-{protocol}");
         export(protocol, &svc, &service, workload(1_000 * (i as u128 + 1))).await;
 
         let q = |sql: &str| sql.replace("$S", &format!("'{service}'"));
-        assert_eq!(svc.count(&q("SELECT count(*) FROM tool_calls WHERE service = $S")).await, 12, "{protocol}");
+        assert_eq!(
+            svc.count(&q("SELECT count(*) FROM tool_calls WHERE service = $S"))
+                .await,
+            12,
+            "{protocol}"
+        );
         assert_eq!(svc.count(&q("SELECT count(*) FROM tool_calls WHERE service = $S AND tool = 'search' AND side = 'client'")).await, 10);
         assert_eq!(svc.count(&q("SELECT count(*) FROM tool_calls WHERE service = $S AND outcome = 'error' AND error_type = 'rate_limited'")).await, 1);
         assert_eq!(svc.count(&q("SELECT count(*) FROM tool_calls WHERE service = $S AND tool = 'fetch' AND result_empty AND result_items = 0")).await, 1);
@@ -164,7 +244,11 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
         .fetch_one(&svc.pool)
         .await
         .unwrap();
-        assert_eq!((calls, errors, with_result, empties), (12, 1, 2, 1), "{protocol}");
+        assert_eq!(
+            (calls, errors, with_result, empties),
+            (12, 1, 2, 1),
+            "{protocol}"
+        );
         let p95: f64 = sqlx::query_scalar(&q(
             "SELECT toolsight_hist_quantile(toolsight_hist_merge(latency_hist), 0.95) FROM tool_rollup_1m WHERE service = $S AND tool = 'search'",
         ))
@@ -174,13 +258,25 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
         // The true p95 of 100..1000 ms lies in the last sample's bucket (±9.5%).
         assert!((850.0..=1100.0).contains(&p95), "p95 {p95}");
 
-        assert_eq!(svc.count(&q("SELECT count(*) FROM mcp_requests WHERE service = $S AND method = 'tools/list'")).await, 1);
+        assert_eq!(
+            svc.count(&q(
+                "SELECT count(*) FROM mcp_requests WHERE service = $S AND method = 'tools/list'"
+            ))
+            .await,
+            1
+        );
         let (inp, out): (i64, i64) = sqlx::query_as(&q("SELECT input_tokens, output_tokens FROM llm_calls WHERE service = $S AND model = 'gpt-4o'"))
             .fetch_one(&svc.pool)
             .await
             .unwrap();
         assert_eq!((inp, out), (1000, 50));
-        assert_eq!(svc.count(&q("SELECT sum(input_tokens)::bigint FROM llm_rollup_1m WHERE service = $S")).await, 1000);
+        assert_eq!(
+            svc.count(&q(
+                "SELECT sum(input_tokens)::bigint FROM llm_rollup_1m WHERE service = $S"
+            ))
+            .await,
+            1000
+        );
         let (status, remaining, ratio): (i32, f64, f64) = sqlx::query_as(&q(
             "SELECT u.status_code, u.ratelimit_remaining, r.min_remaining_ratio FROM upstream_calls u
              JOIN upstream_rollup_1m r USING (service, server_address) WHERE service = $S AND server_address = 'api.example.com'",
@@ -192,15 +288,42 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
     }
     let transports = [("grpc", 16.0), ("http_protobuf", 16.0), ("http_json", 16.0)];
     for (t, n) in transports {
-        assert_eq!(svc.metric(&format!("toolsight_spans_received_total{{transport=\"{t}\"}}")).await, n, "{t}");
+        assert_eq!(
+            svc.metric(&format!(
+                "toolsight_spans_received_total{{transport=\"{t}\"}}"
+            ))
+            .await,
+            n,
+            "{t}"
+        );
     }
     assert_eq!(svc.metric("toolsight_spans_accepted_total").await, 48.0);
-    assert_eq!(svc.metric("toolsight_spans_dropped_total{reason=\"not_modelled\"}").await, 3.0);
-    assert_eq!(svc.metric("toolsight_records_written_total{kind=\"tool_call\"}").await, 36.0);
+    assert_eq!(
+        svc.metric("toolsight_spans_dropped_total{reason=\"not_modelled\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        svc.metric("toolsight_records_written_total{kind=\"tool_call\"}")
+            .await,
+        36.0
+    );
 
     // The API and the CLI report the same p95 as the SQL function over the rollups.
-    let api: serde_json::Value = reqwest::get(format!("http://{}/api/v1/tools?since=15m", svc.admin)).await.unwrap().json().await.unwrap();
-    let row = api["tools"].as_array().unwrap().iter().find(|r| r["service"] == "agent-grpc" && r["tool"] == "search").unwrap().clone();
+    let api: serde_json::Value =
+        reqwest::get(format!("http://{}/api/v1/tools?since=15m", svc.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let row = api["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "agent-grpc" && r["tool"] == "search")
+        .unwrap()
+        .clone();
     assert_eq!(row["calls"], 10);
     assert_eq!(row["errors"], 1);
     let sql_p95: f64 = sqlx::query_scalar(
@@ -211,8 +334,13 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
     .unwrap();
     // Same number; JSON parsing without serde_json's float_roundtrip may move the last ULP.
     let api_p95 = row["p95_ms"].as_f64().unwrap();
-    assert!((api_p95 - sql_p95).abs() < 1e-9 * sql_p95, "api {api_p95} vs sql {sql_p95}");
-    let bad = reqwest::get(format!("http://{}/api/v1/tools?since=forever", svc.admin)).await.unwrap();
+    assert!(
+        (api_p95 - sql_p95).abs() < 1e-9 * sql_p95,
+        "api {api_p95} vs sql {sql_p95}"
+    );
+    let bad = reqwest::get(format!("http://{}/api/v1/tools?since=forever", svc.admin))
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"))
@@ -221,7 +349,14 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(table.contains("agent-http-json") && table.contains("search") && table.contains("1/2"), "{table}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("agent-http-json") && table.contains("search") && table.contains("1/2"),
+        "{table}"
+    );
     svc.stop().await.unwrap();
 }

@@ -9,7 +9,7 @@ pub mod content;
 pub mod ratelimit;
 mod sources;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -201,8 +201,8 @@ impl RejectReason {
 pub enum DropReason {
     /// Neither MCP, nor an LLM call with usage, nor an HTTP client call.
     NotModelled,
-    /// A client `tools/call` span nested in another one for the same call (FastMCP's client span
-    /// wraps the MCP SDK's `MCP send` span): the call is counted once, from the outer span.
+    /// A client MCP span nested in another one for the same request (FastMCP's client span
+    /// wraps the MCP SDK's `MCP send` span): the request is counted once, from the outer span.
     NestedClientSpan,
     /// An instrumentation's transport or wrapper span (Traceloop `ResponseStreamWriter`,
     /// `mcp.server`, `mcp.client.session`) that says nothing a sibling span does not.
@@ -363,13 +363,13 @@ pub fn normalize(
             attrs::get_nonempty(resource_attrs, "service.instance.id").map(|s| s.into_owned());
         let memory_key = instance.clone().unwrap_or_else(|| service.clone());
 
-        // Client `tools/call` spans of this resource, to find nested ones.
-        let client_tool_spans: HashSet<[u8; 8]> = rs
+        // Client MCP spans of this resource (span id → method), to find nested ones.
+        let client_mcp_spans: HashMap<[u8; 8], &str> = rs
             .scope_spans
             .iter()
             .flat_map(|ss| &ss.spans)
-            .filter(|s| s.kind == SpanKind::Client as i32 && sources::is_tools_call_span(s))
-            .filter_map(|s| id8(&s.span_id))
+            .filter(|s| s.kind == SpanKind::Client as i32)
+            .filter_map(|s| Some((id8(&s.span_id)?, sources::mcp_method(s)?)))
             .collect();
 
         for ss in &rs.scope_spans {
@@ -394,11 +394,8 @@ pub fn normalize(
                     scope,
                     span_ref,
                     opts,
-                    nested_in_client_call: span
-                        .parent_span_id
-                        .as_slice()
-                        .try_into()
-                        .is_ok_and(|p: [u8; 8]| client_tool_spans.contains(&p)),
+                    parent_client_method: id8(&span.parent_span_id)
+                        .and_then(|p| client_mcp_spans.get(&p).copied()),
                     instance_runs_fastmcp_client: memory.knows_fastmcp_client(&memory_key),
                 };
                 sources::classify(ctx, &mut out);

@@ -18,8 +18,8 @@ pub(super) struct SpanCtx<'a> {
     pub scope: &'a str,
     pub span_ref: SpanRef,
     pub opts: &'a Options,
-    /// The parent is a client `tools/call` span of the same export.
-    pub nested_in_client_call: bool,
+    /// The MCP method of the parent span, when the parent is a client MCP span of the same export.
+    pub parent_client_method: Option<&'a str>,
     /// This service instance has been seen running a FastMCP client.
     pub instance_runs_fastmcp_client: bool,
 }
@@ -32,7 +32,19 @@ const LOGFIRE_CLIENT: &str = "MCP request: ";
 const LOGFIRE_SERVER: &str = "MCP server handle request: ";
 
 pub(super) fn is_tools_call_span(s: &Span) -> bool {
-    attrs::get_str(&s.attributes, "mcp.method.name").is_some_and(|m| m == "tools/call")
+    mcp_method(s) == Some("tools/call")
+}
+
+/// `mcp.method.name`, when it is a plain string attribute.
+pub(super) fn mcp_method(s: &Span) -> Option<&str> {
+    match attrs::get(&s.attributes, "mcp.method.name")? {
+        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(m)
+            if !m.is_empty() =>
+        {
+            Some(m)
+        }
+        _ => None,
+    }
 }
 
 pub(super) fn classify(ctx: SpanCtx<'_>, out: &mut Normalized) {
@@ -92,6 +104,9 @@ fn semconv(ctx: &SpanCtx<'_>, method: &str, out: &mut Normalized) {
         _ => Source::Semconv,
     };
     let side = side_of_kind(span.kind);
+    if side == Side::Client && ctx.parent_client_method == Some(method) {
+        return out.drop_span(DropReason::NestedClientSpan);
+    }
     if method != "tools/call" {
         return out.mcp_requests.push(McpRequest {
             orphan: side == Side::Server && ctx.span_ref.parent_span_id.is_none(),
@@ -102,11 +117,12 @@ fn semconv(ctx: &SpanCtx<'_>, method: &str, out: &mut Normalized) {
             span: ctx.span_ref.clone(),
         });
     }
+    // FastMCP always wraps `tools/call` in its own client span, which may travel in another
+    // export than the SDK's span it wraps.
     if side == Side::Client
-        && (ctx.nested_in_client_call
-            || (source == Source::McpSdk
-                && ctx.instance_runs_fastmcp_client
-                && span.name.starts_with(MCP_SEND)))
+        && source == Source::McpSdk
+        && ctx.instance_runs_fastmcp_client
+        && span.name.starts_with(MCP_SEND)
     {
         return out.drop_span(DropReason::NestedClientSpan);
     }

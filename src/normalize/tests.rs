@@ -64,10 +64,19 @@ fn fastmcp_counts_each_call_once_per_side() {
     assert_eq!(n.rejected_total(), 0);
     let client = calls(&n, Side::Client);
     let server = calls(&n, Side::Server);
-    // 9 calls: one FastMCP client span each; the 9 nested `MCP send` spans are dropped.
+    // 9 calls: one FastMCP client span each; the 9 nested `MCP send` spans are dropped, and
+    // so is the one nested in FastMCP's `tools/list` client span.
     assert_eq!(client.len(), 9);
     assert_eq!(server.len(), 9);
-    assert_eq!(dropped(&n, DropReason::NestedClientSpan), 9);
+    assert_eq!(dropped(&n, DropReason::NestedClientSpan), 10);
+    assert_eq!(
+        n.mcp_requests
+            .iter()
+            .filter(|m| m.side == Side::Client)
+            .count(),
+        2,
+        "tools/list and server/discover"
+    );
     assert!(n.tool_calls.iter().all(|c| c.source == Source::Fastmcp));
     let c = by_tool(&client);
     assert_eq!(c.keys().copied().collect::<Vec<_>>(), TOOLS);
@@ -152,6 +161,11 @@ fn fastmcp_nested_sdk_span_dropped_across_exports_once_client_is_known() {
     let second = run_with(&only_sdk, &Options::default(), &mem);
     assert_eq!(second.tool_calls.len(), 0);
     assert_eq!(dropped(&second, DropReason::NestedClientSpan), 9);
+    assert_eq!(
+        second.mcp_requests.len(),
+        2,
+        "the SDK's own non-tool requests still count"
+    );
     // Without the memory they would count (nothing says a FastMCP span wraps them).
     let fresh = run_with(&only_sdk, &Options::default(), &Memory::default());
     assert_eq!(fresh.tool_calls.len(), 9);

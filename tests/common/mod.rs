@@ -12,7 +12,8 @@ use toolsight::config::Config;
 
 /// The base URL of the test PostgreSQL server (`TOOLSIGHT_TEST_DATABASE_URL`, default local).
 pub fn server_url() -> String {
-    std::env::var("TOOLSIGHT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TOOLSIGHT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 pub struct Service {
@@ -33,8 +34,13 @@ impl Service {
 
     pub async fn start_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Service {
         let db = format!("toolsight_it_{name}");
-        let admin_pool = PgPool::connect(&format!("{}/postgres", server_url())).await.expect("test postgres reachable");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin_pool).await.unwrap();
+        let admin_pool = PgPool::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("test postgres reachable");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&admin_pool)
+            .await
+            .unwrap();
         admin_pool.close().await;
 
         let mut config = Config::default();
@@ -66,7 +72,11 @@ impl Service {
     async fn wait_ready(&self) {
         let client = reqwest::Client::new();
         for _ in 0..300 {
-            if let Ok(r) = client.get(format!("http://{}/readyz", self.admin)).send().await {
+            if let Ok(r) = client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     return;
                 }
@@ -81,7 +91,12 @@ impl Service {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// The value of one sample line of `/metrics`, e.g. `toolsight_exports_total{result="malformed",transport="http_json"}`.
@@ -91,7 +106,9 @@ impl Service {
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {
                 let (name, value) = l.rsplit_once(' ')?;
-                labels_match(name, series).then(|| value.parse().ok()).flatten()
+                labels_match(name, series)
+                    .then(|| value.parse().ok())
+                    .flatten()
             })
             .unwrap_or(0.0)
     }
@@ -103,7 +120,10 @@ impl Service {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 }
 
@@ -112,7 +132,11 @@ fn labels_match(line_series: &str, wanted: &str) -> bool {
     let split = |s: &str| -> (String, Vec<String>) {
         match s.split_once('{') {
             Some((n, rest)) => {
-                let mut labels: Vec<String> = rest.trim_end_matches('}').split(',').map(str::to_owned).collect();
+                let mut labels: Vec<String> = rest
+                    .trim_end_matches('}')
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect();
                 labels.sort();
                 (n.to_owned(), labels)
             }

@@ -1,0 +1,389 @@
+//! OTLP protocol behaviour of the running service: idempotent retries, errors with the right
+//! status (and counted), partial success, backpressure, and flushing on shutdown.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::Service;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use serde_json::json;
+
+const FIXTURE_PB: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/fastmcp/inproc-auto.pb"
+);
+
+/// Accepts the fixtures' fixed timestamps whatever day the tests run.
+fn any_age(c: &mut toolsight::config::Config) {
+    c.ingest.max_span_age = Duration::from_secs(100 * 365 * 86_400);
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// An OTLP/JSON body with `n` semconv tool-call spans (`trace_id` prefix varies per call).
+fn json_body(tag: u8, n: usize, bad_trace_ids: usize) -> serde_json::Value {
+    let start = now_nanos() - 10_000_000_000;
+    let spans: Vec<_> = (0..n)
+        .map(|i| {
+            let trace = if i < bad_trace_ids {
+                "aabbcc".to_string()
+            } else {
+                format!("{tag:02x}{:030x}", i + 1)
+            };
+            json!({
+                "traceId": trace,
+                "spanId": format!("{:016x}", i + 1),
+                "name": "tools/call lookup",
+                "kind": 3,
+                // 64-bit integers as strings and as numbers are both valid OTLP/JSON.
+                "startTimeUnixNano": (start + i as u64).to_string(),
+                "endTimeUnixNano": start + i as u64 + 20_000_000,
+                "attributes": [
+                    {"key": "mcp.method.name", "value": {"stringValue": "tools/call"}},
+                    {"key": "gen_ai.tool.name", "value": {"stringValue": "lookup"}},
+                    {"key": "attempt", "value": {"intValue": "3"}}
+                ],
+                "status": {"code": 1},
+                "someFutureField": {"ignored": true}
+            })
+        })
+        .collect();
+    json!({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "proto-test"}}]},
+        "scopeSpans": [{"scope": {"name": "t"}, "spans": spans}]
+    }]})
+}
+
+async fn post(
+    svc: &Service,
+    content_type: &str,
+    encoding: Option<&str>,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
+        .post(svc.http_url())
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(e) = encoding {
+        req = req.header("content-encoding", e);
+    }
+    req.send().await.unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_exports_are_stored_once() {
+    let svc = Service::start_with("retries", any_age).await;
+    let body = std::fs::read(FIXTURE_PB).unwrap();
+    for attempt in 0..3 {
+        let r = post(
+            &svc,
+            "application/x-protobuf",
+            if attempt == 1 { Some("gzip") } else { None },
+            if attempt == 1 {
+                gzip(&body)
+            } else {
+                body.clone()
+            },
+        )
+        .await;
+        assert_eq!(r.status(), 200, "attempt {attempt}");
+        assert_eq!(r.headers()["content-type"], "application/x-protobuf");
+    }
+    // The same spans again over gRPC, zstd-compressed.
+    let req: ExportTraceServiceRequest = prost::Message::decode(body.as_slice()).unwrap();
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Zstd);
+    let resp = client.export(req).await.unwrap().into_inner();
+    assert_eq!(resp.partial_success, None);
+
+    // 9 calls, counted once per side, stored once whatever the retries.
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 18);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
+            .await,
+        18
+    );
+    assert_eq!(
+        svc.count(
+            "SELECT sum(calls)::bigint FROM tool_rollup_1m WHERE tool = 'echo' AND side = 'server'"
+        )
+        .await,
+        3
+    );
+    // server/discover and tools/list, on each side.
+    assert_eq!(svc.count("SELECT count(*) FROM mcp_requests").await, 4);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM mcp_method_rollup_1m")
+            .await,
+        4
+    );
+    assert_eq!(
+        svc.metric("toolsight_spans_received_total{transport=\"http_protobuf\"}")
+            .await,
+        96.0
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_right_status_are_counted_and_harm_nothing() {
+    let svc = Service::start_with("bad_input", |c| {
+        c.otlp.max_request_bytes = 256 * 1024;
+        c.otlp.max_decompressed_bytes = 1024 * 1024;
+    })
+    .await;
+    let good = serde_json::to_vec(&json_body(1, 5, 0)).unwrap();
+
+    let r = post(
+        &svc,
+        "application/x-protobuf",
+        None,
+        b"\xff\xff\xff\xff garbage".to_vec(),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        b"{\"resourceSpans\": [{".to_vec(),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let err: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        err["code"], 3,
+        "google.rpc.Status INVALID_ARGUMENT in the request's type"
+    );
+    assert!(err["message"].as_str().unwrap().contains("json"));
+    let r = post(&svc, "text/plain", None, good.clone()).await;
+    assert_eq!(r.status(), 415);
+    let r = post(&svc, "application/json", Some("br"), good.clone()).await;
+    assert_eq!(r.status(), 415);
+    let r = reqwest::get(svc.http_url()).await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = post(&svc, "application/json", None, vec![b' '; 300 * 1024]).await;
+    assert_eq!(r.status(), 413, "compressed size limit");
+    let bomb = gzip(&vec![b' '; 8 * 1024 * 1024]);
+    assert!(bomb.len() < 256 * 1024);
+    let r = post(&svc, "application/json", Some("gzip"), bomb).await;
+    assert_eq!(r.status(), 413, "decompressed size limit");
+    let r = post(&svc, "application/json", Some("gzip"), b"not gzip".to_vec()).await;
+    assert_eq!(r.status(), 400);
+
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"malformed\",transport=\"http_protobuf\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"malformed\",transport=\"http_json\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"too_large\",transport=\"http_json\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        svc.metric(
+            "toolsight_exports_total{result=\"unsupported_encoding\",transport=\"http_json\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // The service keeps going: a good export after all that is stored.
+    let r = post(&svc, "application/json", Some("gzip"), gzip(&good)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap(), json!({}));
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE tool = 'lookup'")
+            .await,
+        5
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_spans_are_reported_in_partial_success() {
+    let svc = Service::start("partial").await;
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(2, 4, 1)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["partialSuccess"]["rejectedSpans"], 1);
+    assert!(
+        body["partialSuccess"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid_trace_id")
+    );
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 3);
+
+    let mut req: ExportTraceServiceRequest = serde_json::from_value(json_body(3, 2, 0)).unwrap();
+    req.resource_spans[0].scope_spans[0].spans[1].span_id = vec![1, 2, 3];
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    let resp = client.export(req).await.unwrap().into_inner();
+    let partial = resp.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_spans, 1);
+    assert!(
+        partial.error_message.contains("invalid_span_id"),
+        "{}",
+        partial.error_message
+    );
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 4);
+    assert_eq!(
+        svc.metric("toolsight_spans_rejected_total{reason=\"invalid_trace_id\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        svc.metric("toolsight_spans_rejected_total{reason=\"invalid_span_id\"}")
+            .await,
+        1.0
+    );
+    svc.stop().await.unwrap();
+}
+
+/// Holds an exclusive lock on `tool_calls` so the writer blocks inside its transaction.
+async fn stall_writer(svc: &Service) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let pool = sqlx::PgPool::connect(&svc.database_url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tool_calls IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+async fn wait_for_metric(svc: &Service, series: &str, value: f64) {
+    for _ in 0..200 {
+        if svc.metric(series).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{series} never reached {value}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_and_unavailable_then_recovers() {
+    let svc = Service::start_with("backpressure", |c| {
+        c.ingest.writers = 1;
+        c.ingest.batch_rows = 10;
+        c.ingest.queue_rows = 10;
+    })
+    .await;
+    let lock = stall_writer(&svc).await;
+    let url = svc.http_url();
+    let first = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&json_body(4, 10, 0)).unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    wait_for_metric(&svc, "toolsight_queue_depth_rows", 10.0).await;
+
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(5, 3, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    let err = client
+        .export(serde_json::from_value::<ExportTraceServiceRequest>(json_body(6, 3, 0)).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"overloaded\",transport=\"http_json\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"overloaded\",transport=\"grpc\"}")
+            .await,
+        1.0
+    );
+
+    // Not acknowledged while uncommitted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!first.is_finished());
+    lock.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap(), 200);
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(5, 3, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "the retry succeeds once there is room");
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 13);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_accepted_exports() {
+    let svc = Service::start("shutdown").await;
+    let lock = stall_writer(&svc).await;
+    let url = svc.http_url();
+    let inflight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&json_body(7, 25, 0)).unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    wait_for_metric(&svc, "toolsight_queue_depth_rows", 25.0).await;
+    let pool = svc.pool.clone();
+    let stopping = tokio::spawn(svc.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "waits for the accepted export");
+    lock.rollback().await.unwrap();
+    assert_eq!(inflight.await.unwrap(), 200);
+    stopping.await.unwrap().unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tool_calls")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 25);
+}
