@@ -76,10 +76,9 @@ impl Service {
                 .get(format!("http://{}/readyz", self.admin))
                 .send()
                 .await
+                && r.status().is_success()
             {
-                if r.status().is_success() {
-                    return;
-                }
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
