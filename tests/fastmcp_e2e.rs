@@ -1,0 +1,109 @@
+//! End to end with a real MCP server: FastMCP 4.x with its native OpenTelemetry tracing, called
+//! by a FastMCP client, exporting over OTLP/HTTP to the running service.
+//!
+//! The Python environment is created on first use under the cargo target directory (or taken
+//! from `TOOLSIGHT_TEST_PYTHON`): `python3 -m venv` and pip, from PyPI.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Service;
+
+const REQUIREMENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/requirements.txt");
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/mcp_demo.py");
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn has_fastmcp(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import fastmcp, opentelemetry.exporter.otlp.proto.http"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A Python interpreter with FastMCP 4.1.6 and the OTLP exporter.
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("TOOLSIGHT_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fastmcp-venv");
+    let python = venv.join("bin/python");
+    if has_fastmcp(&python) {
+        return python;
+    }
+    eprintln!("creating the FastMCP test environment in {}", venv.display());
+    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv));
+    let pip = || {
+        let mut c = Command::new(&python);
+        c.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]);
+        c
+    };
+    run(pip().args(["-r", REQUIREMENTS]));
+    run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
+    assert!(has_fastmcp(&python), "fastmcp did not install");
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastmcp_server_and_client_traced_into_postgres() {
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let svc = Service::start("fastmcp").await;
+    let url = svc.http_url();
+    let out = tokio::task::spawn_blocking(move || Command::new(python).arg(DEMO).arg(url).arg("fastmcp-e2e").output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT tool, side, count(*), count(*) FILTER (WHERE outcome = 'error')
+         FROM tool_calls WHERE service = 'fastmcp-e2e' GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String, i64, i64)> = [
+        ("echo", "client", 2, 0),
+        ("echo", "server", 2, 0),
+        ("fail_tool", "client", 1, 1),
+        ("fail_tool", "server", 1, 1),
+        ("list_items", "client", 1, 0),
+        ("list_items", "server", 1, 0),
+    ]
+    .into_iter()
+    .map(|(t, s, n, e)| (t.to_owned(), s.to_owned(), n, e))
+    .collect();
+    // One call counted once per side, although FastMCP emits three spans per call.
+    assert_eq!(rows, expected);
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE tool = 'fail_tool' AND error_type = 'tool_error'").await,
+        2
+    );
+    // FastMCP captures no result content: nothing may be marked empty (or non-empty).
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls WHERE result_empty IS NOT NULL").await, 0);
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls WHERE source = 'fastmcp'").await, 8);
+    // The default (2026-07-28) protocol has no sessions: the trace id is the session key.
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls WHERE session_source <> 'trace_id'").await, 0);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m WHERE service = 'fastmcp-e2e'").await,
+        8
+    );
+    assert!(svc.count("SELECT count(*) FROM mcp_requests WHERE method = 'tools/list'").await >= 1);
+    assert!(svc.metric("toolsight_spans_dropped_total{reason=\"nested_client_span\"}").await >= 4.0);
+    svc.stop().await.unwrap();
+}
