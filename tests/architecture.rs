@@ -1,0 +1,73 @@
+//! The invariants of ARCHITECTURE.md that a plain scan of the sources can check.
+
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Source text without `//` comments and without `#[cfg(test)] mod tests;` files.
+fn code(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn only_store_contains_sql() {
+    let store = src().join("store");
+    let sql = ["SELECT ", "INSERT INTO", "UPDATE ", "DELETE FROM", "CREATE TABLE", "sqlx::query", "sqlx::raw_sql", "copy_in_raw"];
+    for file in rust_files(&src()) {
+        if file.starts_with(&store) {
+            continue;
+        }
+        let text = code(&file);
+        for needle in sql {
+            assert!(!text.contains(needle), "{} contains {needle:?}: SQL belongs in src/store/", file.display());
+        }
+    }
+}
+
+#[test]
+fn normalize_does_no_io_and_reads_no_clock() {
+    let forbidden = [
+        "std::fs", "std::net", "std::io", "std::process", "std::env", "tokio", "sqlx", "reqwest", "SystemTime::now",
+        "Instant::now", "println!", "tracing::",
+    ];
+    for file in rust_files(&src().join("normalize")) {
+        if file.ends_with("tests.rs") {
+            continue;
+        }
+        let text = code(&file);
+        let text = text.split("#[cfg(test)]").next().unwrap();
+        for needle in forbidden {
+            assert!(!text.contains(needle), "{} uses {needle:?}: normalize/ must stay pure", file.display());
+        }
+    }
+}
+
+#[test]
+fn no_unbounded_queues() {
+    for file in rust_files(&src()) {
+        let text = code(&file);
+        for needle in ["unbounded_channel", "unbounded()", "UnboundedSender", "Vec<Job>::new"] {
+            assert!(!text.contains(needle), "{} uses {needle:?}: every queue must be bounded", file.display());
+        }
+    }
+}
