@@ -48,6 +48,7 @@ pub struct Metrics {
     pub write_seconds: Histogram,
     pub db_errors: Family<RetryableLabel, Counter>,
     pub db_up: Gauge,
+    pub memory_overflow: Gauge,
 }
 
 impl Metrics {
@@ -66,6 +67,7 @@ impl Metrics {
             write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             db_errors: Family::default(),
             db_up: Gauge::default(),
+            memory_overflow: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +129,11 @@ impl Metrics {
             "db_up",
             "1 when the last database check succeeded",
             m.db_up.clone(),
+        );
+        registry.register(
+            "normalizer_memory_overflow",
+            "service instances the normalizer could not remember (its bounded memory was full)",
+            m.memory_overflow.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -32,14 +32,27 @@ fn code(path: &Path) -> String {
 #[test]
 fn only_store_contains_sql() {
     let store = src().join("store");
-    let sql = ["SELECT ", "INSERT INTO", "UPDATE ", "DELETE FROM", "CREATE TABLE", "sqlx::query", "sqlx::raw_sql", "copy_in_raw"];
+    let sql = [
+        "SELECT ",
+        "INSERT INTO",
+        "UPDATE ",
+        "DELETE FROM",
+        "CREATE TABLE",
+        "sqlx::query",
+        "sqlx::raw_sql",
+        "copy_in_raw",
+    ];
     for file in rust_files(&src()) {
         if file.starts_with(&store) {
             continue;
         }
         let text = code(&file);
         for needle in sql {
-            assert!(!text.contains(needle), "{} contains {needle:?}: SQL belongs in src/store/", file.display());
+            assert!(
+                !text.contains(needle),
+                "{} contains {needle:?}: SQL belongs in src/store/",
+                file.display()
+            );
         }
     }
 }
@@ -47,8 +60,18 @@ fn only_store_contains_sql() {
 #[test]
 fn normalize_does_no_io_and_reads_no_clock() {
     let forbidden = [
-        "std::fs", "std::net", "std::io", "std::process", "std::env", "tokio", "sqlx", "reqwest", "SystemTime::now",
-        "Instant::now", "println!", "tracing::",
+        "std::fs",
+        "std::net",
+        "std::io",
+        "std::process",
+        "std::env",
+        "tokio",
+        "sqlx",
+        "reqwest",
+        "SystemTime::now",
+        "Instant::now",
+        "println!",
+        "tracing::",
     ];
     for file in rust_files(&src().join("normalize")) {
         if file.ends_with("tests.rs") {
@@ -57,7 +80,11 @@ fn normalize_does_no_io_and_reads_no_clock() {
         let text = code(&file);
         let text = text.split("#[cfg(test)]").next().unwrap();
         for needle in forbidden {
-            assert!(!text.contains(needle), "{} uses {needle:?}: normalize/ must stay pure", file.display());
+            assert!(
+                !text.contains(needle),
+                "{} uses {needle:?}: normalize/ must stay pure",
+                file.display()
+            );
         }
     }
 }
@@ -66,8 +93,17 @@ fn normalize_does_no_io_and_reads_no_clock() {
 fn no_unbounded_queues() {
     for file in rust_files(&src()) {
         let text = code(&file);
-        for needle in ["unbounded_channel", "unbounded()", "UnboundedSender", "Vec<Job>::new"] {
-            assert!(!text.contains(needle), "{} uses {needle:?}: every queue must be bounded", file.display());
+        for needle in [
+            "unbounded_channel",
+            "unbounded()",
+            "UnboundedSender",
+            "Vec<Job>::new",
+        ] {
+            assert!(
+                !text.contains(needle),
+                "{} uses {needle:?}: every queue must be bounded",
+                file.display()
+            );
         }
     }
 }

@@ -11,7 +11,10 @@ use std::process::Command;
 
 use common::Service;
 
-const REQUIREMENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/requirements.txt");
+const REQUIREMENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fastmcp/requirements.txt"
+);
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/mcp_demo.py");
 
 fn run(cmd: &mut Command) {
@@ -26,7 +29,10 @@ fn run(cmd: &mut Command) {
 
 fn has_fastmcp(python: &Path) -> bool {
     Command::new(python)
-        .args(["-c", "import fastmcp, opentelemetry.exporter.otlp.proto.http"])
+        .args([
+            "-c",
+            "import fastmcp, opentelemetry.exporter.otlp.proto.http",
+        ])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -41,11 +47,22 @@ fn python() -> PathBuf {
     if has_fastmcp(&python) {
         return python;
     }
-    eprintln!("creating the FastMCP test environment in {}", venv.display());
-    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv));
+    eprintln!(
+        "creating the FastMCP test environment in {}",
+        venv.display()
+    );
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv));
     let pip = || {
         let mut c = Command::new(&python);
-        c.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]);
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ]);
         c
     };
     run(pip().args(["-r", REQUIREMENTS]));
@@ -59,10 +76,16 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
     let python = tokio::task::spawn_blocking(python).await.unwrap();
     let svc = Service::start("fastmcp").await;
     let url = svc.http_url();
-    let out = tokio::task::spawn_blocking(move || Command::new(python).arg(DEMO).arg(url).arg("fastmcp-e2e").output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(DEMO)
+            .arg(url)
+            .arg("fastmcp-e2e")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(
         out.status.success(),
         "demo failed:\n{}\n{}",
@@ -91,19 +114,43 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
     // One call counted once per side, although FastMCP emits three spans per call.
     assert_eq!(rows, expected);
     assert_eq!(
-        svc.count("SELECT count(*) FROM tool_calls WHERE tool = 'fail_tool' AND error_type = 'tool_error'").await,
+        svc.count(
+            "SELECT count(*) FROM tool_calls WHERE tool = 'fail_tool' AND error_type = 'tool_error'"
+        )
+        .await,
         2
     );
     // FastMCP captures no result content: nothing may be marked empty (or non-empty).
-    assert_eq!(svc.count("SELECT count(*) FROM tool_calls WHERE result_empty IS NOT NULL").await, 0);
-    assert_eq!(svc.count("SELECT count(*) FROM tool_calls WHERE source = 'fastmcp'").await, 8);
-    // The default (2026-07-28) protocol has no sessions: the trace id is the session key.
-    assert_eq!(svc.count("SELECT count(*) FROM tool_calls WHERE session_source <> 'trace_id'").await, 0);
     assert_eq!(
-        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m WHERE service = 'fastmcp-e2e'").await,
+        svc.count("SELECT count(*) FROM tool_calls WHERE result_empty IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE source = 'fastmcp'")
+            .await,
         8
     );
-    assert!(svc.count("SELECT count(*) FROM mcp_requests WHERE method = 'tools/list'").await >= 1);
-    assert!(svc.metric("toolsight_spans_dropped_total{reason=\"nested_client_span\"}").await >= 4.0);
+    // The default (2026-07-28) protocol has no sessions: the trace id is the session key.
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE session_source <> 'trace_id'")
+            .await,
+        0
+    );
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m WHERE service = 'fastmcp-e2e'")
+            .await,
+        8
+    );
+    assert!(
+        svc.count("SELECT count(*) FROM mcp_requests WHERE method = 'tools/list'")
+            .await
+            >= 1
+    );
+    assert!(
+        svc.metric("toolsight_spans_dropped_total{reason=\"nested_client_span\"}")
+            .await
+            >= 4.0
+    );
     svc.stop().await.unwrap();
 }

@@ -66,10 +66,29 @@ struct AppState {
 
 /// The OTLP/HTTP router.
 pub fn router(ingest: Arc<Ingest>, limits: Limits) -> Router {
+    let state = AppState { ingest, limits };
     Router::new()
         .route("/v1/traces", post(export))
+        // Runs before the body is read: refused exports cost no bandwidth or memory.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .with_state(AppState { ingest, limits })
+        .with_state(state)
+}
+
+async fn admit(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let format = match format_of(req.headers()) {
+        Ok(f) => f,
+        // Answered in protobuf, the OTLP default, when the client's type is not ours.
+        Err(e) => return error_response(&state, Format::Protobuf, e),
+    };
+    if let Err(e) = state.ingest.admit() {
+        return error_response(&state, format, e);
+    }
+    next.run(req).await
 }
 
 fn format_of(headers: &HeaderMap) -> Result<Format, ReceiveError> {
@@ -97,12 +116,8 @@ async fn export(
 ) -> Response {
     let format = match format_of(&headers) {
         Ok(f) => f,
-        // Answered in protobuf, the OTLP default, when the client's type is not ours.
         Err(e) => return error_response(&state, Format::Protobuf, e),
     };
-    if let Err(e) = state.ingest.admit() {
-        return error_response(&state, format, e);
-    }
     let body = match body {
         Ok(b) => b,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -137,6 +137,9 @@ impl Ingest {
             .unwrap_or(0);
         let records = normalize::normalize(&req, now, &self.options, &self.memory);
         drop(req);
+        self.metrics
+            .memory_overflow
+            .set(self.memory.overflowed() as i64);
         let spans = records.spans;
         let rejected = records.rejected_total();
         for (reason, n) in &records.rejected {

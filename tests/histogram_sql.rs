@@ -1,0 +1,131 @@
+//! The latency histogram SQL functions every p95 in toolsight comes from.
+
+mod common;
+
+use sqlx::PgPool;
+
+async fn migrated_db() -> PgPool {
+    let admin = PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    sqlx::query("DROP DATABASE IF EXISTS toolsight_it_hist WITH (FORCE)")
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE toolsight_it_hist")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = PgPool::connect(&format!("{}/toolsight_it_hist", common::server_url()))
+        .await
+        .unwrap();
+    toolsight::store::MIGRATOR.run(&pool).await.unwrap();
+    pool
+}
+
+#[tokio::test]
+async fn buckets_merge_and_quantiles() {
+    let pool = migrated_db().await;
+    let bucket = |us: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT toolsight_latency_bucket($1)")
+                .bind(us)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(bucket(0).await, 0);
+    assert_eq!(bucket(10).await, 0);
+    assert_eq!(bucket(11).await, 1);
+    assert_eq!(bucket(20).await, 4, "20 µs is the upper edge of bucket 4");
+    assert_eq!(bucket(21).await, 5);
+    assert_eq!(bucket(1_000_000).await, 67);
+    assert_eq!(bucket(i64::MAX).await, 111);
+
+    let v: Vec<i64> =
+        sqlx::query_scalar("SELECT toolsight_hist_add('{1,2}'::bigint[], '{0,0,3}'::bigint[])")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(v, [1, 2, 3]);
+    let v: Vec<i64> = sqlx::query_scalar("SELECT toolsight_hist_add(NULL, '{4}'::bigint[])")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(v, [4]);
+    let v: Vec<i64> =
+        sqlx::query_scalar("SELECT toolsight_hist_build('{0,2,2}'::int[], '{1,5,1}'::bigint[])")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(v, [1, 0, 6]);
+    let q: Option<f64> =
+        sqlx::query_scalar("SELECT toolsight_hist_quantile('{0,0}'::bigint[], 0.5)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(q, None);
+
+    // 2000 durations spread over 1 ms .. 5 s: quantiles from merged per-row histograms are within
+    // the bucket width (±9.5%) of the exact quantiles.
+    let mut durations: Vec<i64> = (0..2000u64)
+        .map(|i| 1_000 + ((i * 7919) % 2000) as i64 * 2_500)
+        .collect();
+    let hist_rows: Vec<Vec<i64>> = {
+        let mut rows = Vec::new();
+        for chunk in durations.chunks(100) {
+            let h: Vec<i64> = sqlx::query_scalar(
+                "SELECT toolsight_hist_build(array_agg(b), array_agg(n)) FROM (
+                    SELECT toolsight_latency_bucket(d) AS b, count(*) AS n FROM unnest($1::bigint[]) AS d GROUP BY 1) x",
+            )
+            .bind(chunk)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            rows.push(h);
+        }
+        rows
+    };
+    durations.sort();
+    for q in [0.5, 0.95, 0.99] {
+        let exact_ms = durations
+            [((q * durations.len() as f64).ceil() as usize).min(durations.len()) - 1]
+            as f64
+            / 1000.0;
+        let mut merged: Option<Vec<i64>> = None;
+        for h in &hist_rows {
+            merged = Some(match merged {
+                None => h.clone(),
+                Some(m) => sqlx::query_scalar("SELECT toolsight_hist_add($1, $2)")
+                    .bind(&m)
+                    .bind(h)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap(),
+            });
+        }
+        let via_add: f64 = sqlx::query_scalar("SELECT toolsight_hist_quantile($1, $2)")
+            .bind(merged.unwrap())
+            .bind(q)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let via_agg: f64 = sqlx::query_scalar(
+            "SELECT toolsight_hist_quantile(toolsight_hist_merge(h), $2) FROM unnest($1::text[]) AS t, LATERAL (SELECT t::bigint[] AS h) x",
+        )
+        .bind(hist_rows.iter().map(|h| format!("{{{}}}", h.iter().map(i64::to_string).collect::<Vec<_>>().join(","))).collect::<Vec<_>>())
+        .bind(q)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(via_add, via_agg, "the aggregate and pairwise merging agree");
+        let err = (via_agg - exact_ms).abs() / exact_ms;
+        assert!(
+            err < 0.095,
+            "p{q}: {via_agg} ms vs exact {exact_ms} ms ({:.1}%)",
+            err * 100.0
+        );
+    }
+}
