@@ -80,6 +80,9 @@ async fn admit(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if req.method() != axum::http::Method::POST {
+        return next.run(req).await; // 405 from the router
+    }
     let format = match format_of(req.headers()) {
         Ok(f) => f,
         // Answered in protobuf, the OTLP default, when the client's type is not ours.
