@@ -281,6 +281,24 @@ async fn stall_writer(svc: &Service) -> sqlx::Transaction<'static, sqlx::Postgre
     tx
 }
 
+/// Posts an OTLP/JSON export in the background; resolves to its HTTP status.
+fn spawn_export(
+    svc: &Service,
+    body: serde_json::Value,
+) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+    let url = svc.http_url();
+    tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status()
+    })
+}
+
 async fn wait_for_metric(svc: &Service, series: &str, value: f64) {
     for _ in 0..200 {
         if svc.metric(series).await == value {
@@ -300,17 +318,7 @@ async fn a_full_queue_answers_503_and_unavailable_then_recovers() {
     })
     .await;
     let lock = stall_writer(&svc).await;
-    let url = svc.http_url();
-    let first = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(url)
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&json_body(4, 10, 0)).unwrap())
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let first = spawn_export(&svc, json_body(4, 10, 0));
     wait_for_metric(&svc, "toolsight_queue_depth_rows", 10.0).await;
 
     let r = post(
@@ -362,17 +370,7 @@ async fn a_full_queue_answers_503_and_unavailable_then_recovers() {
 async fn shutdown_flushes_accepted_exports() {
     let svc = Service::start("shutdown").await;
     let lock = stall_writer(&svc).await;
-    let url = svc.http_url();
-    let inflight = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(url)
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&json_body(7, 25, 0)).unwrap())
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let inflight = spawn_export(&svc, json_body(7, 25, 0));
     wait_for_metric(&svc, "toolsight_queue_depth_rows", 25.0).await;
     let pool = svc.pool.clone();
     let stopping = tokio::spawn(svc.stop());
