@@ -145,12 +145,8 @@ impl Default for Config {
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: String, message: String },
     #[error("invalid configuration ({} problems):\n  - {}", .0.len(), .0.join("\n  - "))]
@@ -180,9 +176,9 @@ impl Config {
         let mut values: BTreeMap<String, (toml::Value, String)> = BTreeMap::new();
         if let Some(path) = path {
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                 path: shown.clone(),
-                source,
+                error,
             })?;
             let table: toml::Table =
                 text.parse()

@@ -15,12 +15,13 @@ pub use writer::{SubmitError, Writer, WriterConfig};
 /// Errors of the storage layer. Each says whether trying again later can succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    // The cause is part of the message (not a `source`), so error chains print it once.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     #[error("database rejected the statement: {0}")]
-    Query(#[source] sqlx::Error),
+    Query(sqlx::Error),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("invalid database url: {0}")]
     Url(String),
 }
@@ -58,6 +59,12 @@ impl From<sqlx::Error> for StoreError {
         } else {
             StoreError::Query(e)
         }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(e)
     }
 }
 
