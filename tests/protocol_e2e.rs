@@ -385,3 +385,94 @@ async fn shutdown_flushes_accepted_exports() {
         .unwrap();
     assert_eq!(n, 25);
 }
+
+async fn wait_ready_state(svc: &Service, want: u16) {
+    for _ in 0..200 {
+        let status = reqwest::get(format!("http://{}/readyz", svc.admin))
+            .await
+            .unwrap()
+            .status();
+        if status == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/readyz never answered {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
+    let svc = Service::start("outage").await;
+    let db = "toolsight_it_outage";
+    let ok = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(8, 4, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+
+    // The database goes away for toolsight: no new connections, existing ones killed.
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(db)
+        .execute(&admin)
+        .await
+        .unwrap();
+    wait_ready_state(&svc, 503).await;
+    assert_eq!(svc.metric("toolsight_db_up").await, 0.0);
+
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(9, 4, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    let err = client
+        .export(serde_json::from_value::<ExportTraceServiceRequest>(json_body(9, 4, 0)).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"unavailable\",transport=\"http_json\"}")
+            .await,
+        1.0
+    );
+
+    // It comes back: readiness follows and the client's retry is stored, once.
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    wait_ready_state(&svc, 200).await;
+    for _ in 0..2 {
+        let r = post(
+            &svc,
+            "application/json",
+            None,
+            serde_json::to_vec(&json_body(9, 4, 0)).unwrap(),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 8);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
+            .await,
+        8
+    );
+    svc.stop().await.unwrap();
+}
