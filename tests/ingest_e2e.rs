@@ -10,7 +10,7 @@ use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 
@@ -184,6 +184,7 @@ async fn export(protocol: &str, svc: &Service, service_name: &str, spans: Vec<Sp
     let mut exporter = match protocol {
         "grpc" => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
+            .with_compression(opentelemetry_otlp::Compression::Gzip)
             .with_endpoint(format!("http://{}", svc.grpc))
             .build()
             .unwrap(),
