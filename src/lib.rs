@@ -5,7 +5,9 @@
 
 pub mod admin;
 pub mod app;
+pub mod bench;
 pub mod config;
+pub mod loadgen;
 pub mod metrics;
 pub mod normalize;
 pub mod receive;

@@ -38,6 +38,43 @@ enum Command {
     },
     /// Validate the configuration and print the effective settings.
     Config,
+    /// Send realistic MCP telemetry to a running toolsight (or any OTLP receiver).
+    Loadgen(LoadgenArgs),
+    /// Benchmark: start the service on a fresh database, drive it, verify and report.
+    Bench(toolsight::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// OTLP transport.
+    #[arg(long, value_enum, default_value = "grpc")]
+    protocol: toolsight::loadgen::Protocol,
+    /// Receiver host:port (default 127.0.0.1:4317 for grpc, 127.0.0.1:4318 for http).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Spans per second (open loop). Without it, sends as fast as the receiver answers.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Concurrent exporters (closed loop) or most requests in flight (open loop).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1000)]
+    spans_per_request: usize,
+    /// Compress requests with gzip.
+    #[arg(long)]
+    gzip: bool,
+    /// How long to run, e.g. 30s, 5m.
+    #[arg(long, default_value = "30s")]
+    duration: humantime::Duration,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s")]
+    timeout: humantime::Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn init_logging(config: &Config) {
@@ -116,6 +153,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config.to_toml());
             Ok(())
         }
+        Command::Loadgen(a) => {
+            use toolsight::loadgen::{self, LoadConfig, Protocol};
+            let endpoint = a.endpoint.unwrap_or_else(|| match a.protocol {
+                Protocol::Grpc => "127.0.0.1:4317".into(),
+                _ => "127.0.0.1:4318".into(),
+            });
+            let report = loadgen::run(LoadConfig {
+                protocol: a.protocol,
+                endpoint,
+                gzip: a.gzip,
+                concurrency: a.concurrency,
+                spans_per_request: a.spans_per_request,
+                rate: a.rate,
+                duration: a.duration.into(),
+                progress: !a.quiet,
+                run_id: (std::process::id() & 0xFFFF) as u16,
+                timeout: a.timeout.into(),
+            })
+            .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print();
+            }
+            Ok(())
+        }
+        Command::Bench(args) => toolsight::bench::run(args).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! PostgreSQL: the only module with SQL. Schema migrations, the batch writer, and the queries
 //! the API and CLI read through.
 
+pub mod bench;
 mod copy;
 pub mod queries;
 pub mod writer;
@@ -24,6 +25,8 @@ pub enum StoreError {
     Migrate(sqlx::migrate::MigrateError),
     #[error("invalid database url: {0}")]
     Url(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl StoreError {

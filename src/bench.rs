@@ -1,0 +1,320 @@
+//! `toolsight bench`: starts the service on a fresh database, drives it with the load
+//! generator, checks that every accepted span is in PostgreSQL, and measures the bare-COPY
+//! ceiling of the same rows in the same run.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::loadgen::{self, LoadConfig, Protocol, Report, Traffic};
+use crate::{normalize, store};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// PostgreSQL server (the benchmark creates and drops its own databases there).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432", env = "TOOLSIGHT_BENCH_SERVER")]
+    server: String,
+    /// Length of each measured phase.
+    #[arg(long, default_value = "20s")]
+    phase: humantime::Duration,
+    /// Length of the 10x-overload phase.
+    #[arg(long, default_value = "40s")]
+    overload: humantime::Duration,
+    /// Length of an extra steady phase at 50% of the maximum (RSS flatness); 0s to skip.
+    #[arg(long, default_value = "0s")]
+    soak: humantime::Duration,
+    #[arg(long, default_value_t = 1000)]
+    spans_per_request: usize,
+    /// Concurrent exporters in the closed-loop phases.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Writer connections of the service under test.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench-report.json")]
+    report: PathBuf,
+}
+
+#[derive(Debug, Serialize, Clone)]
+struct Phase {
+    name: String,
+    report: Report,
+    rss_start_mib: f64,
+    rss_end_mib: f64,
+    rss_max_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    date: String,
+    machine: String,
+    spans_per_request: usize,
+    phases: Vec<Phase>,
+    max_spans_per_sec_grpc: f64,
+    max_spans_per_sec_http: f64,
+    records_per_span: f64,
+    records_expected: u64,
+    records_in_postgres: i64,
+    peak_rss_mib: f64,
+    copy_reference_rows: u64,
+    copy_reference_rows_per_sec: f64,
+    end_to_end_rows_per_sec_grpc: f64,
+    ratio_to_copy: f64,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// (current RSS, peak RSS) of a process, in MiB, from /proc.
+fn rss_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+struct Service {
+    child: Child,
+    grpc: String,
+    http: String,
+    admin: String,
+}
+
+impl Service {
+    async fn start(database_url: &str, writers: usize, log: &PathBuf) -> anyhow::Result<Service> {
+        let (grpc, http, admin) = (free_port()?, free_port()?, free_port()?);
+        let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("TOOLSIGHT_OTLP__GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
+            .env("TOOLSIGHT_OTLP__HTTP_LISTEN", format!("127.0.0.1:{http}"))
+            .env("TOOLSIGHT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .env("TOOLSIGHT_INGEST__WRITERS", writers.to_string())
+            .env("TOOLSIGHT_LOG__LEVEL", "warn")
+            .env_remove("TOOLSIGHT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting toolsight serve")?;
+        let svc = Service {
+            child,
+            grpc: format!("127.0.0.1:{grpc}"),
+            http: format!("127.0.0.1:{http}"),
+            admin: format!("127.0.0.1:{admin}"),
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(r) = client.get(format!("http://{}/readyz", svc.admin)).send().await {
+                if r.status().is_success() {
+                    return Ok(svc);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the service did not become ready; see {}", log.display())
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill()?;
+        bail!("the service did not stop within 30 s of SIGTERM")
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let server = store::connect_options(&args.server)?;
+    let db = store::bench::recreate_database(&server, "toolsight_bench").await?;
+    let db_url = format!("{}/toolsight_bench", args.server.trim_end_matches('/'));
+    let log = PathBuf::from("target/bench-service.log");
+    eprintln!("== starting toolsight on a fresh database (log: {})", log.display());
+    let svc = Service::start(&db_url, args.writers, &log).await?;
+    let pid = svc.child.id();
+
+    // RSS sampled every 250 ms for the whole run.
+    let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let sampler = {
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some((rss, _)) = rss_mib(pid) {
+                    samples.lock().map(|mut s| s.push(rss)).ok();
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let mut phases: Vec<Phase> = Vec::new();
+    let mut run_id: u16 = 1;
+    let mut phase = |name: &str, protocol: Protocol, rate: Option<f64>, duration: Duration, concurrency: usize| {
+        run_id += 1;
+        let endpoint = if protocol == Protocol::Grpc { svc.grpc.clone() } else { svc.http.clone() };
+        let cfg = LoadConfig {
+            protocol,
+            endpoint,
+            gzip: false,
+            concurrency,
+            spans_per_request: args.spans_per_request,
+            rate,
+            duration,
+            progress: true,
+            run_id,
+            timeout: Duration::from_secs(30),
+        };
+        let name = name.to_owned();
+        let samples = samples.clone();
+        async move {
+            eprintln!("== {name}");
+            let from = samples.lock().map(|s| s.len()).unwrap_or(0);
+            let report = loadgen::run(cfg).await?;
+            let s = samples.lock().map(|s| s[from.min(s.len())..].to_vec()).unwrap_or_default();
+            report.print();
+            Ok::<Phase, anyhow::Error>(Phase {
+                name,
+                rss_start_mib: s.first().copied().unwrap_or(0.0),
+                rss_end_mib: s.last().copied().unwrap_or(0.0),
+                rss_max_mib: s.iter().copied().fold(0.0, f64::max),
+                report,
+            })
+        }
+    };
+
+    let phase_len: Duration = args.phase.into();
+    phases.push(phase("warm-up (grpc, closed loop)", Protocol::Grpc, None, Duration::from_secs(5), args.concurrency).await?);
+    let grpc = phase("max throughput, grpc, closed loop", Protocol::Grpc, None, phase_len, args.concurrency).await?;
+    let max_grpc = grpc.report.accepted_spans_per_sec;
+    phases.push(grpc);
+    let http = phase("max throughput, http/protobuf, closed loop", Protocol::HttpProtobuf, None, phase_len, args.concurrency).await?;
+    let max_http = http.report.accepted_spans_per_sec;
+    phases.push(http);
+    for share in [0.5, 0.8] {
+        let name = format!("{:.0}% of max, grpc, open loop", share * 100.0);
+        phases.push(phase(&name, Protocol::Grpc, Some(max_grpc * share), phase_len, 64).await?);
+    }
+    let soak: Duration = args.soak.into();
+    if !soak.is_zero() {
+        phases.push(phase("soak at 50% of max, grpc, open loop", Protocol::Grpc, Some(max_grpc * 0.5), soak, 64).await?);
+    }
+    phases.push(phase("10x overload, grpc, open loop", Protocol::Grpc, Some(max_grpc * 10.0), args.overload.into(), 64).await?);
+
+    sampler.abort();
+    let peak_rss = rss_mib(pid).map_or(0.0, |(_, hwm)| hwm);
+    let pool = store::query_pool(&db, 2).await?;
+    let records_in_postgres = store::bench::count_records(&pool).await?;
+    let records_expected: u64 = phases.iter().map(|p| p.report.records_expected).sum();
+    pool.close().await;
+    svc.stop()?;
+
+    // The reference ceiling: the records of as many requests as the gRPC phase committed,
+    // written by bare binary COPY into the same schema.
+    eprintln!("== reference: bare binary COPY of the same rows (2 connections)");
+    let grpc_phase = &phases[1].report;
+    let requests = (grpc_phase.spans_accepted / args.spans_per_request.max(1) as u64).clamp(10, 2_000) as usize;
+    let mut traffic = Traffic::new(args.spans_per_request, 0, 0xC0FFEE);
+    let mut batches = Vec::with_capacity(requests);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    for k in 0..requests {
+        let t = now - (requests - k) as u64 * 1_000_000;
+        batches.push(normalize::normalize(traffic.next(9999, t), now as i64, &normalize::Options::default(), &normalize::Memory::default()));
+    }
+    let ref_db = store::bench::recreate_database(&server, "toolsight_bench_copyref").await?;
+    let ref_pool = store::query_pool(&ref_db, 2).await?;
+    store::migrate(&ref_pool).await?;
+    let (copy_rows, copy_time) = store::bench::copy_reference(&ref_pool, batches, 2).await?;
+    ref_pool.close().await;
+    let copy_rps = copy_rows as f64 / copy_time.as_secs_f64();
+
+    let e2e_rps = grpc_phase.records_expected as f64 / grpc_phase.elapsed_secs;
+    let records_per_span = grpc_phase.records_expected as f64 / grpc_phase.spans_accepted.max(1) as f64;
+    let report = BenchReport {
+        date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        machine: machine(),
+        spans_per_request: args.spans_per_request,
+        max_spans_per_sec_grpc: max_grpc,
+        max_spans_per_sec_http: max_http,
+        records_per_span,
+        records_expected,
+        records_in_postgres,
+        peak_rss_mib: peak_rss,
+        copy_reference_rows: copy_rows,
+        copy_reference_rows_per_sec: copy_rps,
+        end_to_end_rows_per_sec_grpc: e2e_rps,
+        ratio_to_copy: e2e_rps / copy_rps,
+        phases,
+    };
+    if let Some(dir) = args.report.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&args.report, serde_json::to_string_pretty(&report)?)?;
+    print_summary(&report);
+    eprintln!("full report: {}", args.report.display());
+    if records_in_postgres as u64 != records_expected {
+        bail!("LOST OR EXTRA ROWS: {records_in_postgres} records in PostgreSQL, {records_expected} expected from accepted spans");
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!("{cpus} cores, {mem:.0} GiB; loadgen, service and PostgreSQL share them")
+}
+
+fn print_summary(r: &BenchReport) {
+    println!("\n| phase | target spans/s | accepted spans/s | refused spans | p50 ms | p99 ms | max ms | RSS start→end (max) MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for p in &r.phases {
+        let x = &p.report;
+        println!(
+            "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.0}→{:.0} ({:.0}) |",
+            p.name,
+            x.target_spans_per_sec.map_or("max".into(), |t| format!("{t:.0}")),
+            x.accepted_spans_per_sec,
+            x.spans_refused,
+            x.latency_p50_ms,
+            x.latency_p99_ms,
+            x.latency_max_ms,
+            p.rss_start_mib,
+            p.rss_end_mib,
+            p.rss_max_mib
+        );
+    }
+    println!(
+        "\nmax sustained: grpc {:.0} spans/s, http/protobuf {:.0} spans/s ({:.2} records per span)\n\
+         end to end (grpc): {:.0} rows/s; bare binary COPY of the same rows: {:.0} rows/s; ratio {:.2}\n\
+         peak RSS of the service: {:.0} MiB\n\
+         rows in PostgreSQL: {} / expected from accepted spans: {} ({})",
+        r.max_spans_per_sec_grpc,
+        r.max_spans_per_sec_http,
+        r.records_per_span,
+        r.end_to_end_rows_per_sec_grpc,
+        r.copy_reference_rows_per_sec,
+        r.ratio_to_copy,
+        r.peak_rss_mib,
+        r.records_in_postgres,
+        r.records_expected,
+        if r.records_in_postgres as u64 == r.records_expected { "none lost" } else { "MISMATCH" }
+    );
+}
