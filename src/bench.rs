@@ -16,7 +16,11 @@ use crate::{normalize, store};
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// PostgreSQL server (the benchmark creates and drops its own databases there).
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432", env = "TOOLSIGHT_BENCH_SERVER")]
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432",
+        env = "TOOLSIGHT_BENCH_SERVER"
+    )]
     server: String,
     /// Length of each measured phase.
     #[arg(long, default_value = "20s")]
@@ -68,7 +72,9 @@ struct BenchReport {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// (current RSS, peak RSS) of a process, in MiB, from /proc.
@@ -95,7 +101,8 @@ struct Service {
 impl Service {
     async fn start(database_url: &str, writers: usize, log: &PathBuf) -> anyhow::Result<Service> {
         let (grpc, http, admin) = (free_port()?, free_port()?, free_port()?);
-        let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(std::env::current_exe()?)
             .arg("serve")
             .env("DATABASE_URL", database_url)
@@ -117,10 +124,13 @@ impl Service {
         };
         let client = reqwest::Client::new();
         for _ in 0..300 {
-            if let Ok(r) = client.get(format!("http://{}/readyz", svc.admin)).send().await {
-                if r.status().is_success() {
-                    return Ok(svc);
-                }
+            if let Ok(r) = client
+                .get(format!("http://{}/readyz", svc.admin))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return Ok(svc);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -128,7 +138,10 @@ impl Service {
     }
 
     fn stop(mut self) -> anyhow::Result<()> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {
@@ -146,7 +159,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let db = store::bench::recreate_database(&server, "toolsight_bench").await?;
     let db_url = format!("{}/toolsight_bench", args.server.trim_end_matches('/'));
     let log = PathBuf::from("target/bench-service.log");
-    eprintln!("== starting toolsight on a fresh database (log: {})", log.display());
+    eprintln!(
+        "== starting toolsight on a fresh database (log: {})",
+        log.display()
+    );
     let svc = Service::start(&db_url, args.writers, &log).await?;
     let pid = svc.child.id();
 
@@ -165,9 +181,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let mut phases: Vec<Phase> = Vec::new();
     let mut run_id: u16 = 1;
-    let mut phase = |name: &str, protocol: Protocol, rate: Option<f64>, duration: Duration, concurrency: usize| {
+    let mut phase = |name: &str,
+                     protocol: Protocol,
+                     rate: Option<f64>,
+                     duration: Duration,
+                     concurrency: usize| {
         run_id += 1;
-        let endpoint = if protocol == Protocol::Grpc { svc.grpc.clone() } else { svc.http.clone() };
+        let endpoint = if protocol == Protocol::Grpc {
+            svc.grpc.clone()
+        } else {
+            svc.http.clone()
+        };
         let cfg = LoadConfig {
             protocol,
             endpoint,
@@ -186,7 +210,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             eprintln!("== {name}");
             let from = samples.lock().map(|s| s.len()).unwrap_or(0);
             let report = loadgen::run(cfg).await?;
-            let s = samples.lock().map(|s| s[from.min(s.len())..].to_vec()).unwrap_or_default();
+            let s = samples
+                .lock()
+                .map(|s| s[from.min(s.len())..].to_vec())
+                .unwrap_or_default();
             report.print();
             Ok::<Phase, anyhow::Error>(Phase {
                 name,
@@ -199,11 +226,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
 
     let phase_len: Duration = args.phase.into();
-    phases.push(phase("warm-up (grpc, closed loop)", Protocol::Grpc, None, Duration::from_secs(5), args.concurrency).await?);
-    let grpc = phase("max throughput, grpc, closed loop", Protocol::Grpc, None, phase_len, args.concurrency).await?;
+    phases.push(
+        phase(
+            "warm-up (grpc, closed loop)",
+            Protocol::Grpc,
+            None,
+            Duration::from_secs(5),
+            args.concurrency,
+        )
+        .await?,
+    );
+    let grpc = phase(
+        "max throughput, grpc, closed loop",
+        Protocol::Grpc,
+        None,
+        phase_len,
+        args.concurrency,
+    )
+    .await?;
     let max_grpc = grpc.report.accepted_spans_per_sec;
     phases.push(grpc);
-    let http = phase("max throughput, http/protobuf, closed loop", Protocol::HttpProtobuf, None, phase_len, args.concurrency).await?;
+    let http = phase(
+        "max throughput, http/protobuf, closed loop",
+        Protocol::HttpProtobuf,
+        None,
+        phase_len,
+        args.concurrency,
+    )
+    .await?;
     let max_http = http.report.accepted_spans_per_sec;
     phases.push(http);
     for share in [0.5, 0.8] {
@@ -212,9 +262,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let soak: Duration = args.soak.into();
     if !soak.is_zero() {
-        phases.push(phase("soak at 50% of max, grpc, open loop", Protocol::Grpc, Some(max_grpc * 0.5), soak, 64).await?);
+        phases.push(
+            phase(
+                "soak at 50% of max, grpc, open loop",
+                Protocol::Grpc,
+                Some(max_grpc * 0.5),
+                soak,
+                64,
+            )
+            .await?,
+        );
     }
-    phases.push(phase("10x overload, grpc, open loop", Protocol::Grpc, Some(max_grpc * 10.0), args.overload.into(), 64).await?);
+    phases.push(
+        phase(
+            "10x overload, grpc, open loop",
+            Protocol::Grpc,
+            Some(max_grpc * 10.0),
+            args.overload.into(),
+            64,
+        )
+        .await?,
+    );
 
     sampler.abort();
     let peak_rss = rss_mib(pid).map_or(0.0, |(_, hwm)| hwm);
@@ -228,13 +296,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // written by bare binary COPY into the same schema.
     eprintln!("== reference: bare binary COPY of the same rows (2 connections)");
     let grpc_phase = &phases[1].report;
-    let requests = (grpc_phase.spans_accepted / args.spans_per_request.max(1) as u64).clamp(10, 2_000) as usize;
+    let requests = (grpc_phase.spans_accepted / args.spans_per_request.max(1) as u64)
+        .clamp(10, 2_000) as usize;
     let mut traffic = Traffic::new(args.spans_per_request, 0, 0xC0FFEE);
     let mut batches = Vec::with_capacity(requests);
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
     for k in 0..requests {
         let t = now - (requests - k) as u64 * 1_000_000;
-        batches.push(normalize::normalize(traffic.next(9999, t), now as i64, &normalize::Options::default(), &normalize::Memory::default()));
+        batches.push(normalize::normalize(
+            traffic.next(9999, t),
+            now as i64,
+            &normalize::Options::default(),
+            &normalize::Memory::default(),
+        ));
     }
     let ref_db = store::bench::recreate_database(&server, "toolsight_bench_copyref").await?;
     let ref_pool = store::query_pool(&ref_db, 2).await?;
@@ -244,7 +318,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let copy_rps = copy_rows as f64 / copy_time.as_secs_f64();
 
     let e2e_rps = grpc_phase.records_expected as f64 / grpc_phase.elapsed_secs;
-    let records_per_span = grpc_phase.records_expected as f64 / grpc_phase.spans_accepted.max(1) as f64;
+    let records_per_span =
+        grpc_phase.records_expected as f64 / grpc_phase.spans_accepted.max(1) as f64;
     let report = BenchReport {
         date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
         machine: machine(),
@@ -268,7 +343,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     print_summary(&report);
     eprintln!("full report: {}", args.report.display());
     if records_in_postgres as u64 != records_expected {
-        bail!("LOST OR EXTRA ROWS: {records_in_postgres} records in PostgreSQL, {records_expected} expected from accepted spans");
+        bail!(
+            "LOST OR EXTRA ROWS: {records_in_postgres} records in PostgreSQL, {records_expected} expected from accepted spans"
+        );
     }
     Ok(())
 }
@@ -277,20 +354,28 @@ fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
     format!("{cpus} cores, {mem:.0} GiB; loadgen, service and PostgreSQL share them")
 }
 
 fn print_summary(r: &BenchReport) {
-    println!("\n| phase | target spans/s | accepted spans/s | refused spans | p50 ms | p99 ms | max ms | RSS start→end (max) MiB |");
+    println!(
+        "\n| phase | target spans/s | accepted spans/s | refused spans | p50 ms | p99 ms | max ms | RSS start→end (max) MiB |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for p in &r.phases {
         let x = &p.report;
         println!(
             "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.0}→{:.0} ({:.0}) |",
             p.name,
-            x.target_spans_per_sec.map_or("max".into(), |t| format!("{t:.0}")),
+            x.target_spans_per_sec
+                .map_or("max".into(), |t| format!("{t:.0}")),
             x.accepted_spans_per_sec,
             x.spans_refused,
             x.latency_p50_ms,
@@ -315,6 +400,10 @@ fn print_summary(r: &BenchReport) {
         r.peak_rss_mib,
         r.records_in_postgres,
         r.records_expected,
-        if r.records_in_postgres as u64 == r.records_expected { "none lost" } else { "MISMATCH" }
+        if r.records_in_postgres as u64 == r.records_expected {
+            "none lost"
+        } else {
+            "MISMATCH"
+        }
     );
 }

@@ -476,3 +476,32 @@ async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
     );
     svc.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_exports_count_only_new_spans() {
+    let svc = Service::start("overlap").await;
+    // Same tag: the first 3 spans of the second export are the 3 spans of the first.
+    for n in [3, 5, 5] {
+        let r = post(
+            &svc,
+            "application/json",
+            None,
+            serde_json::to_vec(&json_body(11, n, 0)).unwrap(),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 5);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
+            .await,
+        5
+    );
+    let hist_total: i64 =
+        sqlx::query_scalar("SELECT sum(x)::bigint FROM tool_rollup_1m, unnest(latency_hist) AS x")
+            .fetch_one(&svc.pool)
+            .await
+            .unwrap();
+    assert_eq!(hist_total, 5, "the histogram counts each span once too");
+    svc.stop().await.unwrap();
+}

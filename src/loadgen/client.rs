@@ -6,7 +6,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -45,7 +47,11 @@ pub enum Outcome {
 #[derive(Clone)]
 enum Kind {
     Grpc(tonic::client::Grpc<Channel>),
-    Http { client: reqwest::Client, url: String, json: bool },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        json: bool,
+    },
 }
 
 /// One connection's worth of client; clone it per worker.
@@ -59,7 +65,12 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 
 impl Client {
     /// `endpoint` is `host:port` of the gRPC or HTTP receiver.
-    pub async fn connect(protocol: Protocol, endpoint: &str, gzip: bool, timeout: Duration) -> anyhow::Result<Client> {
+    pub async fn connect(
+        protocol: Protocol,
+        endpoint: &str,
+        gzip: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<Client> {
         let kind = match protocol {
             Protocol::Grpc => {
                 let channel = Endpoint::from_shared(format!("http://{endpoint}"))?
@@ -74,7 +85,10 @@ impl Client {
                 Kind::Grpc(grpc)
             }
             Protocol::HttpProtobuf | Protocol::HttpJson => Kind::Http {
-                client: reqwest::Client::builder().timeout(timeout).tcp_nodelay(true).build()?,
+                client: reqwest::Client::builder()
+                    .timeout(timeout)
+                    .tcp_nodelay(true)
+                    .build()?,
                 url: format!("http://{endpoint}/v1/traces"),
                 json: protocol == Protocol::HttpJson,
             },
@@ -89,7 +103,10 @@ impl Client {
             _ => req.encode_to_vec(),
         };
         if self.gzip && matches!(self.kind, Kind::Http { .. }) {
-            let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 4), flate2::Compression::fast());
+            let mut gz = flate2::write::GzEncoder::new(
+                Vec::with_capacity(raw.len() / 4),
+                flate2::Compression::fast(),
+            );
             // Writing to a Vec cannot fail.
             let _ = gz.write_all(&raw);
             return Bytes::from(gz.finish().unwrap_or_default());
@@ -104,18 +121,37 @@ impl Client {
                     return Outcome::Failed(format!("grpc not ready: {e}"));
                 }
                 let path = PathAndQuery::from_static(EXPORT_PATH);
-                match grpc.unary::<Bytes, ExportTraceServiceResponse, _>(tonic::Request::new(body), path, RawCodec).await {
+                match grpc
+                    .unary::<Bytes, ExportTraceServiceResponse, _>(
+                        tonic::Request::new(body),
+                        path,
+                        RawCodec,
+                    )
+                    .await
+                {
                     Ok(resp) => Outcome::Accepted {
-                        rejected: resp.into_inner().partial_success.map_or(0, |p| p.rejected_spans),
+                        rejected: resp
+                            .into_inner()
+                            .partial_success
+                            .map_or(0, |p| p.rejected_spans),
                     },
-                    Err(s) if matches!(s.code(), Code::Unavailable | Code::ResourceExhausted) => Outcome::Retryable(format!("{:?}", s.code())),
+                    Err(s) if matches!(s.code(), Code::Unavailable | Code::ResourceExhausted) => {
+                        Outcome::Retryable(format!("{:?}", s.code()))
+                    }
                     Err(s) => Outcome::Failed(format!("{:?}: {}", s.code(), s.message())),
                 }
             }
             Kind::Http { client, url, json } => {
                 let mut req = client
                     .post(url.as_str())
-                    .header("content-type", if *json { "application/json" } else { "application/x-protobuf" })
+                    .header(
+                        "content-type",
+                        if *json {
+                            "application/json"
+                        } else {
+                            "application/x-protobuf"
+                        },
+                    )
                     .body(body);
                 if self.gzip {
                     req = req.header("content-encoding", "gzip");
@@ -180,7 +216,10 @@ impl Encoder for RawEncoder {
 impl Decoder for RespDecoder {
     type Item = ExportTraceServiceResponse;
     type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ExportTraceServiceResponse>, Status> {
+    fn decode(
+        &mut self,
+        src: &mut DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, Status> {
         let chunk = src.copy_to_bytes(src.remaining());
         ExportTraceServiceResponse::decode(chunk)
             .map(Some)

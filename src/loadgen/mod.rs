@@ -57,13 +57,14 @@ impl Stats {
         match outcome {
             Outcome::Accepted { rejected } => {
                 let rejected = (*rejected).max(0) as u64;
-                self.spans_accepted.fetch_add(spans - rejected.min(spans), Ordering::Relaxed);
+                self.spans_accepted
+                    .fetch_add(spans - rejected.min(spans), Ordering::Relaxed);
                 self.spans_rejected.fetch_add(rejected, Ordering::Relaxed);
                 self.records_expected.fetch_add(records, Ordering::Relaxed);
-                if let Ok(mut h) = self.latency_us.lock() {
-                    if let Some(h) = h.as_mut() {
-                        let _ = h.record(latency.as_micros().max(1) as u64);
-                    }
+                if let Ok(mut h) = self.latency_us.lock()
+                    && let Some(h) = h.as_mut()
+                {
+                    let _ = h.record(latency.as_micros().max(1) as u64);
                 }
             }
             Outcome::Retryable(_) => {
@@ -82,7 +83,10 @@ impl Stats {
         self.latency_us
             .lock()
             .ok()
-            .and_then(|h| h.as_ref().map(|h| h.value_at_quantile(0.99) as f64 / 1000.0))
+            .and_then(|h| {
+                h.as_ref()
+                    .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0)
+            })
             .unwrap_or(0.0)
     }
 }
@@ -117,7 +121,9 @@ pub struct Report {
 
 impl Report {
     pub fn print(&self) {
-        let rate = self.target_spans_per_sec.map_or("max".to_owned(), |r| format!("{r:.0}/s"));
+        let rate = self
+            .target_spans_per_sec
+            .map_or("max".to_owned(), |r| format!("{r:.0}/s"));
         println!(
             "{} {} (target {rate}, {} spans/request) for {:.1}s\n  sent      {:>12} spans in {} requests\n  accepted  {:>12} spans ({:.0} spans/s)\n  rejected  {:>12} spans (partial success)\n  refused   {:>12} spans (retryable: overload / unavailable)\n  failed    {:>12} spans\n  not sent  {:>12} requests (generator at its in-flight limit)\n  latency   p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms (accepted exports)",
             self.protocol,
@@ -143,7 +149,9 @@ impl Report {
 }
 
 fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// One exporter's state: its template and its connection.
@@ -190,7 +198,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
     });
     let started = Instant::now();
     let deadline = started + cfg.duration;
-    let progress = cfg.progress.then(|| tokio::spawn(progress_line(stats.clone(), started, cfg.duration)));
+    let progress = cfg
+        .progress
+        .then(|| tokio::spawn(progress_line(stats.clone(), started, cfg.duration)));
 
     match cfg.rate {
         None => {
@@ -223,7 +233,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
                             stats.requests_not_sent.fetch_add(1, Ordering::Relaxed);
                         }
                         Some(mut slot) => {
-                            let (stats, pool, run_id, scheduled) = (stats.clone(), pool.clone(), cfg.run_id, due);
+                            let (stats, pool, run_id, scheduled) =
+                                (stats.clone(), pool.clone(), cfg.run_id, due);
                             inflight.push(tokio::spawn(async move {
                                 // Latency counts from when the request was due, so a slow
                                 // service cannot hide its queueing (coordinated omission).
@@ -247,11 +258,19 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Report> {
         eprintln!();
     }
     let h = stats.latency_us.lock().ok().and_then(|mut h| h.take());
-    let q = |q: f64| h.as_ref().filter(|h| !h.is_empty()).map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0);
+    let q = |q: f64| {
+        h.as_ref()
+            .filter(|h| !h.is_empty())
+            .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+    };
     let accepted = stats.spans_accepted.load(Ordering::Relaxed);
     Ok(Report {
         protocol: cfg.protocol.as_str(),
-        mode: if cfg.rate.is_some() { "open-loop" } else { "closed-loop" },
+        mode: if cfg.rate.is_some() {
+            "open-loop"
+        } else {
+            "closed-loop"
+        },
         target_spans_per_sec: cfg.rate,
         spans_per_request: cfg.spans_per_request,
         elapsed_secs: elapsed.as_secs_f64(),
@@ -301,22 +320,64 @@ mod tests {
         let mut t = Traffic::new(1000, 3, 42);
         assert!(t.spans() >= 1000 && t.spans() < 1003, "{}", t.spans());
         let now = 1_800_000_000_000_000_000;
-        let n = normalize::normalize(t.next(1, now), now as i64, &normalize::Options::default(), &normalize::Memory::default());
+        let n = normalize::normalize(
+            t.next(1, now),
+            now as i64,
+            &normalize::Options::default(),
+            &normalize::Memory::default(),
+        );
         assert_eq!(n.rejected_total(), 0);
-        assert!(!n.tool_calls.is_empty() && !n.llm_calls.is_empty() && !n.upstream_calls.is_empty() && !n.mcp_requests.is_empty());
+        assert!(
+            !n.tool_calls.is_empty()
+                && !n.llm_calls.is_empty()
+                && !n.upstream_calls.is_empty()
+                && !n.mcp_requests.is_empty()
+        );
         let sources: std::collections::HashSet<_> = n.tool_calls.iter().map(|c| c.source).collect();
-        assert_eq!(sources.len(), 4, "fastmcp, semconv, traceloop, logfire: {sources:?}");
-        assert!(n.tool_calls.iter().any(|c| c.result.is_some_and(|r| r.empty)));
-        assert!(n.tool_calls.iter().any(|c| c.result.is_some_and(|r| !r.empty)));
-        assert!(n.upstream_calls.iter().all(|u| u.rate_limit.limit == Some(5000.0)));
+        assert_eq!(
+            sources.len(),
+            4,
+            "fastmcp, semconv, traceloop, logfire: {sources:?}"
+        );
+        assert!(
+            n.tool_calls
+                .iter()
+                .any(|c| c.result.is_some_and(|r| r.empty))
+        );
+        assert!(
+            n.tool_calls
+                .iter()
+                .any(|c| c.result.is_some_and(|r| !r.empty))
+        );
+        assert!(
+            n.upstream_calls
+                .iter()
+                .all(|u| u.rate_limit.limit == Some(5000.0))
+        );
         // FastMCP's nested spans and database spans are dropped, everything else is a record.
-        assert_eq!(n.records() as u64 + n.dropped.iter().map(|(_, c)| c).sum::<u64>(), n.spans);
+        assert_eq!(
+            n.records() as u64 + n.dropped.iter().map(|(_, c)| c).sum::<u64>(),
+            n.spans
+        );
 
         // A refresh gives new trace ids and current times, the same shape.
-        let first: Vec<Vec<u8>> = t.request().resource_spans[0].scope_spans[0].spans.iter().map(|s| s.trace_id.clone()).collect();
-        let m = normalize::normalize(t.next(1, now + 1_000_000_000), now as i64 + 1_000_000_000, &normalize::Options::default(), &normalize::Memory::default());
+        let first: Vec<Vec<u8>> = t.request().resource_spans[0].scope_spans[0]
+            .spans
+            .iter()
+            .map(|s| s.trace_id.clone())
+            .collect();
+        let m = normalize::normalize(
+            t.next(1, now + 1_000_000_000),
+            now as i64 + 1_000_000_000,
+            &normalize::Options::default(),
+            &normalize::Memory::default(),
+        );
         assert_eq!(m.records(), n.records());
-        let second: Vec<Vec<u8>> = t.request().resource_spans[0].scope_spans[0].spans.iter().map(|s| s.trace_id.clone()).collect();
+        let second: Vec<Vec<u8>> = t.request().resource_spans[0].scope_spans[0]
+            .spans
+            .iter()
+            .map(|s| s.trace_id.clone())
+            .collect();
         assert!(first.iter().zip(&second).all(|(a, b)| a != b));
     }
 }

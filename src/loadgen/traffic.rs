@@ -2,9 +2,13 @@
 //! built once as a template and refreshed (new ids, current timestamps) for every send.
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value::Value};
+use opentelemetry_proto::tonic::common::v1::{
+    AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value::Value,
+};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind};
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status, span::SpanKind,
+};
 
 /// A small, fast, deterministic PRNG (SplitMix64): traffic is reproducible from its seed.
 #[derive(Debug, Clone)]
@@ -45,7 +49,12 @@ pub const TOOLS: &[(&str, f64)] = &[
     ("summarize", 900.0),
 ];
 
-pub const UPSTREAMS: &[&str] = &["api.github.com", "api.openweathermap.org", "db.internal", "api.openai.com"];
+pub const UPSTREAMS: &[&str] = &[
+    "api.github.com",
+    "api.openweathermap.org",
+    "db.internal",
+    "api.openai.com",
+];
 
 fn kv(key: &str, v: Value) -> KeyValue {
     KeyValue {
@@ -109,7 +118,15 @@ struct Builder {
 }
 
 impl Builder {
-    fn span(&mut self, trace: u64, name: String, kind: SpanKind, parent: Option<u64>, ms: f64, attrs: Vec<KeyValue>) -> Span {
+    fn span(
+        &mut self,
+        trace: u64,
+        name: String,
+        kind: SpanKind,
+        parent: Option<u64>,
+        ms: f64,
+        attrs: Vec<KeyValue>,
+    ) -> Span {
         let span_id = self.rng.next_u64() | 1;
         let mut trace_id = [0u8; 16];
         trace_id[8..].copy_from_slice(&trace.to_be_bytes());
@@ -143,15 +160,27 @@ impl Builder {
     fn result(&mut self, rows: u64) -> (String, bool) {
         let is_error = self.rng.chance(3);
         if is_error {
-            return (r#"{"content":[{"type":"text","text":"upstream timeout"}],"isError":true}"#.into(), true);
+            return (
+                r#"{"content":[{"type":"text","text":"upstream timeout"}],"isError":true}"#.into(),
+                true,
+            );
         }
-        let items: Vec<String> = (0..rows).map(|k| format!("{{\"id\":{k},\"title\":\"row {k}\"}}")).collect();
+        let items: Vec<String> = (0..rows)
+            .map(|k| format!("{{\"id\":{k},\"title\":\"row {k}\"}}"))
+            .collect();
         let text = format!("[{}]", items.join(",")).replace('"', "\\\"");
-        (format!(r#"{{"content":[{{"type":"text","text":"{text}"}}],"isError":false}}"#), false)
+        (
+            format!(r#"{{"content":[{{"type":"text","text":"{text}"}}],"isError":false}}"#),
+            false,
+        )
     }
 
     fn rows(&mut self) -> u64 {
-        if self.rng.chance(8) { 0 } else { 1 + self.rng.below(40) }
+        if self.rng.chance(8) {
+            0
+        } else {
+            1 + self.rng.below(40)
+        }
     }
 
     /// FastMCP 4.x: client span → nested MCP SDK `MCP send` span → server span (3 spans).
@@ -178,17 +207,41 @@ impl Builder {
             client_attrs.push(kv("error.type", s("tool_error")));
             server_attrs.push(kv("error.type", s("tool_error")));
         }
-        let status = failed.then(|| Status { code: 2, message: "tool failed".into() });
-        let mut outer = self.span(trace, format!("tools/call {tool}"), SpanKind::Client, None, ms + 2.0, client_attrs);
+        let status = failed.then(|| Status {
+            code: 2,
+            message: "tool failed".into(),
+        });
+        let mut outer = self.span(
+            trace,
+            format!("tools/call {tool}"),
+            SpanKind::Client,
+            None,
+            ms + 2.0,
+            client_attrs,
+        );
         outer.status = status.clone();
         let outer_id = u64::from_be_bytes(outer.span_id[..].try_into().expect("8 bytes"));
         let attrs = vec![
             kv("mcp.method.name", s("tools/call")),
             kv("jsonrpc.request.id", s((self.call % 1000).to_string())),
         ];
-        let send = self.span(trace, format!("MCP send tools/call {tool}"), SpanKind::Client, Some(outer_id), ms + 1.0, attrs);
+        let send = self.span(
+            trace,
+            format!("MCP send tools/call {tool}"),
+            SpanKind::Client,
+            Some(outer_id),
+            ms + 1.0,
+            attrs,
+        );
         let send_id = u64::from_be_bytes(send.span_id[..].try_into().expect("8 bytes"));
-        let mut server = self.span(trace, format!("tools/call {tool}"), SpanKind::Server, Some(send_id), ms, server_attrs);
+        let mut server = self.span(
+            trace,
+            format!("tools/call {tool}"),
+            SpanKind::Server,
+            Some(send_id),
+            ms,
+            server_attrs,
+        );
         server.status = status;
         self.agent.push("fastmcp", outer);
         self.agent.push("mcp-python-sdk", send);
@@ -209,14 +262,27 @@ impl Builder {
             kv("mcp.protocol.version", s("2025-06-18")),
             kv("mcp.session.id", s(format!("sess-{}", self.rng.below(50)))),
             kv("jsonrpc.request.id", s((self.call % 1000).to_string())),
-            kv("gen_ai.tool.call.arguments", s(format!(r#"{{"query":"q{}","limit":{rows}}}"#, self.rng.below(20)))),
+            kv(
+                "gen_ai.tool.call.arguments",
+                s(format!(
+                    r#"{{"query":"q{}","limit":{rows}}}"#,
+                    self.rng.below(20)
+                )),
+            ),
             kv("gen_ai.tool.call.result", s(result)),
             kv("network.transport", s("tcp")),
         ];
         if is_error {
             attrs.push(kv("error.type", s("tool_error")));
         }
-        let span = self.span(trace, format!("tools/call {tool}"), SpanKind::Server, None, ms, attrs);
+        let span = self.span(
+            trace,
+            format!("tools/call {tool}"),
+            SpanKind::Server,
+            None,
+            ms,
+            attrs,
+        );
         self.semconv.push("mcp-server-instrumentation", span);
     }
 
@@ -226,16 +292,35 @@ impl Builder {
         let (tool, median) = self.tool();
         let ms = self.rng.latency_ms(median);
         let rows = self.rows();
-        let items: Vec<String> = (0..rows).map(|k| format!(r#"{{"type": "text", "content": "item {k}"}}"#)).collect();
+        let items: Vec<String> = (0..rows)
+            .map(|k| format!(r#"{{"type": "text", "content": "item {k}"}}"#))
+            .collect();
         let attrs = vec![
             kv("traceloop.span.kind", s("tool")),
             kv("traceloop.entity.name", s(tool)),
             kv("traceloop.workflow.name", s("docs-mcp.mcp")),
-            kv("traceloop.entity.input", s(format!(r#"{{"tool_name": "{tool}", "arguments": {{"path": "/docs/{}"}}}}"#, self.rng.below(100)))),
-            kv("traceloop.entity.output", s(format!("[{}]", items.join(", ")))),
+            kv(
+                "traceloop.entity.input",
+                s(format!(
+                    r#"{{"tool_name": "{tool}", "arguments": {{"path": "/docs/{}"}}}}"#,
+                    self.rng.below(100)
+                )),
+            ),
+            kv(
+                "traceloop.entity.output",
+                s(format!("[{}]", items.join(", "))),
+            ),
         ];
-        let span = self.span(trace, format!("{tool}.tool"), SpanKind::Internal, None, ms, attrs);
-        self.traceloop.push("opentelemetry.instrumentation.mcp.instrumentation", span);
+        let span = self.span(
+            trace,
+            format!("{tool}.tool"),
+            SpanKind::Internal,
+            None,
+            ms,
+            attrs,
+        );
+        self.traceloop
+            .push("opentelemetry.instrumentation.mcp.instrumentation", span);
     }
 
     /// Logfire: `MCP server handle request: tools/call` with `request` / `response` JSON.
@@ -246,12 +331,28 @@ impl Builder {
         let rows = self.rows();
         let (result, _) = self.result(rows);
         let attrs = vec![
-            kv("request", s(format!(r#"{{"method":"tools/call","params":{{"name":"{tool}","arguments":{{"id":{}}}}}}}"#, self.rng.below(500)))),
+            kv(
+                "request",
+                s(format!(
+                    r#"{{"method":"tools/call","params":{{"name":"{tool}","arguments":{{"id":{}}}}}}}"#,
+                    self.rng.below(500)
+                )),
+            ),
             kv("response", s(result)),
-            kv("logfire.msg_template", s("MCP server handle request: tools/call")),
+            kv(
+                "logfire.msg_template",
+                s("MCP server handle request: tools/call"),
+            ),
             kv("logfire.span_type", s("span")),
         ];
-        let span = self.span(trace, "MCP server handle request: tools/call".into(), SpanKind::Internal, None, ms, attrs);
+        let span = self.span(
+            trace,
+            "MCP server handle request: tools/call".into(),
+            SpanKind::Internal,
+            None,
+            ms,
+            attrs,
+        );
         self.logfire.push("logfire.mcp", span);
     }
 
@@ -265,11 +366,27 @@ impl Builder {
             kv("gen_ai.provider.name", s("openai")),
             kv("gen_ai.request.model", s(model)),
             kv("gen_ai.response.model", s(model)),
-            kv("gen_ai.usage.input_tokens", i(500 + self.rng.below(8000) as i64)),
-            kv("gen_ai.usage.output_tokens", i(20 + self.rng.below(800) as i64)),
-            kv("gen_ai.conversation.id", s(format!("conv-{}", self.rng.below(200)))),
+            kv(
+                "gen_ai.usage.input_tokens",
+                i(500 + self.rng.below(8000) as i64),
+            ),
+            kv(
+                "gen_ai.usage.output_tokens",
+                i(20 + self.rng.below(800) as i64),
+            ),
+            kv(
+                "gen_ai.conversation.id",
+                s(format!("conv-{}", self.rng.below(200))),
+            ),
         ];
-        let span = self.span(trace, format!("chat {model}"), SpanKind::Client, None, ms, attrs);
+        let span = self.span(
+            trace,
+            format!("chat {model}"),
+            SpanKind::Client,
+            None,
+            ms,
+            attrs,
+        );
         self.agent.push("openai-instrumentation", span);
     }
 
@@ -283,15 +400,31 @@ impl Builder {
         let attrs = vec![
             kv("http.request.method", s("GET")),
             kv("server.address", s(host)),
-            kv("url.full", s(format!("https://{host}/v1/items?page={}", self.rng.below(10)))),
+            kv(
+                "url.full",
+                s(format!(
+                    "https://{host}/v1/items?page={}",
+                    self.rng.below(10)
+                )),
+            ),
             kv("http.response.status_code", i(status)),
-            kv("http.response.header.x-ratelimit-remaining", header(remaining.to_string())),
-            kv("http.response.header.x-ratelimit-limit", header(limit.to_string())),
-            kv("http.response.header.x-ratelimit-reset", header((1 + self.rng.below(60)).to_string())),
+            kv(
+                "http.response.header.x-ratelimit-remaining",
+                header(remaining.to_string()),
+            ),
+            kv(
+                "http.response.header.x-ratelimit-limit",
+                header(limit.to_string()),
+            ),
+            kv(
+                "http.response.header.x-ratelimit-reset",
+                header((1 + self.rng.below(60)).to_string()),
+            ),
         ];
         let ms = self.rng.latency_ms(60.0);
         let span = self.span(trace, "GET".into(), SpanKind::Client, None, ms, attrs);
-        self.fastmcp.push("opentelemetry.instrumentation.httpx", span);
+        self.fastmcp
+            .push("opentelemetry.instrumentation.httpx", span);
     }
 
     fn tools_list(&mut self) {
@@ -300,7 +433,14 @@ impl Builder {
             kv("mcp.method.name", s("tools/list")),
             kv("mcp.protocol.version", s("2026-07-28")),
         ];
-        let span = self.span(trace, "tools/list".into(), SpanKind::Server, None, 1.5, attrs);
+        let span = self.span(
+            trace,
+            "tools/list".into(),
+            SpanKind::Server,
+            None,
+            1.5,
+            attrs,
+        );
         self.fastmcp.push("fastmcp", span);
     }
 
@@ -309,10 +449,18 @@ impl Builder {
         let trace = self.next_trace();
         let attrs = vec![
             kv("db.system.name", s("postgresql")),
-            kv("db.query.text", s("SELECT id, title FROM items WHERE q = $1")),
+            kv("db.query.summary", s("select items")),
         ];
-        let span = self.span(trace, "SELECT items".into(), SpanKind::Client, None, 3.0, attrs);
-        self.semconv.push("opentelemetry.instrumentation.psycopg", span);
+        let span = self.span(
+            trace,
+            "select items".into(),
+            SpanKind::Client,
+            None,
+            3.0,
+            attrs,
+        );
+        self.semconv
+            .push("opentelemetry.instrumentation.psycopg", span);
     }
 
     fn count(&self) -> usize {
@@ -323,7 +471,10 @@ impl Builder {
 impl Traffic {
     /// A template of about `spans` spans (whole calls: FastMCP calls are 3 spans).
     pub fn new(spans: usize, worker: u16, seed: u64) -> Traffic {
-        let proc = |service| Proc { service, scopes: Vec::new() };
+        let proc = |service| Proc {
+            service,
+            scopes: Vec::new(),
+        };
         let mut b = Builder {
             rng: Rng::new(seed),
             call: 0,
@@ -411,7 +562,8 @@ impl Traffic {
     /// and timestamps just before `now_unix_nanos`.
     pub fn next(&mut self, run: u16, now_unix_nanos: u64) -> &ExportTraceServiceRequest {
         self.seq += 1;
-        let prefix = (u64::from(run) << 48) | (u64::from(self.worker) << 32) | (self.seq & 0xFFFF_FFFF);
+        let prefix =
+            (u64::from(run) << 48) | (u64::from(self.worker) << 32) | (self.seq & 0xFFFF_FFFF);
         let prefix = prefix.to_be_bytes();
         let mut t = self.timings.iter();
         for rs in &mut self.request.resource_spans {

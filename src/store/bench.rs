@@ -10,11 +10,18 @@ use super::copy::CopyBuf;
 use crate::normalize::Normalized;
 
 /// Drops and recreates `name` on the server `opts` points at; returns its options.
-pub async fn recreate_database(opts: &PgConnectOptions, name: &str) -> Result<PgConnectOptions, StoreError> {
+pub async fn recreate_database(
+    opts: &PgConnectOptions,
+    name: &str,
+) -> Result<PgConnectOptions, StoreError> {
     let mut conn = opts.clone().database("postgres").connect().await?;
     let ident = format!("\"{}\"", name.replace('"', "\"\""));
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)")).execute(&mut conn).await?;
-    sqlx::query(&format!("CREATE DATABASE {ident}")).execute(&mut conn).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {ident}"))
+        .execute(&mut conn)
+        .await?;
     conn.close().await.ok();
     Ok(opts.clone().database(name))
 }
@@ -32,7 +39,11 @@ pub async fn count_records(pool: &PgPool) -> Result<i64, StoreError> {
 /// The reference ceiling: the same records written by plain binary COPY straight into the raw
 /// tables (same schema and indexes, no staging, no conflict handling, no rollups), over
 /// `connections` connections in parallel. Returns (rows, time).
-pub async fn copy_reference(pool: &PgPool, batches: Vec<Normalized>, connections: usize) -> Result<(u64, Duration), StoreError> {
+pub async fn copy_reference(
+    pool: &PgPool,
+    batches: Vec<Normalized>,
+    connections: usize,
+) -> Result<(u64, Duration), StoreError> {
     let rows: u64 = batches.iter().map(|b| b.records() as u64).sum();
     let per = batches.len().div_ceil(connections.max(1)).max(1);
     let mut chunks: Vec<Vec<Normalized>> = Vec::new();
@@ -49,19 +60,33 @@ pub async fn copy_reference(pool: &PgPool, batches: Vec<Normalized>, connections
                 let mut conn = pool.acquire().await?;
                 // Batches of about 10k rows, as the writers use.
                 for group in chunk.chunks(10) {
-                    let mut bufs = [CopyBuf::new(), CopyBuf::new(), CopyBuf::new(), CopyBuf::new()];
+                    let mut bufs = [
+                        CopyBuf::new(),
+                        CopyBuf::new(),
+                        CopyBuf::new(),
+                        CopyBuf::new(),
+                    ];
                     for r in group {
                         r.tool_calls.iter().for_each(|c| bufs[0].tool_call(c));
                         r.mcp_requests.iter().for_each(|c| bufs[1].mcp_request(c));
                         r.llm_calls.iter().for_each(|c| bufs[2].llm_call(c));
-                        r.upstream_calls.iter().for_each(|c| bufs[3].upstream_call(c));
+                        r.upstream_calls
+                            .iter()
+                            .for_each(|c| bufs[3].upstream_call(c));
                     }
                     let mut tx = conn.begin().await?;
-                    for (buf, table) in bufs.into_iter().zip(["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"]) {
+                    for (buf, table) in bufs.into_iter().zip([
+                        "tool_calls",
+                        "mcp_requests",
+                        "llm_calls",
+                        "upstream_calls",
+                    ]) {
                         if buf.rows() == 0 {
                             continue;
                         }
-                        let mut sink = tx.copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)")).await?;
+                        let mut sink = tx
+                            .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+                            .await?;
                         sink.send(buf.finish()).await?;
                         sink.finish().await?;
                     }
@@ -72,7 +97,8 @@ pub async fn copy_reference(pool: &PgPool, batches: Vec<Normalized>, connections
         })
         .collect();
     for t in tasks {
-        t.await.map_err(|e| StoreError::Internal(format!("copy task failed: {e}")))??;
+        t.await
+            .map_err(|e| StoreError::Internal(format!("copy task failed: {e}")))??;
     }
     Ok((rows, started.elapsed()))
 }

@@ -147,6 +147,101 @@ impl CopyBuf {
         self.opt_name(s.service_instance.as_deref());
     }
 
+    /// A `bigint[]` in PostgreSQL's binary array format.
+    fn int8_array(&mut self, values: &[i64]) {
+        let len = 20 + values.len() * 12;
+        self.buf.extend_from_slice(&(len as i32).to_be_bytes());
+        self.buf.extend_from_slice(&1i32.to_be_bytes()); // dimensions
+        self.buf.extend_from_slice(&0i32.to_be_bytes()); // no NULLs
+        self.buf.extend_from_slice(&20i32.to_be_bytes()); // element type: int8
+        self.buf
+            .extend_from_slice(&(values.len() as i32).to_be_bytes());
+        self.buf.extend_from_slice(&1i32.to_be_bytes()); // lower bound
+        for v in values {
+            self.buf.extend_from_slice(&8i32.to_be_bytes());
+            self.buf.extend_from_slice(&v.to_be_bytes());
+        }
+    }
+
+    fn counters(&mut self, values: &[i64]) {
+        values.iter().for_each(|v| self.i64(*v));
+    }
+
+    /// minute, service, tool, side, 8 counters, latency_hist.
+    pub fn tool_rollup(
+        &mut self,
+        minute: i64,
+        service: &str,
+        tool: &str,
+        side: &str,
+        counters: &[i64; 8],
+        hist: &[i64],
+    ) {
+        self.row(13);
+        self.ts(minute);
+        self.name(service);
+        self.name(tool);
+        self.name(side);
+        self.counters(counters);
+        self.int8_array(hist);
+    }
+
+    /// minute, service, method, side, calls, errors, orphans, latency_hist.
+    pub fn method_rollup(
+        &mut self,
+        minute: i64,
+        service: &str,
+        method: &str,
+        side: &str,
+        counters: &[i64; 3],
+        hist: &[i64],
+    ) {
+        self.row(8);
+        self.ts(minute);
+        self.name(service);
+        self.name(method);
+        self.name(side);
+        self.counters(counters);
+        self.int8_array(hist);
+    }
+
+    /// minute, service, model, calls, errors, input_tokens, output_tokens, latency_hist.
+    pub fn llm_rollup(
+        &mut self,
+        minute: i64,
+        service: &str,
+        model: &str,
+        counters: &[i64; 4],
+        hist: &[i64],
+    ) {
+        self.row(8);
+        self.ts(minute);
+        self.name(service);
+        self.name(model);
+        self.counters(counters);
+        self.int8_array(hist);
+    }
+
+    /// minute, service, server_address, calls, rate_limited, server_errors, min_remaining_ratio,
+    /// latency_hist.
+    pub fn upstream_rollup(
+        &mut self,
+        minute: i64,
+        service: &str,
+        address: &str,
+        counters: &[i64; 3],
+        min_ratio: Option<f64>,
+        hist: &[i64],
+    ) {
+        self.row(8);
+        self.ts(minute);
+        self.name(service);
+        self.name(address);
+        self.counters(counters);
+        self.opt_f64(min_ratio);
+        self.int8_array(hist);
+    }
+
     pub fn tool_call(&mut self, c: &ToolCall) {
         self.row(21);
         self.span_ref(&c.span);

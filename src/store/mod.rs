@@ -4,6 +4,7 @@
 pub mod bench;
 mod copy;
 pub mod queries;
+pub mod rollup;
 pub mod writer;
 
 use std::time::Duration;

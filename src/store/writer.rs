@@ -10,8 +10,13 @@ use sqlx::{Executor, PgPool};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use std::collections::HashSet;
+
+use sqlx::Connection;
+
 use super::StoreError;
 use super::copy::CopyBuf;
+use super::rollup::{Inserted, Key, Rollups};
 use crate::metrics::{KindLabel, Metrics, RetryableLabel};
 use crate::normalize::Normalized;
 
@@ -73,119 +78,68 @@ pub struct Writer {
     metrics: Arc<Metrics>,
 }
 
-/// Staging tables: one per record kind and connection, emptied at every commit.
+/// Per-connection staging tables, emptied at every commit: raw records (used only when a batch
+/// holds spans already stored) and rollup deltas.
 const STAGING: &str = "
 CREATE TEMP TABLE IF NOT EXISTS stage_tool_calls (LIKE tool_calls) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_mcp_requests (LIKE mcp_requests) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_llm_calls (LIKE llm_calls) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_upstream_calls (LIKE upstream_calls) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_tool_rollup (LIKE tool_rollup_1m) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_method_rollup (LIKE mcp_method_rollup_1m) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_llm_rollup (LIKE llm_rollup_1m) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_upstream_rollup (LIKE upstream_rollup_1m) ON COMMIT DELETE ROWS;
 ";
 
-const MOVE_TOOL_CALLS: &str = "
-WITH ins AS (
-    INSERT INTO tool_calls SELECT * FROM stage_tool_calls ON CONFLICT DO NOTHING
-    RETURNING start_time, duration_us, service, tool, side, outcome, result_bytes, result_items, result_empty
-), b AS (
-    SELECT date_trunc('minute', start_time) AS minute, service, tool, side,
-           toolsight_latency_bucket(duration_us) AS bucket,
-           count(*) AS n,
-           count(*) FILTER (WHERE outcome = 'error') AS errors,
-           count(*) FILTER (WHERE outcome = 'cancelled') AS cancels,
-           count(*) FILTER (WHERE result_empty IS NOT NULL) AS with_result,
-           count(*) FILTER (WHERE result_empty) AS empties,
-           coalesce(sum(result_bytes), 0) AS bytes,
-           coalesce(sum(result_items), 0) AS items,
-           sum(duration_us) AS dur
-    FROM ins GROUP BY 1, 2, 3, 4, 5
-)
-INSERT INTO tool_rollup_1m AS r (minute, service, tool, side, calls, errors, cancellations,
-    with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist)
-SELECT minute, service, tool, side, sum(n)::bigint, sum(errors)::bigint, sum(cancels)::bigint,
-       sum(with_result)::bigint, sum(empties)::bigint, sum(bytes)::bigint, sum(items)::bigint,
-       sum(dur)::bigint, toolsight_hist_build(array_agg(bucket), array_agg(n))
-FROM b GROUP BY 1, 2, 3, 4 ORDER BY 2, 3, 4, 1
-ON CONFLICT (service, tool, side, minute) DO UPDATE SET
-    calls = r.calls + EXCLUDED.calls,
-    errors = r.errors + EXCLUDED.errors,
-    cancellations = r.cancellations + EXCLUDED.cancellations,
-    with_result = r.with_result + EXCLUDED.with_result,
-    empty_results = r.empty_results + EXCLUDED.empty_results,
-    result_bytes = r.result_bytes + EXCLUDED.result_bytes,
-    result_items = r.result_items + EXCLUDED.result_items,
-    duration_us_sum = r.duration_us_sum + EXCLUDED.duration_us_sum,
-    latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);
-";
+const RAW_TABLES: [&str; 4] = ["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"];
 
-const MOVE_MCP_REQUESTS: &str = "
-WITH ins AS (
-    INSERT INTO mcp_requests SELECT * FROM stage_mcp_requests ON CONFLICT DO NOTHING
-    RETURNING start_time, duration_us, service, method, side, outcome, orphan
-), b AS (
-    SELECT date_trunc('minute', start_time) AS minute, service, method, side,
-           toolsight_latency_bucket(duration_us) AS bucket, count(*) AS n,
-           count(*) FILTER (WHERE outcome <> 'ok') AS errors,
-           count(*) FILTER (WHERE orphan) AS orphans
-    FROM ins GROUP BY 1, 2, 3, 4, 5
-)
-INSERT INTO mcp_method_rollup_1m AS r (minute, service, method, side, calls, errors, orphans, latency_hist)
-SELECT minute, service, method, side, sum(n)::bigint, sum(errors)::bigint, sum(orphans)::bigint,
-       toolsight_hist_build(array_agg(bucket), array_agg(n))
-FROM b GROUP BY 1, 2, 3, 4 ORDER BY 2, 3, 4, 1
-ON CONFLICT (service, method, side, minute) DO UPDATE SET
-    calls = r.calls + EXCLUDED.calls,
-    errors = r.errors + EXCLUDED.errors,
-    orphans = r.orphans + EXCLUDED.orphans,
-    latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);
-";
-
-const MOVE_LLM_CALLS: &str = "
-WITH ins AS (
-    INSERT INTO llm_calls SELECT * FROM stage_llm_calls ON CONFLICT DO NOTHING
-    RETURNING start_time, duration_us, service, model, input_tokens, output_tokens, error
-), b AS (
-    SELECT date_trunc('minute', start_time) AS minute, service, model,
-           toolsight_latency_bucket(duration_us) AS bucket, count(*) AS n,
-           count(*) FILTER (WHERE error) AS errors,
-           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens
-    FROM ins GROUP BY 1, 2, 3, 4
-)
-INSERT INTO llm_rollup_1m AS r (minute, service, model, calls, errors, input_tokens, output_tokens, latency_hist)
-SELECT minute, service, model, sum(n)::bigint, sum(errors)::bigint, sum(input_tokens)::bigint,
-       sum(output_tokens)::bigint, toolsight_hist_build(array_agg(bucket), array_agg(n))
-FROM b GROUP BY 1, 2, 3 ORDER BY 2, 3, 1
-ON CONFLICT (service, model, minute) DO UPDATE SET
-    calls = r.calls + EXCLUDED.calls,
-    errors = r.errors + EXCLUDED.errors,
-    input_tokens = r.input_tokens + EXCLUDED.input_tokens,
-    output_tokens = r.output_tokens + EXCLUDED.output_tokens,
-    latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);
-";
-
-const MOVE_UPSTREAM_CALLS: &str = "
-WITH ins AS (
-    INSERT INTO upstream_calls SELECT * FROM stage_upstream_calls ON CONFLICT DO NOTHING
-    RETURNING start_time, duration_us, service, server_address, status_code,
-              ratelimit_remaining, ratelimit_limit
-), b AS (
-    SELECT date_trunc('minute', start_time) AS minute, service, server_address,
-           toolsight_latency_bucket(duration_us) AS bucket, count(*) AS n,
-           count(*) FILTER (WHERE status_code = 429) AS rate_limited,
-           count(*) FILTER (WHERE status_code >= 500) AS server_errors,
-           min(ratelimit_remaining / nullif(ratelimit_limit, 0)) AS min_ratio
-    FROM ins GROUP BY 1, 2, 3, 4
-)
-INSERT INTO upstream_rollup_1m AS r (minute, service, server_address, calls, rate_limited,
-    server_errors, min_remaining_ratio, latency_hist)
-SELECT minute, service, server_address, sum(n)::bigint, sum(rate_limited)::bigint,
-       sum(server_errors)::bigint, min(min_ratio), toolsight_hist_build(array_agg(bucket), array_agg(n))
-FROM b GROUP BY 1, 2, 3 ORDER BY 2, 3, 1
-ON CONFLICT (service, server_address, minute) DO UPDATE SET
-    calls = r.calls + EXCLUDED.calls,
-    rate_limited = r.rate_limited + EXCLUDED.rate_limited,
-    server_errors = r.server_errors + EXCLUDED.server_errors,
-    min_remaining_ratio = least(r.min_remaining_ratio, EXCLUDED.min_remaining_ratio),
-    latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);
-";
+/// Merges of the staged rollup deltas, in key order (the COPY order) so concurrent writers lock
+/// rows in the same order.
+const MERGE_ROLLUPS: [(&str, &str); 4] = [
+    (
+        "COPY stage_tool_rollup FROM STDIN (FORMAT binary)",
+        "INSERT INTO tool_rollup_1m AS r SELECT * FROM stage_tool_rollup ORDER BY service, tool, side, minute
+         ON CONFLICT (service, tool, side, minute) DO UPDATE SET
+            calls = r.calls + EXCLUDED.calls,
+            errors = r.errors + EXCLUDED.errors,
+            cancellations = r.cancellations + EXCLUDED.cancellations,
+            with_result = r.with_result + EXCLUDED.with_result,
+            empty_results = r.empty_results + EXCLUDED.empty_results,
+            result_bytes = r.result_bytes + EXCLUDED.result_bytes,
+            result_items = r.result_items + EXCLUDED.result_items,
+            duration_us_sum = r.duration_us_sum + EXCLUDED.duration_us_sum,
+            latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
+    ),
+    (
+        "COPY stage_method_rollup FROM STDIN (FORMAT binary)",
+        "INSERT INTO mcp_method_rollup_1m AS r SELECT * FROM stage_method_rollup ORDER BY service, method, side, minute
+         ON CONFLICT (service, method, side, minute) DO UPDATE SET
+            calls = r.calls + EXCLUDED.calls,
+            errors = r.errors + EXCLUDED.errors,
+            orphans = r.orphans + EXCLUDED.orphans,
+            latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
+    ),
+    (
+        "COPY stage_llm_rollup FROM STDIN (FORMAT binary)",
+        "INSERT INTO llm_rollup_1m AS r SELECT * FROM stage_llm_rollup ORDER BY service, model, minute
+         ON CONFLICT (service, model, minute) DO UPDATE SET
+            calls = r.calls + EXCLUDED.calls,
+            errors = r.errors + EXCLUDED.errors,
+            input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+            output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+            latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
+    ),
+    (
+        "COPY stage_upstream_rollup FROM STDIN (FORMAT binary)",
+        "INSERT INTO upstream_rollup_1m AS r SELECT * FROM stage_upstream_rollup ORDER BY service, server_address, minute
+         ON CONFLICT (service, server_address, minute) DO UPDATE SET
+            calls = r.calls + EXCLUDED.calls,
+            rate_limited = r.rate_limited + EXCLUDED.rate_limited,
+            server_errors = r.server_errors + EXCLUDED.server_errors,
+            min_remaining_ratio = least(r.min_remaining_ratio, EXCLUDED.min_remaining_ratio),
+            latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
+    ),
+];
 
 impl Writer {
     /// Starts the writer tasks on their own pool (`config.writers` connections).
@@ -346,7 +300,7 @@ async fn write_with_retry(pool: &PgPool, jobs: &[Job]) -> Result<(), StoreError>
     }
 }
 
-async fn write_batch(pool: &PgPool, jobs: &[Job]) -> Result<(), StoreError> {
+fn encode_records(jobs: &[Job]) -> [CopyBuf; 4] {
     let mut bufs = [
         CopyBuf::new(),
         CopyBuf::new(),
@@ -362,41 +316,115 @@ async fn write_batch(pool: &PgPool, jobs: &[Job]) -> Result<(), StoreError> {
             .iter()
             .for_each(|c| bufs[3].upstream_call(c));
     }
-    const TARGETS: [(&str, &str); 4] = [
-        (
-            "COPY stage_tool_calls FROM STDIN (FORMAT binary)",
-            MOVE_TOOL_CALLS,
-        ),
-        (
-            "COPY stage_mcp_requests FROM STDIN (FORMAT binary)",
-            MOVE_MCP_REQUESTS,
-        ),
-        (
-            "COPY stage_llm_calls FROM STDIN (FORMAT binary)",
-            MOVE_LLM_CALLS,
-        ),
-        (
-            "COPY stage_upstream_calls FROM STDIN (FORMAT binary)",
-            MOVE_UPSTREAM_CALLS,
-        ),
-    ];
-    if bufs.iter().all(|b| b.rows() == 0) {
+    bufs
+}
+
+async fn copy_in(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    buf: CopyBuf,
+) -> Result<(), StoreError> {
+    let mut sink = conn.copy_in_raw(statement).await?;
+    sink.send(buf.finish()).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// Writes a batch in one transaction. The fast path COPYs records straight into the raw tables;
+/// when a batch holds a span already stored (a retried export), the unique key refuses the COPY
+/// and the batch is written again through staging tables with `ON CONFLICT DO NOTHING`, counting
+/// in the rollups only the rows that were new.
+async fn write_batch(pool: &PgPool, jobs: &[Job]) -> Result<(), StoreError> {
+    if jobs.iter().all(|j| j.records.records() == 0) {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
-    let mut moves = String::new();
-    for (buf, (copy, mv)) in bufs.into_iter().zip(TARGETS) {
+    let mut conn = pool.acquire().await?;
+    match write_fast(&mut conn, jobs).await {
+        Err(StoreError::Query(sqlx::Error::Database(e)))
+            if e.code().as_deref() == Some("23505") =>
+        {
+            write_dedup(&mut conn, jobs).await
+        }
+        other => other,
+    }
+}
+
+async fn write_fast(conn: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
+    for (buf, table) in encode_records(jobs).into_iter().zip(RAW_TABLES) {
+        if buf.rows() > 0 {
+            copy_in(
+                &mut tx,
+                &format!("COPY {table} FROM STDIN (FORMAT binary)"),
+                buf,
+            )
+            .await?;
+        }
+    }
+    merge_rollups(&mut tx, jobs, &mut Inserted::default()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn write_dedup(conn: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut sets: [Option<HashSet<Key>>; 4] = Default::default();
+    for ((buf, table), set) in encode_records(jobs)
+        .into_iter()
+        .zip(RAW_TABLES)
+        .zip(sets.iter_mut())
+    {
         if buf.rows() == 0 {
             continue;
         }
-        let mut sink = tx.copy_in_raw(copy).await?;
-        sink.send(buf.finish()).await?;
-        sink.finish().await?;
-        moves.push_str(mv);
+        copy_in(
+            &mut tx,
+            &format!("COPY stage_{table} FROM STDIN (FORMAT binary)"),
+            buf,
+        )
+        .await?;
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(&format!(
+            "INSERT INTO {table} SELECT * FROM stage_{table} ON CONFLICT DO NOTHING RETURNING trace_id, span_id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        *set = Some(
+            keys.into_iter()
+                .filter_map(|(t, s)| Some((t.try_into().ok()?, s.try_into().ok()?)))
+                .collect(),
+        );
     }
-    // All moves in one round trip (simple query protocol).
-    let conn: &mut sqlx::PgConnection = &mut tx;
-    conn.execute(moves.as_str()).await?;
+    let [tool_calls, mcp_requests, llm_calls, upstream_calls] = sets;
+    let mut inserted = Inserted {
+        tool_calls,
+        mcp_requests,
+        llm_calls,
+        upstream_calls,
+    };
+    merge_rollups(&mut tx, jobs, &mut inserted).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+async fn merge_rollups(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[Job],
+    inserted: &mut Inserted,
+) -> Result<(), StoreError> {
+    let mut rollups = Rollups::default();
+    for j in jobs {
+        rollups.add(&j.records, inserted);
+    }
+    let mut merges = String::new();
+    for (buf, (copy, merge)) in rollups.encode().into_iter().zip(MERGE_ROLLUPS) {
+        if buf.rows() > 0 {
+            copy_in(conn, copy, buf).await?;
+            merges.push_str(merge);
+        }
+    }
+    if !merges.is_empty() {
+        // All merges in one round trip (simple query protocol).
+        conn.execute(merges.as_str()).await?;
+    }
     Ok(())
 }

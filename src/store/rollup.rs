@@ -1,0 +1,273 @@
+//! Per-minute rollups computed from a batch's records before they are written, so the database
+//! only merges a few hundred pre-aggregated rows per batch.
+
+use std::collections::{HashMap, HashSet};
+
+use super::copy::CopyBuf;
+use crate::normalize::{Normalized, Outcome, SpanRef};
+
+/// Histogram buckets: bucket 0 holds durations up to 10 µs, bucket i (1..=111) holds
+/// (10·2^((i-1)/4), 10·2^(i/4)] µs. Identical to the SQL function `toolsight_latency_bucket`.
+pub const BUCKETS: usize = 112;
+
+pub fn latency_bucket(duration_us: i64) -> usize {
+    if duration_us <= 10 {
+        return 0;
+    }
+    let b = (4.0 * (duration_us as f64 / 10.0).ln() / 2f64.ln() - 1e-9).ceil();
+    (b as usize).min(BUCKETS - 1)
+}
+
+const MINUTE_NANOS: i64 = 60_000_000_000;
+
+fn minute_of(s: &SpanRef) -> i64 {
+    s.start_unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS
+}
+
+#[derive(Default)]
+struct Hist(Vec<i64>);
+
+impl Hist {
+    fn add(&mut self, duration_us: i64) {
+        let b = latency_bucket(duration_us);
+        if self.0.len() <= b {
+            self.0.resize(b + 1, 0);
+        }
+        self.0[b] += 1;
+    }
+}
+
+#[derive(Default)]
+struct ToolAgg {
+    calls: i64,
+    errors: i64,
+    cancellations: i64,
+    with_result: i64,
+    empty_results: i64,
+    result_bytes: i64,
+    result_items: i64,
+    duration_us_sum: i64,
+    hist: Hist,
+}
+
+#[derive(Default)]
+struct MethodAgg {
+    calls: i64,
+    errors: i64,
+    orphans: i64,
+    hist: Hist,
+}
+
+#[derive(Default)]
+struct LlmAgg {
+    calls: i64,
+    errors: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    hist: Hist,
+}
+
+#[derive(Default)]
+struct UpstreamAgg {
+    calls: i64,
+    rate_limited: i64,
+    server_errors: i64,
+    min_remaining_ratio: Option<f64>,
+    hist: Hist,
+}
+
+/// Record identity, to count only the rows an insert actually added.
+pub type Key = ([u8; 16], [u8; 8]);
+
+/// The rows each raw table actually received, when not all of them did (a retried export).
+#[derive(Default)]
+pub struct Inserted {
+    pub tool_calls: Option<HashSet<Key>>,
+    pub mcp_requests: Option<HashSet<Key>>,
+    pub llm_calls: Option<HashSet<Key>>,
+    pub upstream_calls: Option<HashSet<Key>>,
+}
+
+/// Takes a key out of the inserted set: a record counts once even when a batch holds the same
+/// span twice.
+fn fresh(set: &mut Option<HashSet<Key>>, s: &SpanRef) -> bool {
+    match set {
+        None => true,
+        Some(set) => set.remove(&(s.trace_id, s.span_id)),
+    }
+}
+
+/// The rollup deltas of one batch.
+#[derive(Default)]
+pub struct Rollups<'a> {
+    tools: HashMap<(&'a str, &'a str, &'static str, i64), ToolAgg>,
+    methods: HashMap<(&'a str, &'a str, &'static str, i64), MethodAgg>,
+    llm: HashMap<(&'a str, &'a str, i64), LlmAgg>,
+    upstream: HashMap<(&'a str, &'a str, i64), UpstreamAgg>,
+}
+
+impl<'a> Rollups<'a> {
+    pub fn add(&mut self, r: &'a Normalized, inserted: &mut Inserted) {
+        for c in &r.tool_calls {
+            if !fresh(&mut inserted.tool_calls, &c.span) {
+                continue;
+            }
+            let a = self
+                .tools
+                .entry((
+                    &c.span.service,
+                    &c.tool,
+                    c.side.as_str(),
+                    minute_of(&c.span),
+                ))
+                .or_default();
+            a.calls += 1;
+            a.errors += i64::from(c.outcome == Outcome::Error);
+            a.cancellations += i64::from(c.outcome == Outcome::Cancelled);
+            if let Some(res) = c.result {
+                a.with_result += 1;
+                a.empty_results += i64::from(res.empty);
+                a.result_bytes += res.bytes;
+                a.result_items += i64::from(res.items.unwrap_or(0));
+            }
+            a.duration_us_sum += c.span.duration_us;
+            a.hist.add(c.span.duration_us);
+        }
+        for m in &r.mcp_requests {
+            if !fresh(&mut inserted.mcp_requests, &m.span) {
+                continue;
+            }
+            let a = self
+                .methods
+                .entry((
+                    &m.span.service,
+                    &m.method,
+                    m.side.as_str(),
+                    minute_of(&m.span),
+                ))
+                .or_default();
+            a.calls += 1;
+            a.errors += i64::from(m.outcome != Outcome::Ok);
+            a.orphans += i64::from(m.orphan);
+            a.hist.add(m.span.duration_us);
+        }
+        for l in &r.llm_calls {
+            if !fresh(&mut inserted.llm_calls, &l.span) {
+                continue;
+            }
+            let a = self
+                .llm
+                .entry((&l.span.service, &l.model, minute_of(&l.span)))
+                .or_default();
+            a.calls += 1;
+            a.errors += i64::from(l.error);
+            a.input_tokens += l.input_tokens;
+            a.output_tokens += l.output_tokens;
+            a.hist.add(l.span.duration_us);
+        }
+        for u in &r.upstream_calls {
+            if !fresh(&mut inserted.upstream_calls, &u.span) {
+                continue;
+            }
+            let a = self
+                .upstream
+                .entry((&u.span.service, &u.server_address, minute_of(&u.span)))
+                .or_default();
+            a.calls += 1;
+            a.rate_limited += i64::from(u.status_code == Some(429));
+            a.server_errors += i64::from(u.status_code.is_some_and(|s| s >= 500));
+            if let (Some(rem), Some(lim)) = (u.rate_limit.remaining, u.rate_limit.limit)
+                && lim > 0.0
+            {
+                let ratio = rem / lim;
+                a.min_remaining_ratio =
+                    Some(a.min_remaining_ratio.map_or(ratio, |m: f64| m.min(ratio)));
+            }
+            a.hist.add(u.span.duration_us);
+        }
+    }
+
+    /// COPY payloads for the four rollup staging tables, keys sorted so concurrent writers
+    /// lock rollup rows in the same order (no deadlocks).
+    pub fn encode(self) -> [CopyBuf; 4] {
+        let mut bufs = [
+            CopyBuf::new(),
+            CopyBuf::new(),
+            CopyBuf::new(),
+            CopyBuf::new(),
+        ];
+        let mut tools: Vec<_> = self.tools.into_iter().collect();
+        tools.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((service, tool, side, minute), a) in tools {
+            bufs[0].tool_rollup(
+                minute,
+                service,
+                tool,
+                side,
+                &[
+                    a.calls,
+                    a.errors,
+                    a.cancellations,
+                    a.with_result,
+                    a.empty_results,
+                    a.result_bytes,
+                    a.result_items,
+                    a.duration_us_sum,
+                ],
+                &a.hist.0,
+            );
+        }
+        let mut methods: Vec<_> = self.methods.into_iter().collect();
+        methods.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((service, method, side, minute), a) in methods {
+            bufs[1].method_rollup(
+                minute,
+                service,
+                method,
+                side,
+                &[a.calls, a.errors, a.orphans],
+                &a.hist.0,
+            );
+        }
+        let mut llm: Vec<_> = self.llm.into_iter().collect();
+        llm.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((service, model, minute), a) in llm {
+            bufs[2].llm_rollup(
+                minute,
+                service,
+                model,
+                &[a.calls, a.errors, a.input_tokens, a.output_tokens],
+                &a.hist.0,
+            );
+        }
+        let mut upstream: Vec<_> = self.upstream.into_iter().collect();
+        upstream.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((service, address, minute), a) in upstream {
+            bufs[3].upstream_rollup(
+                minute,
+                service,
+                address,
+                &[a.calls, a.rate_limited, a.server_errors],
+                a.min_remaining_ratio,
+                &a.hist.0,
+            );
+        }
+        bufs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_edges() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(10), 0);
+        assert_eq!(latency_bucket(11), 1);
+        assert_eq!(latency_bucket(20), 4);
+        assert_eq!(latency_bucket(21), 5);
+        assert_eq!(latency_bucket(1_000_000), 67);
+        assert_eq!(latency_bucket(i64::MAX), 111);
+    }
+}
