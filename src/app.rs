@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -98,6 +99,7 @@ pub async fn run(
     let ingest = Arc::new(Ingest::new(
         writer,
         config.normalize_options(),
+        config.otlp.max_concurrent_exports,
         metrics.clone(),
         ready.clone(),
     ));
@@ -125,7 +127,7 @@ pub async fn run(
         },
     );
     let http = tokio::spawn(
-        axum::serve(listeners.http, http_router)
+        axum::serve(listeners.http.tap_io(nodelay), http_router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
@@ -135,7 +137,7 @@ pub async fn run(
         ready: ready.clone(),
     });
     let admin = tokio::spawn(
-        axum::serve(listeners.admin, admin_router)
+        axum::serve(listeners.admin.tap_io(nodelay), admin_router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
@@ -159,6 +161,13 @@ pub async fn run(
     pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+fn nodelay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
 }
 
 /// Probes the database every 2 s; readiness follows it.

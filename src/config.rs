@@ -35,6 +35,7 @@ pub struct Otlp {
     pub http_listen: SocketAddr,
     pub max_request_bytes: usize,
     pub max_decompressed_bytes: usize,
+    pub max_concurrent_exports: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +115,7 @@ impl Default for Config {
                 http_listen: "127.0.0.1:4318".parse().expect("valid default"),
                 max_request_bytes: 16 << 20,
                 max_decompressed_bytes: 64 << 20,
+                max_concurrent_exports: 64,
             },
             admin: Admin {
                 listen: "127.0.0.1:9464".parse().expect("valid default"),
@@ -121,7 +123,7 @@ impl Default for Config {
             ingest: Ingest {
                 writers: 2,
                 batch_rows: 10_000,
-                queue_rows: 200_000,
+                queue_rows: 100_000,
                 max_span_age: Duration::from_secs(7 * 24 * 3600),
                 max_clock_skew: Duration::from_secs(3600),
             },
@@ -222,6 +224,8 @@ impl Config {
                 max_request_bytes: l.get("otlp.max_request_bytes", d.otlp.max_request_bytes),
                 max_decompressed_bytes: l
                     .get("otlp.max_decompressed_bytes", d.otlp.max_decompressed_bytes),
+                max_concurrent_exports: l
+                    .get("otlp.max_concurrent_exports", d.otlp.max_concurrent_exports),
             },
             admin: Admin {
                 listen: l.get("admin.listen", d.admin.listen),
@@ -278,6 +282,9 @@ impl Config {
                 "ingest.queue_rows: {} is smaller than ingest.batch_rows ({})",
                 self.ingest.queue_rows, self.ingest.batch_rows
             ));
+        }
+        if self.otlp.max_concurrent_exports == 0 {
+            p.push("otlp.max_concurrent_exports: must be at least 1".into());
         }
         if self.otlp.max_request_bytes == 0 {
             p.push("otlp.max_request_bytes: must be at least 1".into());

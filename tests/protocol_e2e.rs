@@ -505,3 +505,41 @@ async fn overlapping_exports_count_only_new_spans() {
     assert_eq!(hist_total, 5, "the histogram counts each span once too");
     svc.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_beyond_the_concurrency_bound_are_refused() {
+    let svc = Service::start_with("inflight", |c| c.otlp.max_concurrent_exports = 1).await;
+    let lock = stall_writer(&svc).await;
+    let first = spawn_export(&svc, json_body(12, 2, 0));
+    wait_for_metric(&svc, "toolsight_queue_depth_rows", 2.0).await;
+    // The queue has room, but one export is already in progress.
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(13, 2, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    let err = client
+        .export(serde_json::from_value::<ExportTraceServiceRequest>(json_body(13, 2, 0)).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    lock.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap(), 200);
+    // The permit is released with the answer: the next export goes through.
+    let r = post(
+        &svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(13, 2, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    svc.stop().await.unwrap();
+}

@@ -159,6 +159,9 @@ struct Slot {
     traffic: Traffic,
     client: Client,
     records: u64,
+    /// A body the service refused with a retryable status: sent again next, as OTLP exporters
+    /// retry (it was not stored, so this adds no duplicate).
+    refused: Option<bytes::Bytes>,
 }
 
 async fn slots(cfg: &LoadConfig, n: usize) -> anyhow::Result<Vec<Slot>> {
@@ -178,6 +181,7 @@ async fn slots(cfg: &LoadConfig, n: usize) -> anyhow::Result<Vec<Slot>> {
             records: probe.records() as u64,
             traffic,
             client,
+            refused: None,
         });
     }
     Ok(out)
@@ -185,8 +189,14 @@ async fn slots(cfg: &LoadConfig, n: usize) -> anyhow::Result<Vec<Slot>> {
 
 async fn send_one(slot: &mut Slot, run_id: u16, stats: &Stats, started: Instant) {
     let spans = slot.traffic.spans() as u64;
-    let body = slot.client.encode(slot.traffic.next(run_id, now_nanos()));
-    let outcome = slot.client.send(body).await;
+    let body = match slot.refused.take() {
+        Some(body) => body,
+        None => slot.client.encode(slot.traffic.next(run_id, now_nanos())),
+    };
+    let outcome = slot.client.send(body.clone()).await;
+    if matches!(outcome, Outcome::Retryable(_)) {
+        slot.refused = Some(body);
+    }
     stats.record(&outcome, spans, slot.records, started.elapsed());
 }
 

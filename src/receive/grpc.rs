@@ -37,7 +37,8 @@ impl TraceService for Receiver {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let req = request.into_inner();
+        // The admission permit rides in the extensions until the export is answered.
+        let (_meta, _admission, req) = request.into_parts();
         self.ingest.count_received(TRANSPORT, span_count(&req));
         match self.ingest.export(req).await {
             Ok(acc) => {
@@ -78,8 +79,11 @@ pub async fn serve(
         .max_decoding_message_size(max_decoded_bytes);
     // Runs on the request headers, before the body is decoded: an overloaded or disconnected
     // toolsight refuses early and cheaply.
-    let admit = move |req: Request<()>| match gate.admit() {
-        Ok(()) => Ok(req),
+    let admit = move |mut req: Request<()>| match gate.admit() {
+        Ok(permit) => {
+            req.extensions_mut().insert(permit);
+            Ok(req)
+        }
         Err(e) => {
             gate.count_export(TRANSPORT, e.metric_label());
             Err(to_status(&e))

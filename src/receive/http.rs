@@ -88,10 +88,11 @@ async fn admit(
         // Answered in protobuf, the OTLP default, when the client's type is not ours.
         Err(e) => return error_response(&state, Format::Protobuf, e),
     };
-    if let Err(e) = state.ingest.admit() {
-        return error_response(&state, format, e);
+    match state.ingest.admit() {
+        // Held until the response is ready.
+        Ok(_permit) => next.run(req).await,
+        Err(e) => error_response(&state, format, e),
     }
-    next.run(req).await
 }
 
 fn format_of(headers: &HeaderMap) -> Result<Format, ReceiveError> {

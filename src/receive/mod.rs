@@ -25,7 +25,9 @@ pub enum ReceiveError {
     TooLarge { limit: usize },
     #[error("malformed export request: {0}")]
     Malformed(String),
-    #[error("toolsight is overloaded: write queue full, retry later")]
+    #[error(
+        "toolsight is overloaded (write queue full or too many exports in progress), retry later"
+    )]
     Overloaded,
     #[error("storage unavailable, retry later: {0}")]
     Unavailable(String),
@@ -93,8 +95,14 @@ pub struct Accepted {
     pub error_message: String,
 }
 
+/// Held while an admitted export is decoded, normalized and stored; bounds the exports in
+/// progress (and so the memory their bodies take).
+#[derive(Clone)]
+pub struct Admission(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
 /// The receive → normalize → store path shared by both transports.
 pub struct Ingest {
+    in_progress: Arc<tokio::sync::Semaphore>,
     writer: Writer,
     options: Options,
     memory: Memory,
@@ -106,10 +114,12 @@ impl Ingest {
     pub fn new(
         writer: Writer,
         options: Options,
+        max_concurrent_exports: usize,
         metrics: Arc<Metrics>,
         ready: Arc<AtomicBool>,
     ) -> Self {
         Ingest {
+            in_progress: Arc::new(tokio::sync::Semaphore::new(max_concurrent_exports.max(1))),
             writer,
             options,
             memory: Memory::default(),
@@ -118,15 +128,20 @@ impl Ingest {
         }
     }
 
-    /// Refuses work before it is decoded when it could not be stored anyway.
-    pub fn admit(&self) -> Result<(), ReceiveError> {
+    /// Refuses work before it is decoded when it could not be stored anyway, or when too many
+    /// exports are already in progress. The permit must be held until the export is answered.
+    pub fn admit(&self) -> Result<Admission, ReceiveError> {
         if !self.ready.load(Ordering::Relaxed) {
             return Err(ReceiveError::Unavailable("database unreachable".into()));
         }
         if self.writer.is_saturated() {
             return Err(ReceiveError::Overloaded);
         }
-        Ok(())
+        self.in_progress
+            .clone()
+            .try_acquire_owned()
+            .map(|p| Admission(Arc::new(p)))
+            .map_err(|_| ReceiveError::Overloaded)
     }
 
     /// Normalizes and stores one export; returns once its records are committed.

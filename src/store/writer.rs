@@ -36,7 +36,7 @@ impl Default for WriterConfig {
         WriterConfig {
             writers: 2,
             batch_rows: 10_000,
-            queue_rows: 200_000,
+            queue_rows: 100_000,
         }
     }
 }
