@@ -76,6 +76,8 @@ impl Client {
                 let channel = Endpoint::from_shared(format!("http://{endpoint}"))?
                     .timeout(timeout)
                     .tcp_nodelay(true)
+                    .initial_stream_window_size(Some(4 << 20))
+                    .initial_connection_window_size(Some(8 << 20))
                     .connect()
                     .await?;
                 let mut grpc = tonic::client::Grpc::new(channel);
@@ -96,12 +98,22 @@ impl Client {
         Ok(Client { kind, gzip })
     }
 
-    /// Encodes a request the way this client sends it (gRPC compresses itself).
-    pub fn encode(&self, req: &ExportTraceServiceRequest) -> Bytes {
-        let raw = match &self.kind {
-            Kind::Http { json: true, .. } => serde_json::to_vec(req).unwrap_or_default(),
-            _ => req.encode_to_vec(),
-        };
+    /// Whether requests are encoded as OTLP/JSON (ids in hex) rather than protobuf.
+    pub fn is_json(&self) -> bool {
+        matches!(self.kind, Kind::Http { json: true, .. })
+    }
+
+    /// Encodes a request the way this client sends it, uncompressed.
+    pub fn encode_raw(&self, req: &ExportTraceServiceRequest) -> Vec<u8> {
+        if self.is_json() {
+            serde_json::to_vec(req).unwrap_or_default()
+        } else {
+            req.encode_to_vec()
+        }
+    }
+
+    /// The body to send: gzip-compressed for HTTP when asked (gRPC compresses itself).
+    pub fn finish_body(&self, raw: Vec<u8>) -> Bytes {
         if self.gzip && matches!(self.kind, Kind::Http { .. }) {
             let mut gz = flate2::write::GzEncoder::new(
                 Vec::with_capacity(raw.len() / 4),

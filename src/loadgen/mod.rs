@@ -154,11 +154,35 @@ fn now_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// A trace-id prefix no generated request uses: marks where the ids sit in an encoded template.
+const MARKER: [u8; 8] = [0xA5, 0x5A, 0xC3, 0x3C, 0x96, 0x69, 0x0F, 0xF0];
+/// An encoded template is re-encoded (fresh timestamps) after this long.
+const REENCODE_AFTER: Duration = Duration::from_secs(10);
+
+/// An encoded template and where its trace-id prefixes are, so a new request costs one copy
+/// and a few thousand 8-byte writes instead of a full encode.
+struct Encoded {
+    bytes: Vec<u8>,
+    offsets: Vec<usize>,
+    hex: bool,
+    at: Instant,
+}
+
+fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
+    haystack
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// One exporter's state: its template and its connection.
 struct Slot {
     traffic: Traffic,
     client: Client,
     records: u64,
+    encoded: Option<Encoded>,
     /// A body the service refused with a retryable status: sent again next, as OTLP exporters
     /// retry (it was not stored, so this adds no duplicate).
     refused: Option<bytes::Bytes>,
@@ -182,16 +206,58 @@ async fn slots(cfg: &LoadConfig, n: usize) -> anyhow::Result<Vec<Slot>> {
             traffic,
             client,
             refused: None,
+            encoded: None,
         });
     }
     Ok(out)
+}
+
+impl Slot {
+    /// A new request body: the encoded template with a fresh trace-id prefix.
+    fn next_body(&mut self, run_id: u16) -> bytes::Bytes {
+        if self
+            .encoded
+            .as_ref()
+            .is_none_or(|e| e.at.elapsed() > REENCODE_AFTER)
+        {
+            let hex = self.client.is_json();
+            let bytes = self
+                .client
+                .encode_raw(self.traffic.with_prefix(MARKER, now_nanos()));
+            let offsets = if hex {
+                find_all(&bytes, hex::encode(MARKER).as_bytes())
+            } else {
+                find_all(&bytes, &MARKER)
+            };
+            self.encoded = Some(Encoded {
+                bytes,
+                offsets,
+                hex,
+                at: Instant::now(),
+            });
+        }
+        let prefix = self.traffic.next_prefix(run_id);
+        let enc = self.encoded.as_ref().expect("encoded above");
+        let mut raw = enc.bytes.clone();
+        if enc.hex {
+            let h = hex::encode(prefix);
+            enc.offsets
+                .iter()
+                .for_each(|&o| raw[o..o + 16].copy_from_slice(h.as_bytes()));
+        } else {
+            enc.offsets
+                .iter()
+                .for_each(|&o| raw[o..o + 8].copy_from_slice(&prefix));
+        }
+        self.client.finish_body(raw)
+    }
 }
 
 async fn send_one(slot: &mut Slot, run_id: u16, stats: &Stats, started: Instant) {
     let spans = slot.traffic.spans() as u64;
     let body = match slot.refused.take() {
         Some(body) => body,
-        None => slot.client.encode(slot.traffic.next(run_id, now_nanos())),
+        None => slot.next_body(run_id),
     };
     let outcome = slot.client.send(body.clone()).await;
     if matches!(outcome, Outcome::Retryable(_)) {
@@ -324,6 +390,7 @@ async fn progress_line(stats: Arc<Stats>, started: Instant, total: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
     #[test]
     fn traffic_is_realistic_and_fully_normalizable() {
@@ -389,5 +456,55 @@ mod tests {
             .map(|s| s.trace_id.clone())
             .collect();
         assert!(first.iter().zip(&second).all(|(a, b)| a != b));
+    }
+
+    #[tokio::test]
+    async fn patched_bodies_carry_fresh_ids_in_every_span() {
+        use prost::Message;
+        for protocol in [Protocol::HttpProtobuf, Protocol::HttpJson] {
+            let client = Client::connect(protocol, "127.0.0.1:9", false, Duration::from_secs(1))
+                .await
+                .unwrap();
+            let mut slot = Slot {
+                traffic: Traffic::new(300, 7, 1),
+                client,
+                records: 0,
+                refused: None,
+                encoded: None,
+            };
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..3 {
+                let body = slot.next_body(5);
+                let req: ExportTraceServiceRequest = if protocol == Protocol::HttpJson {
+                    serde_json::from_slice(&body).unwrap()
+                } else {
+                    ExportTraceServiceRequest::decode(body).unwrap()
+                };
+                let prefixes: std::collections::HashSet<Vec<u8>> = req
+                    .resource_spans
+                    .iter()
+                    .flat_map(|rs| &rs.scope_spans)
+                    .flat_map(|ss| &ss.spans)
+                    .map(|sp| sp.trace_id[..8].to_vec())
+                    .collect();
+                assert_eq!(prefixes.len(), 1, "{protocol:?}: one prefix per request");
+                let prefix = prefixes.into_iter().next().unwrap();
+                assert_ne!(prefix, MARKER.to_vec());
+                assert_eq!(&prefix[..2], &5u16.to_be_bytes(), "run id");
+                assert!(seen.insert(prefix), "{protocol:?}: prefixes never repeat");
+                let n = normalize::normalize(
+                    &req,
+                    now_nanos() as i64,
+                    &normalize::Options::default(),
+                    &normalize::Memory::default(),
+                );
+                assert_eq!(n.spans as usize, slot.traffic.spans());
+                assert_eq!(n.rejected_total(), 0);
+            }
+            assert_eq!(
+                slot.encoded.as_ref().unwrap().offsets.len(),
+                slot.traffic.spans()
+            );
+        }
     }
 }

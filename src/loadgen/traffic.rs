@@ -561,10 +561,23 @@ impl Traffic {
     /// Refreshes the template into a new request: trace ids unique per (run, worker, sequence)
     /// and timestamps just before `now_unix_nanos`.
     pub fn next(&mut self, run: u16, now_unix_nanos: u64) -> &ExportTraceServiceRequest {
+        let prefix = self.next_prefix(run);
+        self.with_prefix(prefix, now_unix_nanos)
+    }
+
+    /// The next unique trace-id prefix of this generator: (run, worker, sequence).
+    pub fn next_prefix(&mut self, run: u16) -> [u8; 8] {
         self.seq += 1;
-        let prefix =
-            (u64::from(run) << 48) | (u64::from(self.worker) << 32) | (self.seq & 0xFFFF_FFFF);
-        let prefix = prefix.to_be_bytes();
+        ((u64::from(run) << 48) | (u64::from(self.worker) << 32) | (self.seq & 0xFFFF_FFFF))
+            .to_be_bytes()
+    }
+
+    /// The template with every trace id starting with `prefix` and current timestamps.
+    pub fn with_prefix(
+        &mut self,
+        prefix: [u8; 8],
+        now_unix_nanos: u64,
+    ) -> &ExportTraceServiceRequest {
         let mut t = self.timings.iter();
         for rs in &mut self.request.resource_spans {
             for ss in &mut rs.scope_spans {

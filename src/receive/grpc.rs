@@ -90,6 +90,10 @@ pub async fn serve(
         }
     };
     tonic::transport::Server::builder()
+        // OTLP exports are large (a 1000-span request is hundreds of KiB): with HTTP/2's default
+        // 64 KiB windows a client waits for a window update every 64 KiB.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             service, admit,
         ))
