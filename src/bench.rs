@@ -33,8 +33,8 @@ pub struct BenchArgs {
     soak: humantime::Duration,
     #[arg(long, default_value_t = 1000)]
     spans_per_request: usize,
-    /// Concurrent exporters in the closed-loop phases.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent exporters in the closed-loop phases (enough to keep the service busy).
+    #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// Writer connections of the service under test.
     #[arg(long, default_value_t = 2)]

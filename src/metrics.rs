@@ -49,6 +49,7 @@ pub struct Metrics {
     pub db_errors: Family<RetryableLabel, Counter>,
     pub db_up: Gauge,
     pub memory_overflow: Gauge,
+    pub exports_in_progress: Gauge,
 }
 
 impl Metrics {
@@ -68,6 +69,7 @@ impl Metrics {
             db_errors: Family::default(),
             db_up: Gauge::default(),
             memory_overflow: Gauge::default(),
+            exports_in_progress: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +136,11 @@ impl Metrics {
             "normalizer_memory_overflow",
             "service instances the normalizer could not remember (its bounded memory was full)",
             m.memory_overflow.clone(),
+        );
+        registry.register(
+            "exports_in_progress",
+            "exports admitted and not yet answered",
+            m.exports_in_progress.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -98,7 +98,19 @@ pub struct Accepted {
 /// Held while an admitted export is decoded, normalized and stored; bounds the exports in
 /// progress (and so the memory their bodies take).
 #[derive(Clone)]
-pub struct Admission(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+pub struct Admission(#[allow(dead_code)] Arc<Permit>);
+
+/// An export in progress: counted in `toolsight_exports_in_progress` until dropped.
+pub struct Permit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
 
 /// The receive → normalize → store path shared by both transports.
 pub struct Ingest {
@@ -140,7 +152,13 @@ impl Ingest {
         self.in_progress
             .clone()
             .try_acquire_owned()
-            .map(|p| Admission(Arc::new(p)))
+            .map(|p| {
+                self.metrics.exports_in_progress.inc();
+                Admission(Arc::new(Permit {
+                    _permit: p,
+                    gauge: self.metrics.exports_in_progress.clone(),
+                }))
+            })
             .map_err(|_| ReceiveError::Overloaded)
     }
 
