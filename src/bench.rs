@@ -279,7 +279,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Protocol::Grpc,
             Some(max_grpc * 10.0),
             args.overload.into(),
-            64,
+            // More requests in flight than the service admits, so backpressure must act.
+            512,
         )
         .await?,
     );
