@@ -1,7 +1,10 @@
 //! Measuring tool results and fingerprinting tool arguments without keeping them.
 
+use std::borrow::Cow;
+
 use regex::Regex;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 /// What toolsight keeps of a captured tool result: its size and shape, never its content.
@@ -18,17 +21,25 @@ pub struct ResultShape {
     pub is_error: Option<bool>,
 }
 
-/// Measures a captured result value (a JSON string in every source seen so far).
+/// Measures a captured result value (a JSON string in every source seen so far). Parses only
+/// as deep as needed, borrowing from the input: no value tree is built.
 pub fn measure_result(raw: &str) -> ResultShape {
     let bytes = raw.len() as i64;
-    match serde_json::from_str::<Value>(raw) {
+    match serde_json::from_str::<&RawValue>(raw) {
         Ok(v) => {
-            let items = count_items(&v);
+            let node = node(v);
+            let items = count_node(&node);
             ResultShape {
                 bytes,
                 items: Some(items.min(i32::MAX as u64) as i32),
                 empty: items == 0,
-                is_error: is_error_flag(&v),
+                is_error: match &node {
+                    Node::Object(entries) => entries
+                        .get("isError")
+                        .or_else(|| entries.get("is_error"))
+                        .and_then(|v| serde_json::from_str::<bool>(v.get()).ok()),
+                    _ => None,
+                },
             }
         }
         // Not JSON (plain text, or a JSON value cut by an attribute length limit).
@@ -52,66 +63,147 @@ fn looks_truncated_json(t: &str) -> bool {
     t.starts_with('{') || t.starts_with('[')
 }
 
-fn is_error_flag(v: &Value) -> Option<bool> {
-    let obj = v.as_object()?;
-    obj.get("isError")
-        .or_else(|| obj.get("is_error"))
-        .and_then(Value::as_bool)
+/// One level of a JSON value, its children left unparsed.
+enum Node<'a> {
+    Null,
+    Scalar,
+    Str(Cow<'a, str>),
+    Array(Vec<&'a RawValue>),
+    Object(Entries<'a>),
+}
+
+/// An object's members in order, values unparsed.
+struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Entries<'a> {
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_ref())
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Entries<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Entries<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Entries<'a>, M::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = m.next_key::<Key<'de>>()? {
+                    out.push((k.0, m.next_value::<&'de RawValue>()?));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// A string borrowed from the input when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Key<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Key<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+fn node(raw: &RawValue) -> Node<'_> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'n') => Node::Null,
+        Some(b'"') => serde_json::from_str::<Key>(text).map_or(Node::Scalar, |k| Node::Str(k.0)),
+        Some(b'[') => {
+            serde_json::from_str::<Vec<&RawValue>>(text).map_or(Node::Scalar, Node::Array)
+        }
+        Some(b'{') => serde_json::from_str::<Entries>(text).map_or(Node::Scalar, Node::Object),
+        _ => Node::Scalar,
+    }
 }
 
 /// Counts the items of a result: a list's length, an object's keys, the parts of a
 /// `CallToolResult`, looking through the wrappers MCP SDKs put around returned values.
-pub fn count_items(v: &Value) -> u64 {
-    match v {
-        Value::Null => 0,
-        Value::Bool(_) | Value::Number(_) => 1,
-        Value::String(s) => count_text(s),
-        Value::Array(items) => {
+fn count_node(n: &Node<'_>) -> u64 {
+    match n {
+        Node::Null => 0,
+        Node::Scalar => 1,
+        Node::Str(s) => count_text(s),
+        Node::Array(items) => {
+            let texts: Vec<Option<Cow<'_, str>>> = items.iter().map(|i| text_part(i)).collect();
             // A content list holding one text part: look inside the text.
-            if items.len() == 1
-                && let Some(text) = text_part(&items[0])
-            {
+            if let [Some(text)] = texts.as_slice() {
                 return count_text(text);
             }
-            if !items.is_empty() && items.iter().all(|i| text_part(i).is_some()) {
-                return items
-                    .iter()
-                    .filter(|i| text_part(i).is_some_and(|t| count_text(t) > 0))
-                    .count() as u64;
+            if !texts.is_empty() && texts.iter().all(Option::is_some) {
+                return texts.iter().flatten().filter(|t| count_text(t) > 0).count() as u64;
             }
             items.len() as u64
         }
-        Value::Object(obj) => {
+        Node::Object(entries) => {
             // CallToolResult: structured content wins, then the content parts.
-            if let Some(content) = obj.get("content").filter(|c| c.is_array()) {
-                if let Some(sc) = obj.get("structuredContent").filter(|s| !s.is_null()) {
-                    return count_items(sc);
+            if let Some(content) = entries.get("content").filter(|c| c.get().starts_with('[')) {
+                if let Some(sc) = entries
+                    .get("structuredContent")
+                    .filter(|s| s.get() != "null")
+                {
+                    return count_node(&node(sc));
                 }
-                return count_items(content);
+                return count_node(&node(content));
             }
             // Wrappers: FastMCP's structured `{"result": …}`, OpenLLMetry's
             // `{"result": …, "is_error": …}`.
-            if let Some(inner) = obj.get("result") {
-                let only_wrapper = obj
+            if let Some(inner) = entries.get("result")
+                && entries
                     .keys()
-                    .all(|k| k == "result" || k == "is_error" || k == "isError");
-                if only_wrapper {
-                    return count_items(inner);
-                }
+                    .all(|k| k == "result" || k == "is_error" || k == "isError")
+            {
+                return count_node(&node(inner));
             }
-            obj.len() as u64
+            entries.len() as u64
         }
     }
 }
 
-fn text_part(v: &Value) -> Option<&str> {
-    let obj = v.as_object()?;
-    if obj.get("type").and_then(Value::as_str) != Some("text") {
+/// The text of a `{"type": "text", "text": …}` content part (`content` in OpenLLMetry's copy).
+fn text_part(v: &RawValue) -> Option<Cow<'_, str>> {
+    let Node::Object(entries) = node(v) else {
+        return None;
+    };
+    if entries.get("type").map(RawValue::get) != Some("\"text\"") {
         return None;
     }
-    obj.get("text")
-        .or_else(|| obj.get("content"))
-        .and_then(Value::as_str)
+    let t = entries.get("text").or_else(|| entries.get("content"))?;
+    match node(t) {
+        Node::Str(s) => Some(s),
+        _ => None,
+    }
 }
 
 fn count_text(s: &str) -> u64 {
@@ -120,11 +212,11 @@ fn count_text(s: &str) -> u64 {
         return 0;
     }
     if (t.starts_with('[') || t.starts_with('{'))
-        && let Ok(v) = serde_json::from_str::<Value>(t)
+        && let Ok(v) = serde_json::from_str::<&RawValue>(t)
     {
-        return match &v {
-            Value::Array(a) => a.len() as u64,
-            Value::Object(o) => o.len() as u64,
+        return match node(v) {
+            Node::Array(a) => a.len() as u64,
+            Node::Object(o) => o.len() as u64,
             _ => 1,
         };
     }
