@@ -163,11 +163,16 @@ impl CopyBuf {
         }
     }
 
+    fn i16(&mut self, v: i16) {
+        self.buf.extend_from_slice(&2i32.to_be_bytes());
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+
     fn counters(&mut self, values: &[i64]) {
         values.iter().for_each(|v| self.i64(*v));
     }
 
-    /// minute, service, tool, side, 8 counters, latency_hist.
+    /// minute, service, tool, side, 8 counters, latency_hist, shard.
     pub fn tool_rollup(
         &mut self,
         minute: i64,
@@ -176,17 +181,19 @@ impl CopyBuf {
         side: &str,
         counters: &[i64; 8],
         hist: &[i64],
+        shard: i16,
     ) {
-        self.row(13);
+        self.row(14);
         self.ts(minute);
         self.name(service);
         self.name(tool);
         self.name(side);
         self.counters(counters);
         self.int8_array(hist);
+        self.i16(shard);
     }
 
-    /// minute, service, method, side, calls, errors, orphans, latency_hist.
+    /// minute, service, method, side, calls, errors, orphans, latency_hist, shard.
     pub fn method_rollup(
         &mut self,
         minute: i64,
@@ -195,17 +202,19 @@ impl CopyBuf {
         side: &str,
         counters: &[i64; 3],
         hist: &[i64],
+        shard: i16,
     ) {
-        self.row(8);
+        self.row(9);
         self.ts(minute);
         self.name(service);
         self.name(method);
         self.name(side);
         self.counters(counters);
         self.int8_array(hist);
+        self.i16(shard);
     }
 
-    /// minute, service, model, calls, errors, input_tokens, output_tokens, latency_hist.
+    /// minute, service, model, calls, errors, input_tokens, output_tokens, latency_hist, shard.
     pub fn llm_rollup(
         &mut self,
         minute: i64,
@@ -213,17 +222,19 @@ impl CopyBuf {
         model: &str,
         counters: &[i64; 4],
         hist: &[i64],
+        shard: i16,
     ) {
-        self.row(8);
+        self.row(9);
         self.ts(minute);
         self.name(service);
         self.name(model);
         self.counters(counters);
         self.int8_array(hist);
+        self.i16(shard);
     }
 
     /// minute, service, server_address, calls, rate_limited, server_errors, min_remaining_ratio,
-    /// latency_hist.
+    /// latency_hist, shard.
     pub fn upstream_rollup(
         &mut self,
         minute: i64,
@@ -232,14 +243,16 @@ impl CopyBuf {
         counters: &[i64; 3],
         min_ratio: Option<f64>,
         hist: &[i64],
+        shard: i16,
     ) {
-        self.row(8);
+        self.row(9);
         self.ts(minute);
         self.name(service);
         self.name(address);
         self.counters(counters);
         self.opt_f64(min_ratio);
         self.int8_array(hist);
+        self.i16(shard);
     }
 
     pub fn tool_call(&mut self, c: &ToolCall) {

@@ -189,7 +189,7 @@ impl<'a> Rollups<'a> {
 
     /// COPY payloads for the four rollup staging tables, keys sorted so concurrent writers
     /// lock rollup rows in the same order (no deadlocks).
-    pub fn encode(self) -> [CopyBuf; 4] {
+    pub fn encode(self, shard: i16) -> [CopyBuf; 4] {
         let mut bufs = [
             CopyBuf::new(),
             CopyBuf::new(),
@@ -215,6 +215,7 @@ impl<'a> Rollups<'a> {
                     a.duration_us_sum,
                 ],
                 &a.hist.0,
+                shard,
             );
         }
         let mut methods: Vec<_> = self.methods.into_iter().collect();
@@ -227,6 +228,7 @@ impl<'a> Rollups<'a> {
                 side,
                 &[a.calls, a.errors, a.orphans],
                 &a.hist.0,
+                shard,
             );
         }
         let mut llm: Vec<_> = self.llm.into_iter().collect();
@@ -238,6 +240,7 @@ impl<'a> Rollups<'a> {
                 model,
                 &[a.calls, a.errors, a.input_tokens, a.output_tokens],
                 &a.hist.0,
+                shard,
             );
         }
         let mut upstream: Vec<_> = self.upstream.into_iter().collect();
@@ -250,6 +253,7 @@ impl<'a> Rollups<'a> {
                 &[a.calls, a.rate_limited, a.server_errors],
                 a.min_remaining_ratio,
                 &a.hist.0,
+                shard,
             );
         }
         bufs

@@ -99,7 +99,7 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
     (
         "COPY stage_tool_rollup FROM STDIN (FORMAT binary)",
         "INSERT INTO tool_rollup_1m AS r SELECT * FROM stage_tool_rollup ORDER BY service, tool, side, minute
-         ON CONFLICT (service, tool, side, minute) DO UPDATE SET
+         ON CONFLICT (service, tool, side, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             errors = r.errors + EXCLUDED.errors,
             cancellations = r.cancellations + EXCLUDED.cancellations,
@@ -113,7 +113,7 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
     (
         "COPY stage_method_rollup FROM STDIN (FORMAT binary)",
         "INSERT INTO mcp_method_rollup_1m AS r SELECT * FROM stage_method_rollup ORDER BY service, method, side, minute
-         ON CONFLICT (service, method, side, minute) DO UPDATE SET
+         ON CONFLICT (service, method, side, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             errors = r.errors + EXCLUDED.errors,
             orphans = r.orphans + EXCLUDED.orphans,
@@ -122,7 +122,7 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
     (
         "COPY stage_llm_rollup FROM STDIN (FORMAT binary)",
         "INSERT INTO llm_rollup_1m AS r SELECT * FROM stage_llm_rollup ORDER BY service, model, minute
-         ON CONFLICT (service, model, minute) DO UPDATE SET
+         ON CONFLICT (service, model, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             errors = r.errors + EXCLUDED.errors,
             input_tokens = r.input_tokens + EXCLUDED.input_tokens,
@@ -132,7 +132,7 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
     (
         "COPY stage_upstream_rollup FROM STDIN (FORMAT binary)",
         "INSERT INTO upstream_rollup_1m AS r SELECT * FROM stage_upstream_rollup ORDER BY service, server_address, minute
-         ON CONFLICT (service, server_address, minute) DO UPDATE SET
+         ON CONFLICT (service, server_address, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             rate_limited = r.rate_limited + EXCLUDED.rate_limited,
             server_errors = r.server_errors + EXCLUDED.server_errors,
@@ -160,10 +160,11 @@ impl Writer {
         let rx = Arc::new(Mutex::new(rx));
         metrics.queue_capacity_rows.set(queue_rows as i64);
         let handles = (0..config.writers.max(1))
-            .map(|_| {
+            .map(|w| {
                 let (rx, pool, metrics) = (rx.clone(), pool.clone(), metrics.clone());
+                let shard = w as i16;
                 let batch_rows = config.batch_rows.max(1);
-                tokio::spawn(async move { run_writer(rx, pool, batch_rows, metrics).await })
+                tokio::spawn(async move { run_writer(rx, pool, batch_rows, metrics, shard).await })
             })
             .collect();
         let writer = Writer {
@@ -210,6 +211,7 @@ async fn run_writer(
     pool: PgPool,
     batch_rows: usize,
     metrics: Arc<Metrics>,
+    shard: i16,
 ) {
     loop {
         let mut jobs = Vec::new();
@@ -232,7 +234,7 @@ async fn run_writer(
         }
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
         let started = Instant::now();
-        let result = write_with_retry(&pool, &jobs).await;
+        let result = write_with_retry(&pool, &jobs, shard).await;
         metrics
             .write_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -285,10 +287,10 @@ fn kind_counts(jobs: &[Job]) -> [(&'static str, usize); 4] {
 }
 
 /// Writes a batch; a lost deadlock or serialization conflict is retried twice.
-async fn write_with_retry(pool: &PgPool, jobs: &[Job]) -> Result<(), StoreError> {
+async fn write_with_retry(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<(), StoreError> {
     let mut attempt = 0;
     loop {
-        match write_batch(pool, jobs).await {
+        match write_batch(pool, jobs, shard).await {
             Err(StoreError::Unavailable(sqlx::Error::Database(db)))
                 if attempt < 2 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
             {
@@ -334,22 +336,26 @@ async fn copy_in(
 /// when a batch holds a span already stored (a retried export), the unique key refuses the COPY
 /// and the batch is written again through staging tables with `ON CONFLICT DO NOTHING`, counting
 /// in the rollups only the rows that were new.
-async fn write_batch(pool: &PgPool, jobs: &[Job]) -> Result<(), StoreError> {
+async fn write_batch(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<(), StoreError> {
     if jobs.iter().all(|j| j.records.records() == 0) {
         return Ok(());
     }
     let mut conn = pool.acquire().await?;
-    match write_fast(&mut conn, jobs).await {
+    match write_fast(&mut conn, jobs, shard).await {
         Err(StoreError::Query(sqlx::Error::Database(e)))
             if e.code().as_deref() == Some("23505") =>
         {
-            write_dedup(&mut conn, jobs).await
+            write_dedup(&mut conn, jobs, shard).await
         }
         other => other,
     }
 }
 
-async fn write_fast(conn: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), StoreError> {
+async fn write_fast(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[Job],
+    shard: i16,
+) -> Result<(), StoreError> {
     let mut tx = conn.begin().await?;
     for (buf, table) in encode_records(jobs).into_iter().zip(RAW_TABLES) {
         if buf.rows() > 0 {
@@ -361,12 +367,16 @@ async fn write_fast(conn: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), S
             .await?;
         }
     }
-    merge_rollups(&mut tx, jobs, &mut Inserted::default()).await?;
+    merge_rollups(&mut tx, jobs, &mut Inserted::default(), shard).await?;
     tx.commit().await?;
     Ok(())
 }
 
-async fn write_dedup(conn: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), StoreError> {
+async fn write_dedup(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[Job],
+    shard: i16,
+) -> Result<(), StoreError> {
     let mut tx = conn.begin().await?;
     let mut sets: [Option<HashSet<Key>>; 4] = Default::default();
     for ((buf, table), set) in encode_records(jobs)
@@ -401,7 +411,7 @@ async fn write_dedup(conn: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), 
         llm_calls,
         upstream_calls,
     };
-    merge_rollups(&mut tx, jobs, &mut inserted).await?;
+    merge_rollups(&mut tx, jobs, &mut inserted, shard).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -410,13 +420,14 @@ async fn merge_rollups(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
     inserted: &mut Inserted,
+    shard: i16,
 ) -> Result<(), StoreError> {
     let mut rollups = Rollups::default();
     for j in jobs {
         rollups.add(&j.records, inserted);
     }
     let mut merges = String::new();
-    for (buf, (copy, merge)) in rollups.encode().into_iter().zip(MERGE_ROLLUPS) {
+    for (buf, (copy, merge)) in rollups.encode(shard).into_iter().zip(MERGE_ROLLUPS) {
         if buf.rows() > 0 {
             copy_in(conn, copy, buf).await?;
             merges.push_str(merge);
