@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// Writer connections of the service under test.
     #[arg(long, default_value_t = 2)]
     writers: usize,
+    /// Records per database write of the service under test.
+    #[arg(long, default_value_t = 10_000)]
+    batch_rows: usize,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench-report.json")]
     report: PathBuf,
@@ -99,7 +102,12 @@ struct Service {
 }
 
 impl Service {
-    async fn start(database_url: &str, writers: usize, log: &PathBuf) -> anyhow::Result<Service> {
+    async fn start(
+        database_url: &str,
+        writers: usize,
+        batch_rows: usize,
+        log: &PathBuf,
+    ) -> anyhow::Result<Service> {
         let (grpc, http, admin) = (free_port()?, free_port()?, free_port()?);
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -110,6 +118,7 @@ impl Service {
             .env("TOOLSIGHT_OTLP__HTTP_LISTEN", format!("127.0.0.1:{http}"))
             .env("TOOLSIGHT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("TOOLSIGHT_INGEST__WRITERS", writers.to_string())
+            .env("TOOLSIGHT_INGEST__BATCH_ROWS", batch_rows.to_string())
             .env("TOOLSIGHT_LOG__LEVEL", "warn")
             .env_remove("TOOLSIGHT_CONFIG")
             .stdout(Stdio::null())
@@ -163,7 +172,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "== starting toolsight on a fresh database (log: {})",
         log.display()
     );
-    let svc = Service::start(&db_url, args.writers, &log).await?;
+    let svc = Service::start(&db_url, args.writers, args.batch_rows, &log).await?;
     let pid = svc.child.id();
 
     // RSS sampled every 250 ms for the whole run.

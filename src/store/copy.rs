@@ -173,6 +173,7 @@ impl CopyBuf {
     }
 
     /// minute, service, tool, side, 8 counters, latency_hist, shard.
+    #[allow(clippy::too_many_arguments)] // one argument per column
     pub fn tool_rollup(
         &mut self,
         minute: i64,
@@ -194,6 +195,7 @@ impl CopyBuf {
     }
 
     /// minute, service, method, side, calls, errors, orphans, latency_hist, shard.
+    #[allow(clippy::too_many_arguments)] // one argument per column
     pub fn method_rollup(
         &mut self,
         minute: i64,
@@ -215,6 +217,7 @@ impl CopyBuf {
     }
 
     /// minute, service, model, calls, errors, input_tokens, output_tokens, latency_hist, shard.
+    #[allow(clippy::too_many_arguments)] // one argument per column
     pub fn llm_rollup(
         &mut self,
         minute: i64,
@@ -235,6 +238,7 @@ impl CopyBuf {
 
     /// minute, service, server_address, calls, rate_limited, server_errors, min_remaining_ratio,
     /// latency_hist, shard.
+    #[allow(clippy::too_many_arguments)] // one argument per column
     pub fn upstream_rollup(
         &mut self,
         minute: i64,
