@@ -299,6 +299,27 @@ fn spawn_export(
     })
 }
 
+/// A new export is refused as overloaded over HTTP (503, Retry-After 1) and gRPC (UNAVAILABLE).
+async fn assert_refused_as_overloaded(svc: &Service, tag: u8) {
+    let r = post(
+        svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&json_body(tag, 3, 0)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    let err = client
+        .export(serde_json::from_value::<ExportTraceServiceRequest>(json_body(tag, 3, 0)).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+}
+
 async fn wait_for_metric(svc: &Service, series: &str, value: f64) {
     for _ in 0..200 {
         if svc.metric(series).await == value {
@@ -321,23 +342,7 @@ async fn a_full_queue_answers_503_and_unavailable_then_recovers() {
     let first = spawn_export(&svc, json_body(4, 10, 0));
     wait_for_metric(&svc, "toolsight_queue_depth_rows", 10.0).await;
 
-    let r = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(5, 3, 0)).unwrap(),
-    )
-    .await;
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["retry-after"], "1");
-    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
-        .await
-        .unwrap();
-    let err = client
-        .export(serde_json::from_value::<ExportTraceServiceRequest>(json_body(6, 3, 0)).unwrap())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_refused_as_overloaded(&svc, 5).await;
     assert_eq!(
         svc.metric("toolsight_exports_total{result=\"overloaded\",transport=\"http_json\"}")
             .await,
@@ -513,23 +518,7 @@ async fn exports_beyond_the_concurrency_bound_are_refused() {
     let first = spawn_export(&svc, json_body(12, 2, 0));
     wait_for_metric(&svc, "toolsight_queue_depth_rows", 2.0).await;
     // The queue has room, but one export is already in progress.
-    let r = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(13, 2, 0)).unwrap(),
-    )
-    .await;
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["retry-after"], "1");
-    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
-        .await
-        .unwrap();
-    let err = client
-        .export(serde_json::from_value::<ExportTraceServiceRequest>(json_body(13, 2, 0)).unwrap())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_refused_as_overloaded(&svc, 13).await;
     lock.rollback().await.unwrap();
     assert_eq!(first.await.unwrap(), 200);
     // The permit is released with the answer: the next export goes through.

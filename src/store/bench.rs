@@ -6,7 +6,6 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 use super::StoreError;
-use super::copy::CopyBuf;
 use crate::normalize::Normalized;
 
 /// Drops and recreates `name` on the server `opts` points at; returns its options.
@@ -60,20 +59,7 @@ pub async fn copy_reference(
                 let mut conn = pool.acquire().await?;
                 // Batches of about 10k rows, as the writers use.
                 for group in chunk.chunks(10) {
-                    let mut bufs = [
-                        CopyBuf::new(),
-                        CopyBuf::new(),
-                        CopyBuf::new(),
-                        CopyBuf::new(),
-                    ];
-                    for r in group {
-                        r.tool_calls.iter().for_each(|c| bufs[0].tool_call(c));
-                        r.mcp_requests.iter().for_each(|c| bufs[1].mcp_request(c));
-                        r.llm_calls.iter().for_each(|c| bufs[2].llm_call(c));
-                        r.upstream_calls
-                            .iter()
-                            .for_each(|c| bufs[3].upstream_call(c));
-                    }
+                    let bufs = super::copy::encode_records(group);
                     let mut tx = conn.begin().await?;
                     for (buf, table) in bufs.into_iter().zip([
                         "tool_calls",

@@ -322,3 +322,24 @@ impl Default for CopyBuf {
         Self::new()
     }
 }
+
+/// COPY payloads for the four raw tables (tool_calls, mcp_requests, llm_calls, upstream_calls).
+pub fn encode_records<'a>(
+    batches: impl IntoIterator<Item = &'a crate::normalize::Normalized>,
+) -> [CopyBuf; 4] {
+    let mut bufs = [
+        CopyBuf::new(),
+        CopyBuf::new(),
+        CopyBuf::new(),
+        CopyBuf::new(),
+    ];
+    for r in batches {
+        r.tool_calls.iter().for_each(|c| bufs[0].tool_call(c));
+        r.mcp_requests.iter().for_each(|c| bufs[1].mcp_request(c));
+        r.llm_calls.iter().for_each(|c| bufs[2].llm_call(c));
+        r.upstream_calls
+            .iter()
+            .for_each(|c| bufs[3].upstream_call(c));
+    }
+    bufs
+}

@@ -303,22 +303,7 @@ async fn write_with_retry(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<(),
 }
 
 fn encode_records(jobs: &[Job]) -> [CopyBuf; 4] {
-    let mut bufs = [
-        CopyBuf::new(),
-        CopyBuf::new(),
-        CopyBuf::new(),
-        CopyBuf::new(),
-    ];
-    for j in jobs {
-        let r = &j.records;
-        r.tool_calls.iter().for_each(|c| bufs[0].tool_call(c));
-        r.mcp_requests.iter().for_each(|c| bufs[1].mcp_request(c));
-        r.llm_calls.iter().for_each(|c| bufs[2].llm_call(c));
-        r.upstream_calls
-            .iter()
-            .for_each(|c| bufs[3].upstream_call(c));
-    }
-    bufs
+    super::copy::encode_records(jobs.iter().map(|j| &j.records))
 }
 
 async fn copy_in(
