@@ -25,9 +25,9 @@ pub struct ResultShape {
 /// as deep as needed, borrowing from the input: no value tree is built.
 pub fn measure_result(raw: &str) -> ResultShape {
     let bytes = raw.len() as i64;
-    match serde_json::from_str::<&RawValue>(raw) {
-        Ok(v) => {
-            let node = node(v);
+    // Parsed one level at a time; malformed JSON surfaces as an error at the top level.
+    match top_node(raw.trim()) {
+        Some(node) => {
             let items = count_node(&node);
             ResultShape {
                 bytes,
@@ -43,7 +43,7 @@ pub fn measure_result(raw: &str) -> ResultShape {
             }
         }
         // Not JSON (plain text, or a JSON value cut by an attribute length limit).
-        Err(_) => {
+        None => {
             let t = raw.trim();
             ResultShape {
                 bytes,
@@ -135,6 +135,17 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Key<'a> {
     }
 }
 
+/// The top level of a document, or `None` when it is not valid JSON at that level.
+fn top_node(text: &str) -> Option<Node<'_>> {
+    match text.as_bytes().first()? {
+        b'{' => serde_json::from_str::<Entries>(text).ok().map(Node::Object),
+        b'[' => serde_json::from_str::<Vec<&RawValue>>(text)
+            .ok()
+            .map(Node::Array),
+        _ => serde_json::from_str::<&RawValue>(text).ok().map(node),
+    }
+}
+
 fn node(raw: &RawValue) -> Node<'_> {
     let text = raw.get();
     match text.as_bytes().first() {
@@ -211,16 +222,53 @@ fn count_text(s: &str) -> u64 {
     if t.is_empty() {
         return 0;
     }
-    if (t.starts_with('[') || t.starts_with('{'))
-        && let Ok(v) = serde_json::from_str::<&RawValue>(t)
-    {
-        return match node(v) {
-            Node::Array(a) => a.len() as u64,
-            Node::Object(o) => o.len() as u64,
-            _ => 1,
-        };
+    top_level_items(t).unwrap_or(1)
+}
+
+/// Elements of a JSON array or members of a JSON object, counted in one pass over the bytes
+/// without building anything. `None` when `t` is not a single bracketed JSON value.
+fn top_level_items(t: &str) -> Option<u64> {
+    let b = t.as_bytes();
+    let (open, close) = match b.first()? {
+        b'[' => (b'[', b']'),
+        b'{' => (b'{', b'}'),
+        _ => return None,
+    };
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    let (mut commas, mut any) = (0u64, false);
+    for (i, &c) in b.iter().enumerate() {
+        if in_str {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => {
+                in_str = true;
+                any |= depth == 1;
+            }
+            b'[' | b'{' => {
+                any |= depth == 1;
+                depth += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    // The value must end here, with the bracket that opened it.
+                    return (c == close && b[0] == open && t[i + 1..].trim().is_empty())
+                        .then_some(if any { commas + 1 } else { 0 });
+                }
+            }
+            b',' if depth == 1 => commas += 1,
+            c if depth == 1 && !c.is_ascii_whitespace() => any = true,
+            _ => {}
+        }
     }
-    1
+    None
 }
 
 /// A 16-byte fingerprint of the canonical form of a tool's arguments (keys sorted, no
@@ -361,6 +409,21 @@ mod tests {
         let s =
             measure_result(r#"{"content":[],"structuredContent":{"result":[{"a":1},{"a":2}]}}"#);
         assert_eq!(s.items, Some(2));
+    }
+
+    #[test]
+    fn top_level_items_are_counted_without_parsing() {
+        assert_eq!(top_level_items("[]"), Some(0));
+        assert_eq!(top_level_items("[ ]"), Some(0));
+        assert_eq!(top_level_items("{}"), Some(0));
+        assert_eq!(top_level_items("[1]"), Some(1));
+        assert_eq!(top_level_items(r#"[{"a":[1,2,3]},"x,y",[4,5]]"#), Some(3));
+        assert_eq!(top_level_items(r#"{"a":1,"b":{"c":2,"d":3}}"#), Some(2));
+        assert_eq!(top_level_items(r#"["say \"hi, there\"", 2]"#), Some(2));
+        assert_eq!(top_level_items("[1,2"), None, "cut");
+        assert_eq!(top_level_items("[1]]"), None, "trailing");
+        assert_eq!(top_level_items("[1} "), None, "mismatched");
+        assert_eq!(top_level_items("not json"), None);
     }
 
     #[test]
