@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod evaluate;
 pub mod loadgen;
 pub mod metrics;
 pub mod normalize;

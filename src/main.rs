@@ -47,6 +47,20 @@ enum Command {
     Loadgen(LoadgenArgs),
     /// Benchmark: start the service on a fresh database, drive it, verify and report.
     Bench(toolsight::bench::BenchArgs),
+    /// Alert rule files.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate rule files; report every problem with its file and line.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -185,6 +199,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => toolsight::bench::run(args).await,
+        Command::Rules {
+            command: RulesCommand::Check { files },
+        } => {
+            let loaded = toolsight::evaluate::rules::load(&files)?;
+            for (file, f) in loaded {
+                let rules: usize = f.groups.iter().map(|g| g.rules.len()).sum();
+                println!("{file}: ok ({} groups, {rules} rules)", f.groups.len());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,7 @@
+//! Alert rules: the rule files (`rules`) and the pure alert state machine (`state`).
+//!
+//! The state machine takes `now` and the signal a rule produced; it does no I/O, so the live
+//! evaluation loop, rule unit tests and backtests all run the same code.
+
+pub mod rules;
+pub mod state;

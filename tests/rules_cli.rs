@@ -1,0 +1,51 @@
+//! `toolsight rules check` on the shipped rules and on broken files.
+
+use std::process::Command;
+
+fn check(files: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_toolsight"))
+        .arg("rules")
+        .arg("check")
+        .args(files)
+        .env_remove("TOOLSIGHT_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_shipped_rules_pass() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.yaml");
+    let (ok, out) = check(&[path]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok (3 groups, 7 rules)"), "{out}");
+}
+
+#[test]
+fn every_problem_of_every_file_is_listed_with_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("toolsight-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("a.yaml");
+    let b = dir.join("b.yaml");
+    std::fs::write(&a, "groups:\n  - name: g\n    rules:\n      - alert: Lat\n        kind: latency\n        window: 5m\n      - alert: Err\n        kind: error_rate\n        window: 5m\n        fire_above: 7\n").unwrap();
+    std::fs::write(&b, "groups:\n  - name: h\n    rules: [\n").unwrap();
+    let (ok, out) = check(&[a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("3 problem(s)"), "{out}");
+    assert!(
+        out.contains("a.yaml:4: rule \"Lat\": a latency rule needs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("a.yaml:7: rule \"Err\": fire_above must be between 0 and 1"),
+        "{out}"
+    );
+    assert!(out.contains("b.yaml:"), "{out}");
+}
