@@ -3,5 +3,6 @@
 //! The state machine takes `now` and the signal a rule produced; it does no I/O, so the live
 //! evaluation loop, rule unit tests and backtests all run the same code.
 
+pub mod engine;
 pub mod rules;
 pub mod state;

@@ -1,6 +1,7 @@
 //! PostgreSQL: the only module with SQL. Schema migrations, the batch writer, and the queries
 //! the API and CLI read through.
 
+pub mod alerts;
 pub mod bench;
 mod copy;
 pub mod queries;

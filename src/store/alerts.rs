@@ -1,0 +1,377 @@
+//! Window queries for alert rules, and alert state persistence.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+
+use super::StoreError;
+
+/// One key's value over a window, as a rule kind reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+    /// Samples behind the value (calls, captured results, sessions …).
+    pub samples: i64,
+    /// The same value over the baseline window, where the kind has one.
+    pub baseline: Option<f64>,
+    /// A second value some kinds use (share of 429 responses; the median session's tokens).
+    pub extra: Option<f64>,
+}
+
+fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// Rollup minutes in [to - window, to): whole minutes, the one containing `to - window` included.
+const RANGE: &str = "minute >= date_trunc('minute', $1::timestamptz - make_interval(secs => $2)) AND minute < $1::timestamptz";
+
+/// A latency quantile (ms) per (service, tool, side), with the same quantile over the baseline
+/// window ending at `baseline_to`.
+pub async fn latency(
+    pool: &PgPool,
+    to: DateTime<Utc>,
+    window_secs: f64,
+    quantile: f64,
+    baseline_to: Option<DateTime<Utc>>,
+) -> Result<Vec<Observation>, StoreError> {
+    let sql = format!(
+        "WITH cur AS (
+            SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist), $3) AS v, sum(calls)::bigint AS n
+            FROM tool_rollup_1m WHERE {RANGE} GROUP BY 1, 2, 3),
+         base AS (
+            SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist), $3) AS v
+            FROM tool_rollup_1m
+            WHERE $4::timestamptz IS NOT NULL
+              AND minute >= date_trunc('minute', $4::timestamptz - make_interval(secs => $2)) AND minute < $4::timestamptz
+            GROUP BY 1, 2, 3)
+         SELECT cur.service, cur.tool, cur.side, cur.v, cur.n, base.v FROM cur LEFT JOIN base USING (service, tool, side)
+         WHERE cur.v IS NOT NULL"
+    );
+    let rows: Vec<(String, String, String, f64, i64, Option<f64>)> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .bind(quantile)
+        .bind(baseline_to)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, tool, side, v, n, b)| Observation {
+            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
+            value: v,
+            samples: n,
+            baseline: b,
+            extra: None,
+        })
+        .collect())
+}
+
+/// errors / calls per (service, tool, side).
+pub async fn error_rate(
+    pool: &PgPool,
+    to: DateTime<Utc>,
+    window_secs: f64,
+) -> Result<Vec<Observation>, StoreError> {
+    let sql = format!(
+        "SELECT service, tool, side, sum(errors)::float8 / sum(calls), sum(calls)::bigint
+         FROM tool_rollup_1m WHERE {RANGE} GROUP BY 1, 2, 3 HAVING sum(calls) > 0"
+    );
+    let rows: Vec<(String, String, String, f64, i64)> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, tool, side, v, n)| Observation {
+            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
+            value: v,
+            samples: n,
+            baseline: None,
+            extra: None,
+        })
+        .collect())
+}
+
+/// The share of empty results (of calls whose content was captured) per (service, tool, side),
+/// with the share over the baseline window.
+pub async fn empty_results(
+    pool: &PgPool,
+    to: DateTime<Utc>,
+    window_secs: f64,
+    baseline_to: DateTime<Utc>,
+) -> Result<Vec<Observation>, StoreError> {
+    let sql = format!(
+        "WITH cur AS (
+            SELECT service, tool, side, sum(empty_results)::float8 / sum(with_result) AS v, sum(with_result)::bigint AS n
+            FROM tool_rollup_1m WHERE {RANGE} GROUP BY 1, 2, 3 HAVING sum(with_result) > 0),
+         base AS (
+            SELECT service, tool, side, sum(empty_results)::float8 / sum(with_result) AS v
+            FROM tool_rollup_1m
+            WHERE minute >= date_trunc('minute', $3::timestamptz - make_interval(secs => $2)) AND minute < $3::timestamptz
+            GROUP BY 1, 2, 3 HAVING sum(with_result) > 0)
+         SELECT cur.service, cur.tool, cur.side, cur.v, cur.n, base.v FROM cur LEFT JOIN base USING (service, tool, side)"
+    );
+    let rows: Vec<(String, String, String, f64, i64, Option<f64>)> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .bind(baseline_to)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, tool, side, v, n, b)| Observation {
+            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
+            value: v,
+            samples: n,
+            baseline: b,
+            extra: None,
+        })
+        .collect())
+}
+
+/// Per (service, upstream): the lowest remaining / limit, and the share of 429 responses.
+pub async fn rate_limit_headroom(
+    pool: &PgPool,
+    to: DateTime<Utc>,
+    window_secs: f64,
+) -> Result<Vec<Observation>, StoreError> {
+    let sql = format!(
+        "SELECT service, server_address, coalesce(min(min_remaining_ratio), 'NaN'::float8), sum(calls)::bigint,
+                sum(rate_limited)::float8 / sum(calls)
+         FROM upstream_rollup_1m WHERE {RANGE} GROUP BY 1, 2 HAVING sum(calls) > 0"
+    );
+    let rows: Vec<(String, String, f64, i64, f64)> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, upstream, v, n, share)| Observation {
+            labels: labels(&[("service", service), ("upstream", upstream)]),
+            value: v,
+            samples: n,
+            baseline: None,
+            extra: Some(share),
+        })
+        .collect())
+}
+
+/// The most repeated identical call per (service, tool, session) in [to - window, to): same
+/// session key, tool and arguments hash (the tool alone where arguments are not captured).
+/// `after_errors_only` counts repeats of calls that failed at least once in the window.
+pub async fn retry_loops(
+    pool: &PgPool,
+    to: DateTime<Utc>,
+    window_secs: f64,
+    min_repeats: i64,
+    after_errors_only: bool,
+) -> Result<Vec<Observation>, StoreError> {
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT service, tool, session_key, max(n)::bigint FROM (
+            SELECT service, tool, session_key, count(*) AS n, count(*) FILTER (WHERE outcome <> 'ok') AS failed
+            FROM tool_calls
+            WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
+            GROUP BY service, tool, session_key, coalesce(args_hash, '\\x'::bytea)) c
+         WHERE n >= $3 AND (NOT $4 OR failed > 0)
+         GROUP BY 1, 2, 3",
+    )
+    .bind(to)
+    .bind(window_secs)
+    .bind(min_repeats)
+    .bind(after_errors_only)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, tool, session, n)| Observation {
+            labels: labels(&[("service", service), ("tool", tool), ("session", session)]),
+            value: n as f64,
+            samples: n,
+            baseline: None,
+            extra: None,
+        })
+        .collect())
+}
+
+/// Tokens per (service, session) in [to - window, to), with the median session of the service
+/// in `extra` and the number of sessions of the service in `samples`.
+pub async fn token_burn(
+    pool: &PgPool,
+    to: DateTime<Utc>,
+    window_secs: f64,
+) -> Result<Vec<Observation>, StoreError> {
+    let rows: Vec<(String, String, i64, f64, i64)> = sqlx::query_as(
+        "WITH s AS (
+            SELECT service, session_key, sum(input_tokens + output_tokens)::bigint AS tokens
+            FROM llm_calls
+            WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
+            GROUP BY 1, 2),
+         m AS (
+            SELECT service, percentile_cont(0.5) WITHIN GROUP (ORDER BY tokens) AS median, count(*) AS sessions
+            FROM s GROUP BY 1)
+         SELECT s.service, s.session_key, s.tokens, m.median, m.sessions FROM s JOIN m USING (service)",
+    )
+    .bind(to)
+    .bind(window_secs)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, session, tokens, median, sessions)| Observation {
+            labels: labels(&[("service", service), ("session", session)]),
+            value: tokens as f64,
+            samples: sessions,
+            baseline: None,
+            extra: Some(median),
+        })
+        .collect())
+}
+
+/// One persisted alert.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredAlert {
+    pub alert: String,
+    pub key: String,
+    pub group_name: String,
+    pub labels: sqlx::types::Json<BTreeMap<String, String>>,
+    pub phase: String,
+    pub active_since: Option<DateTime<Utc>>,
+    pub fired_at: Option<DateTime<Utc>>,
+    pub last_held: Option<DateTime<Utc>>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub value: Option<f64>,
+}
+
+pub async fn load_alerts(pool: &PgPool) -> Result<Vec<StoredAlert>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT alert, key, group_name, labels, phase, active_since, fired_at, last_held, resolved_at, value
+         FROM alert_state ORDER BY alert, key",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A firing or resolved notification to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub alert: String,
+    pub key: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub status: &'static str,
+    pub value: Option<f64>,
+    pub since: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+}
+
+/// Saves a group's evaluation in one transaction: changed alert states (inactive ones deleted),
+/// the events, and every rule's health.
+pub async fn save_evaluation(
+    conn: &mut PgConnection,
+    states: &[StoredAlert],
+    events: &[NewEvent],
+    health: &[(String, String, Option<String>, DateTime<Utc>, f64)],
+) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    for s in states {
+        if s.phase == "inactive" {
+            sqlx::query("DELETE FROM alert_state WHERE alert = $1 AND key = $2")
+                .bind(&s.alert)
+                .bind(&s.key)
+                .execute(&mut *tx)
+                .await?;
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO alert_state (alert, key, group_name, labels, phase, active_since, fired_at, last_held, resolved_at, value, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
+             ON CONFLICT (alert, key) DO UPDATE SET group_name = EXCLUDED.group_name, labels = EXCLUDED.labels,
+                phase = EXCLUDED.phase, active_since = EXCLUDED.active_since, fired_at = EXCLUDED.fired_at,
+                last_held = EXCLUDED.last_held, resolved_at = EXCLUDED.resolved_at, value = EXCLUDED.value, updated_at = now()",
+        )
+        .bind(&s.alert)
+        .bind(&s.key)
+        .bind(&s.group_name)
+        .bind(&s.labels)
+        .bind(&s.phase)
+        .bind(s.active_since)
+        .bind(s.fired_at)
+        .bind(s.last_held)
+        .bind(s.resolved_at)
+        .bind(s.value)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for e in events {
+        sqlx::query(
+            "INSERT INTO alert_events (alert, key, labels, annotations, status, value, since, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&e.alert)
+        .bind(&e.key)
+        .bind(sqlx::types::Json(&e.labels))
+        .bind(sqlx::types::Json(&e.annotations))
+        .bind(e.status)
+        .bind(e.value)
+        .bind(e.since)
+        .bind(e.at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (group, alert, error, at, ms) in health {
+        sqlx::query(
+            "INSERT INTO rule_health (group_name, alert, health, last_error, last_evaluation, evaluation_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (group_name, alert) DO UPDATE SET health = EXCLUDED.health, last_error = EXCLUDED.last_error,
+                last_evaluation = EXCLUDED.last_evaluation, evaluation_ms = EXCLUDED.evaluation_ms",
+        )
+        .bind(group)
+        .bind(alert)
+        .bind(if error.is_some() { "err" } else { "ok" })
+        .bind(error)
+        .bind(at)
+        .bind(ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Rule health rows: (group, alert, health, last_error, last_evaluation, evaluation_ms).
+pub type HealthRow = (String, String, String, Option<String>, DateTime<Utc>, f64);
+
+pub async fn rule_health(pool: &PgPool) -> Result<Vec<HealthRow>, StoreError> {
+    Ok(sqlx::query_as("SELECT group_name, alert, health, last_error, last_evaluation, evaluation_ms FROM rule_health")
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Events, oldest first.
+pub async fn events(
+    pool: &PgPool,
+) -> Result<Vec<(String, String, String, DateTime<Utc>, DateTime<Utc>)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT alert, key, status, since, at FROM alert_events ORDER BY id")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Tries to become the one evaluator: a session-level advisory lock held on `conn` for as long
+/// as that connection lives. Another replica takes over when this one's connection dies.
+pub async fn try_lead(conn: &mut PgConnection) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('toolsight-evaluator'))")
+            .fetch_one(conn)
+            .await?,
+    )
+}
