@@ -79,10 +79,11 @@ pub fn signal(rule: &Rule, o: &Observation, firing: bool) -> (Signal, f64) {
         }
         Kind::EmptyResults(e) => {
             // A tool whose baseline is mostly empty anyway does not page.
-            if let (Some(limit), Some(base)) = (e.baseline_below, o.baseline) {
-                if base >= limit && !firing {
-                    return (Signal::Clear, e.fire_above);
-                }
+            if let (Some(limit), Some(base)) = (e.baseline_below, o.baseline)
+                && base >= limit
+                && !firing
+            {
+                return (Signal::Clear, e.fire_above);
             }
             (
                 state::above(
