@@ -271,13 +271,16 @@ pub struct NewEvent {
     pub at: DateTime<Utc>,
 }
 
+/// One rule's evaluation outcome: (group, alert, error if it failed, evaluated at, milliseconds).
+pub type HealthUpdate = (String, String, Option<String>, DateTime<Utc>, f64);
+
 /// Saves a group's evaluation in one transaction: changed alert states (inactive ones deleted),
 /// the events, and every rule's health.
 pub async fn save_evaluation(
     conn: &mut PgConnection,
     states: &[StoredAlert],
     events: &[NewEvent],
-    health: &[(String, String, Option<String>, DateTime<Utc>, f64)],
+    health: &[HealthUpdate],
 ) -> Result<(), StoreError> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
