@@ -19,6 +19,8 @@ pub struct AdminState {
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// The loaded rule files, for `/api/v1/rules`.
+    pub rules: Arc<Vec<(String, crate::evaluate::rules::RuleFile)>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -27,6 +29,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/tools", get(tools))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/rules", get(rules))
         .with_state(state)
 }
 
@@ -97,4 +101,74 @@ async fn tools(State(s): State<AdminState>, Query(q): Query<ToolsQuery>) -> Resp
                 .into_response()
         }
     }
+}
+
+fn store_error(e: store::StoreError) -> Response {
+    let code = if e.is_retryable() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({ "error": e.to_string() })),
+    )
+        .into_response()
+}
+
+/// Active alerts: pending and firing, with their labels, value and since when.
+async fn alerts(State(s): State<AdminState>) -> Response {
+    match store::alerts::load_alerts(&s.pool).await {
+        Ok(rows) => {
+            let active: Vec<_> = rows
+                .into_iter()
+                .filter(|a| a.phase == "pending" || a.phase == "firing")
+                .map(|a| {
+                    let mut labels = a.labels.0.clone();
+                    labels.insert("alertname".into(), a.alert.clone());
+                    serde_json::json!({
+                        "alert": a.alert, "state": a.phase, "labels": labels, "value": a.value,
+                        "activeSince": a.active_since, "firedAt": a.fired_at, "group": a.group_name,
+                    })
+                })
+                .collect();
+            axum::Json(serde_json::json!({ "alerts": active })).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// Rules with their health, last error and last evaluation.
+async fn rules(State(s): State<AdminState>) -> Response {
+    let health = match store::alerts::rule_health(&s.pool).await {
+        Ok(h) => h,
+        Err(e) => return store_error(e),
+    };
+    let groups: Vec<_> = s
+        .rules
+        .iter()
+        .flat_map(|(file, f)| f.groups.iter().map(move |g| (file, g)))
+        .map(|(file, g)| {
+            let rules: Vec<_> = g
+                .rules
+                .iter()
+                .map(|r| {
+                    let h = health.iter().find(|h| h.0 == g.name && h.1 == r.alert);
+                    serde_json::json!({
+                        "alert": r.alert, "kind": r.kind.name(),
+                        "window": humantime::format_duration(r.window).to_string(),
+                        "for": humantime::format_duration(r.for_).to_string(),
+                        "keepFiringFor": humantime::format_duration(r.keep_firing_for).to_string(),
+                        "minSamples": r.min_samples, "labels": r.labels, "annotations": r.annotations,
+                        "health": h.map_or("unknown", |h| h.2.as_str()),
+                        "lastError": h.and_then(|h| h.3.clone()),
+                        "lastEvaluation": h.map(|h| h.4),
+                        "evaluationMs": h.map(|h| h.5),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "name": g.name, "file": file, "interval": humantime::format_duration(g.interval).to_string(), "rules": rules })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "groups": groups })).into_response()
 }

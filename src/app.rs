@@ -81,6 +81,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Bad rule files stop the start, every problem listed.
+    let rule_files = crate::evaluate::run::load_rules(&config.rules.files)?;
     let pool = prepare_database(&config).await?;
     let opts = store::connect_options(&config.database.url)?;
     let metrics = Arc::new(Metrics::new());
@@ -135,6 +137,11 @@ pub async fn run(
         pool: pool.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        rules: Arc::new(rule_files.clone()),
+    });
+    let evaluator = config.rules.enabled.then(|| {
+        let ev = crate::evaluate::run::Evaluator::new(pool.clone(), rule_files);
+        tokio::spawn(crate::evaluate::run::run(ev, opts.clone(), stop.clone()))
     });
     let admin = tokio::spawn(
         axum::serve(listeners.admin.tap_io(nodelay), admin_router)
@@ -158,6 +165,9 @@ pub async fn run(
         t.await?;
     }
     health.await?;
+    if let Some(ev) = evaluator {
+        ev.await?;
+    }
     pool.close().await;
     tracing::info!("stopped");
     Ok(())

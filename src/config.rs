@@ -17,7 +17,16 @@ pub struct Config {
     pub admin: Admin,
     pub ingest: Ingest,
     pub privacy: Privacy,
+    pub rules: Rules,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rules {
+    /// Evaluate alert rules in this process (one replica leads; the others stand by).
+    pub enabled: bool,
+    /// Rule files; empty means the built-in `alerts/default.yaml`.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +145,10 @@ impl Default for Config {
                     .collect(),
                 max_redacted_bytes: 2048,
             },
+            rules: Rules {
+                enabled: true,
+                files: Vec::new(),
+            },
             log: Log {
                 level: "info".into(),
                 format: LogFormat::Text,
@@ -246,6 +259,10 @@ impl Config {
                 redact_patterns: l.get("privacy.redact_patterns", d.privacy.redact_patterns),
                 max_redacted_bytes: l
                     .get("privacy.max_redacted_bytes", d.privacy.max_redacted_bytes),
+            },
+            rules: Rules {
+                enabled: l.get("rules.enabled", d.rules.enabled),
+                files: l.get("rules.files", d.rules.files),
             },
             log: Log {
                 level: l.get("log.level", d.log.level),

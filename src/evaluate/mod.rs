@@ -5,4 +5,5 @@
 
 pub mod engine;
 pub mod rules;
+pub mod run;
 pub mod state;

@@ -1,0 +1,307 @@
+//! The evaluator: per-group evaluation at an aligned `now` (queries through `store`, state
+//! machine through `engine`), persistence, and the live loop with a single leader.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{self, Alerts, Notice, Tracked};
+use super::rules::{Group, Kind, Rule, RuleFile};
+use super::state::{AlertState, Event, Phase};
+use crate::store::StoreError;
+use crate::store::alerts::{self, NewEvent, Observation, StoredAlert};
+
+/// The built-in rules, used when no rule files are configured.
+pub const DEFAULT_RULES: &str = include_str!("../../alerts/default.yaml");
+
+/// The configured rule files, or the built-in rules when none are configured.
+pub fn load_rules(
+    files: &[std::path::PathBuf],
+) -> Result<Vec<(String, RuleFile)>, super::rules::RulesError> {
+    if files.is_empty() {
+        return super::rules::parse("(built-in) alerts/default.yaml", DEFAULT_RULES)
+            .map(|f| vec![("(built-in) alerts/default.yaml".to_owned(), f)])
+            .map_err(super::rules::RulesError::Invalid);
+    }
+    super::rules::load(files)
+}
+
+pub struct Evaluator {
+    pool: PgPool,
+    groups: Vec<Group>,
+    alerts: Alerts,
+}
+
+fn to_dt(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+fn phase_of(s: &str) -> Phase {
+    match s {
+        "pending" => Phase::Pending,
+        "firing" => Phase::Firing,
+        "resolved" => Phase::Resolved,
+        _ => Phase::Inactive,
+    }
+}
+
+async fn observe(
+    pool: &PgPool,
+    rule: &Rule,
+    now: DateTime<Utc>,
+) -> Result<Vec<Observation>, StoreError> {
+    let window = rule.window.as_secs_f64();
+    let window_ms = rule.window.as_millis() as i64;
+    let now_ms = now.timestamp_millis();
+    match &rule.kind {
+        Kind::Latency(l) => {
+            let baseline = l
+                .regression
+                .as_ref()
+                .map(|r| to_dt(engine::baseline_end_ms(r.baseline, now_ms, window_ms)));
+            let mut obs = alerts::latency(pool, now, window, l.quantile, baseline).await?;
+            // `both`: the worse of the previous window and the same window a week ago.
+            if l.regression
+                .as_ref()
+                .is_some_and(|r| r.baseline == super::rules::Baseline::Both)
+            {
+                let week_end = to_dt(engine::baseline_end_ms(
+                    super::rules::Baseline::WeekAgo,
+                    now_ms,
+                    window_ms,
+                ));
+                let week = alerts::latency(pool, now, window, l.quantile, Some(week_end)).await?;
+                for o in &mut obs {
+                    let w = week
+                        .iter()
+                        .find(|w| w.labels == o.labels)
+                        .and_then(|w| w.baseline);
+                    o.baseline = match (o.baseline, w) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+            Ok(obs)
+        }
+        Kind::ErrorRate(_) => alerts::error_rate(pool, now, window).await,
+        Kind::EmptyResults(e) => {
+            alerts::empty_results(
+                pool,
+                now,
+                window,
+                to_dt(engine::baseline_end_ms(e.baseline, now_ms, window_ms)),
+            )
+            .await
+        }
+        Kind::RetryLoop(r) => {
+            alerts::retry_loops(pool, now, window, r.min_repeats as i64, r.after_errors_only).await
+        }
+        Kind::TokenBurn(_) => alerts::token_burn(pool, now, window).await,
+        Kind::RateLimitHeadroom(_) => alerts::rate_limit_headroom(pool, now, window).await,
+    }
+}
+
+impl Evaluator {
+    pub fn new(pool: PgPool, files: Vec<(String, RuleFile)>) -> Evaluator {
+        Evaluator {
+            pool,
+            groups: files.into_iter().flat_map(|(_, f)| f.groups).collect(),
+            alerts: Alerts::default(),
+        }
+    }
+
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// Loads the persisted alert states (after a restart, or on becoming the leader).
+    pub async fn restore(&mut self) -> Result<usize, StoreError> {
+        let rows = alerts::load_alerts(&self.pool).await?;
+        self.alerts = Alerts::default();
+        for r in &rows {
+            self.alerts.map.insert(
+                (r.alert.clone(), r.key.clone()),
+                Tracked {
+                    group: r.group_name.clone(),
+                    labels: r.labels.0.clone(),
+                    state: AlertState {
+                        phase: phase_of(&r.phase),
+                        active_since_ms: r.active_since.map(|t| t.timestamp_millis()),
+                        fired_at_ms: r.fired_at.map(|t| t.timestamp_millis()),
+                        last_held_ms: r.last_held.map(|t| t.timestamp_millis()),
+                        resolved_at_ms: r.resolved_at.map(|t| t.timestamp_millis()),
+                        value: r.value,
+                    },
+                },
+            );
+        }
+        Ok(rows.len())
+    }
+
+    /// Evaluates every group at `now` (tests and replays); the loop evaluates each group on its
+    /// own aligned schedule through [`Evaluator::evaluate_group_at`].
+    pub async fn evaluate_all_at(&mut self, now: DateTime<Utc>) -> Result<Vec<Notice>, StoreError> {
+        let mut all = Vec::new();
+        for g in 0..self.groups.len() {
+            all.extend(self.evaluate_group_at(g, now).await?);
+        }
+        Ok(all)
+    }
+
+    /// Evaluates one group at `now` and saves its states, events and rule health in one
+    /// transaction. A failing rule records its error and does not stop the others.
+    pub async fn evaluate_group_at(
+        &mut self,
+        group: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Notice>, StoreError> {
+        let g = self.groups[group].clone();
+        let now_ms = now.timestamp_millis();
+        let mut changed = Vec::new();
+        let mut notices = Vec::new();
+        let mut health = Vec::new();
+        for rule in &g.rules {
+            let started = Instant::now();
+            match observe(&self.pool, rule, now).await {
+                Ok(obs) => {
+                    notices.extend(engine::apply(
+                        rule,
+                        &g.name,
+                        &obs,
+                        &mut self.alerts,
+                        now_ms,
+                        &mut changed,
+                    ));
+                    health.push((
+                        g.name.clone(),
+                        rule.alert.clone(),
+                        None,
+                        now,
+                        started.elapsed().as_secs_f64() * 1000.0,
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(group = %g.name, alert = %rule.alert, error = %e, "rule evaluation failed");
+                    health.push((
+                        g.name.clone(),
+                        rule.alert.clone(),
+                        Some(e.to_string()),
+                        now,
+                        started.elapsed().as_secs_f64() * 1000.0,
+                    ));
+                }
+            }
+        }
+        changed.sort();
+        changed.dedup();
+        let states: Vec<StoredAlert> = changed
+            .iter()
+            .map(
+                |(alert, key)| match self.alerts.map.get(&(alert.clone(), key.clone())) {
+                    Some(t) => StoredAlert {
+                        alert: alert.clone(),
+                        key: key.clone(),
+                        group_name: t.group.clone(),
+                        labels: sqlx::types::Json(t.labels.clone()),
+                        phase: t.state.phase.as_str().to_owned(),
+                        active_since: t.state.active_since_ms.map(to_dt),
+                        fired_at: t.state.fired_at_ms.map(to_dt),
+                        last_held: t.state.last_held_ms.map(to_dt),
+                        resolved_at: t.state.resolved_at_ms.map(to_dt),
+                        value: t.state.value,
+                    },
+                    None => StoredAlert {
+                        alert: alert.clone(),
+                        key: key.clone(),
+                        group_name: g.name.clone(),
+                        labels: sqlx::types::Json(Default::default()),
+                        phase: "inactive".into(),
+                        active_since: None,
+                        fired_at: None,
+                        last_held: None,
+                        resolved_at: None,
+                        value: None,
+                    },
+                },
+            )
+            .collect();
+        let events: Vec<NewEvent> = notices
+            .iter()
+            .map(|n| {
+                let (status, since, at) = match n.event {
+                    Event::Firing { since_ms, at_ms } => ("firing", since_ms, at_ms),
+                    Event::Resolved { since_ms, at_ms } => ("resolved", since_ms, at_ms),
+                };
+                NewEvent {
+                    alert: n.alert.clone(),
+                    key: n.key.clone(),
+                    labels: n.labels.clone(),
+                    annotations: n.annotations.clone(),
+                    status,
+                    value: n.value,
+                    since: to_dt(since),
+                    at: to_dt(at),
+                }
+            })
+            .collect();
+        let mut conn = self.pool.acquire().await?;
+        alerts::save_evaluation(&mut conn, &states, &events, &health).await?;
+        for n in &notices {
+            tracing::info!(alert = %n.alert, key = %n.key, event = ?n.event, value = ?n.value, "alert state changed");
+        }
+        Ok(notices)
+    }
+}
+
+/// The next multiple of `interval` after `now` (evaluations happen on aligned instants).
+fn next_tick(now: DateTime<Utc>, interval: Duration) -> DateTime<Utc> {
+    let step = interval.as_millis().max(1) as i64;
+    to_dt((now.timestamp_millis() / step + 1) * step)
+}
+
+/// The live loop: the replica holding the advisory lock evaluates each group on its interval;
+/// the others wait and take over within a second or two of the leader's connection dying.
+pub async fn run(mut ev: Evaluator, opts: PgConnectOptions, stop: CancellationToken) {
+    let mut leader: Option<sqlx::PgConnection> = None;
+    let mut due: HashMap<usize, DateTime<Utc>> = HashMap::new();
+    loop {
+        if leader.is_none() {
+            if let Ok(mut conn) = opts.clone().connect().await
+                && alerts::try_lead(&mut conn).await.unwrap_or(false)
+            {
+                match ev.restore().await {
+                    Ok(n) => tracing::info!(alerts = n, "evaluating alert rules (leader)"),
+                    Err(e) => tracing::warn!(error = %e, "restoring alert state failed"),
+                }
+                leader = Some(conn);
+                due.clear();
+            }
+        } else if let Some(conn) = leader.as_mut() {
+            // The lock lives with this connection: if it is gone, so is the leadership.
+            if sqlx::query("SELECT 1").execute(&mut *conn).await.is_err() {
+                tracing::warn!("lost the evaluator lock connection; standing by");
+                leader = None;
+                continue;
+            }
+            let now = Utc::now();
+            for (i, g) in ev.groups().to_vec().iter().enumerate() {
+                let at = *due.entry(i).or_insert_with(|| next_tick(now, g.interval));
+                if now >= at {
+                    if let Err(e) = ev.evaluate_group_at(i, at).await {
+                        tracing::warn!(group = %g.name, error = %e, "saving the evaluation failed");
+                    }
+                    due.insert(i, next_tick(Utc::now().max(at), g.interval));
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! Alert rules end to end: the failures of each rule kind are sent as spans over OTLP to the
+//! running service; the evaluator (the live loop's code, driven at chosen instants) fires, does
+//! not fire on low-traffic noise, survives a restart without re-firing, and resolves.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::Service;
+use serde_json::{Value, json};
+use toolsight::evaluate::engine::Notice;
+use toolsight::evaluate::rules::parse;
+use toolsight::evaluate::run::Evaluator;
+use toolsight::evaluate::state::Event;
+
+const RULES: &str = "
+groups:
+  - name: t
+    interval: 1m
+    rules:
+      - alert: Errors
+        kind: error_rate
+        window: 5m
+        fire_above: 0.05
+        clear_below: 0.03
+        min_samples: 20
+      - alert: Slow
+        kind: latency
+        window: 10m
+        regression: {fire_ratio: 1.5, clear_ratio: 1.2, min_increase: 200ms}
+        min_samples: 20
+      - alert: Empty
+        kind: empty_results
+        window: 10m
+        fire_above: 0.5
+        clear_below: 0.3
+        baseline_below: 0.2
+        min_samples: 10
+      - alert: Loop
+        kind: retry_loop
+        window: 10m
+        min_repeats: 5
+        min_samples: 5
+      - alert: Burn
+        kind: token_burn
+        window: 30m
+        ratio_to_median: 10
+        min_samples: 5
+      - alert: Headroom
+        kind: rate_limit_headroom
+        window: 5m
+        remaining_below: 0.1
+        clear_at: 0.2
+        min_samples: 5
+";
+
+/// Span builder: OTLP/JSON with the attributes each kind reads.
+struct Spans {
+    spans: Vec<Value>,
+    n: u64,
+}
+
+fn attr(k: &str, v: Value) -> Value {
+    match v {
+        Value::String(s) => json!({"key": k, "value": {"stringValue": s}}),
+        Value::Number(n) => json!({"key": k, "value": {"intValue": n.to_string()}}),
+        other => json!({"key": k, "value": {"stringValue": other.to_string()}}),
+    }
+}
+
+impl Spans {
+    fn new() -> Self {
+        Spans {
+            spans: Vec::new(),
+            n: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        kind: i32,
+        minute: DateTime<Utc>,
+        ms: u64,
+        error: bool,
+        attrs: Vec<Value>,
+    ) {
+        self.n += 1;
+        let start = minute.timestamp_nanos_opt().unwrap() as u64 + self.n * 1_000_000;
+        self.spans.push(json!({
+            "traceId": format!("{:032x}", 0xA1E7_0000_0000_0000u64 as u128 * 1_000_000 + self.n as u128),
+            "spanId": format!("{:016x}", self.n),
+            "name": name, "kind": kind,
+            "startTimeUnixNano": start.to_string(),
+            "endTimeUnixNano": (start + ms * 1_000_000).to_string(),
+            "attributes": attrs,
+            "status": {"code": if error { 2 } else { 1 }},
+        }));
+    }
+
+    fn tool(&mut self, tool: &str, minute: DateTime<Utc>, ms: u64, error: bool, extra: Vec<Value>) {
+        let mut a = vec![
+            attr("mcp.method.name", json!("tools/call")),
+            attr("gen_ai.tool.name", json!(tool)),
+        ];
+        if error {
+            a.push(attr("error.type", json!("tool_error")));
+        }
+        a.extend(extra);
+        self.push(&format!("tools/call {tool}"), 2, minute, ms, error, a);
+    }
+
+    fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({"resourceSpans": [{
+            "resource": {"attributes": [attr("service.name", json!("svc"))]},
+            "scopeSpans": [{"scope": {"name": "t"}, "spans": self.spans}]
+        }]}))
+        .unwrap()
+    }
+}
+
+async fn send(svc: &Service, spans: Spans) {
+    let r = reqwest::Client::new()
+        .post(svc.http_url())
+        .header("content-type", "application/json")
+        .body(spans.body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({}),
+        "nothing rejected"
+    );
+}
+
+fn summary(notices: &[Notice]) -> BTreeSet<String> {
+    notices
+        .iter()
+        .map(|n| {
+            let status = match n.event {
+                Event::Firing { .. } => "firing",
+                Event::Resolved { .. } => "resolved",
+            };
+            let who = ["tool", "session", "upstream"]
+                .iter()
+                .find_map(|k| n.labels.get(*k))
+                .cloned()
+                .unwrap_or_default();
+            format!("{} {who} {status}", n.alert)
+        })
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_kind_fires_on_its_failure_and_resolves() {
+    let svc = Service::start_with("alerts", |c| c.rules.enabled = false).await;
+    let now = Utc::now();
+    let t0 = Utc
+        .timestamp_opt(now.timestamp() / 60 * 60 - 2 * 3600, 0)
+        .unwrap();
+    let m = |k: i64| t0 + chrono::Duration::minutes(k);
+
+    let mut s = Spans::new();
+    // Latency: 200 ms in the baseline window, 2 s in the evaluated one, 200 ms again after.
+    for _ in 0..30 {
+        s.tool("query_database", m(5), 200, false, vec![]);
+        s.tool("query_database", m(15), 2000, false, vec![]);
+        s.tool("query_database", m(25), 200, false, vec![]);
+    }
+    // Errors: a third of 30 calls fail; later all succeed. A rare tool fails once in 2 calls.
+    for i in 0..30 {
+        s.tool("search", m(15), 50, i % 3 == 0, vec![]);
+        s.tool("search", m(25), 50, false, vec![]);
+    }
+    s.tool("rare", m(15), 50, true, vec![]);
+    s.tool("rare", m(15), 50, false, vec![]);
+    // Empty results: rows in the baseline window, nothing in the evaluated one, rows again.
+    let rows = json!(r#"{"content":[{"type":"text","text":"[1,2,3]"}]}"#);
+    let none = json!(r#"{"content":[]}"#);
+    for _ in 0..20 {
+        s.tool(
+            "list_items",
+            m(5),
+            30,
+            false,
+            vec![attr("gen_ai.tool.call.result", rows.clone())],
+        );
+        s.tool(
+            "list_items",
+            m(15),
+            30,
+            false,
+            vec![attr("gen_ai.tool.call.result", none.clone())],
+        );
+        s.tool(
+            "list_items",
+            m(25),
+            30,
+            false,
+            vec![attr("gen_ai.tool.call.result", rows.clone())],
+        );
+    }
+    // A retry loop: the same call 6 times in one conversation; another conversation twice.
+    for _ in 0..6 {
+        s.tool(
+            "echo",
+            m(15),
+            10,
+            false,
+            vec![
+                attr("gen_ai.conversation.id", json!("sess-loop")),
+                attr("gen_ai.tool.call.arguments", json!(r#"{"q":"same"}"#)),
+            ],
+        );
+    }
+    for _ in 0..2 {
+        s.tool(
+            "echo",
+            m(15),
+            10,
+            false,
+            vec![
+                attr("gen_ai.conversation.id", json!("sess-ok")),
+                attr("gen_ai.tool.call.arguments", json!(r#"{"q":"same"}"#)),
+            ],
+        );
+    }
+    // Token burn: five sessions of 1,000 tokens, one of 50,000.
+    for (i, tokens) in [1000, 1000, 1000, 1000, 1000, 50_000].iter().enumerate() {
+        s.push(
+            "chat gpt-4o",
+            3,
+            m(15),
+            500,
+            false,
+            vec![
+                attr("gen_ai.request.model", json!("gpt-4o")),
+                attr("gen_ai.usage.input_tokens", json!(tokens - 100)),
+                attr("gen_ai.usage.output_tokens", json!(100)),
+                attr("gen_ai.conversation.id", json!(format!("conv-{i}"))),
+            ],
+        );
+    }
+    // Rate limit: 5 of 100 requests left, then 80 of 100.
+    for (minute, remaining) in [(17, "5"), (27, "80")] {
+        for _ in 0..6 {
+            s.push(
+                "GET",
+                3,
+                m(minute),
+                40,
+                false,
+                vec![
+                    attr("http.request.method", json!("GET")),
+                    attr("server.address", json!("api.github.com")),
+                    attr("http.response.status_code", json!(200)),
+                    attr(
+                        "http.response.header.x-ratelimit-remaining",
+                        json!(remaining),
+                    ),
+                    attr("http.response.header.x-ratelimit-limit", json!("100")),
+                ],
+            );
+        }
+    }
+    send(&svc, s).await;
+
+    let rules = vec![("t.yaml".to_string(), parse("t.yaml", RULES).unwrap())];
+    let mut ev = Evaluator::new(svc.pool.clone(), rules.clone());
+    let fired = ev.evaluate_all_at(m(20)).await.unwrap();
+    assert_eq!(
+        summary(&fired),
+        set(&[
+            "Burn conv-5 firing",
+            "Empty list_items firing",
+            "Errors search firing",
+            "Headroom api.github.com firing",
+            "Loop echo firing",
+            "Slow query_database firing"
+        ]),
+        "the rare tool (2 calls) and the short conversation must not fire"
+    );
+    let loop_alert = fired.iter().find(|n| n.alert == "Loop").unwrap();
+    assert_eq!(loop_alert.labels["session"], "sess-loop");
+    assert_eq!(loop_alert.value, Some(6.0));
+
+    // The API shows them firing.
+    let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        api["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["state"] == "firing")
+            .count(),
+        6
+    );
+
+    // A restarted evaluator restores the state: re-evaluating fires nothing twice.
+    let mut restarted = Evaluator::new(svc.pool.clone(), rules);
+    assert_eq!(restarted.restore().await.unwrap(), 6);
+    let again = restarted.evaluate_all_at(m(21)).await.unwrap();
+    assert!(
+        again
+            .iter()
+            .all(|n| matches!(n.event, Event::Resolved { .. })),
+        "no alert fires twice after a restart: {:?}",
+        summary(&again)
+    );
+    // (At m+21 the 5-minute error window no longer holds minute 15: `Errors` may resolve here.)
+
+    // Healthy traffic (or none) later: every alert resolves, once.
+    let mut later = again;
+    later.extend(restarted.evaluate_all_at(m(30)).await.unwrap());
+    let later2 = restarted.evaluate_all_at(m(50)).await.unwrap();
+    let mut resolved = summary(&later);
+    resolved.extend(summary(&later2));
+    assert_eq!(
+        resolved,
+        set(&[
+            "Burn conv-5 resolved",
+            "Empty list_items resolved",
+            "Errors search resolved",
+            "Headroom api.github.com resolved",
+            "Loop echo resolved",
+            "Slow query_database resolved"
+        ])
+    );
+    let events: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT alert, status, key FROM alert_events ORDER BY id")
+            .fetch_all(&svc.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        events.len(),
+        12,
+        "one firing and one resolved event per alert: {events:?}"
+    );
+
+    let rules_api: Value = reqwest::get(format!("http://{}/api/v1/rules", svc.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        rules_api["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["name"] == "tool-health"),
+        "the service's own rules"
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_loop_fires_on_fresh_failures() {
+    let dir = std::env::temp_dir().join(format!("toolsight-live-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("live.yaml");
+    std::fs::write(
+        &path,
+        "groups:\n  - name: live\n    interval: 1s\n    rules:\n      - alert: LiveErrors\n        kind: error_rate\n        window: 1m\n        fire_above: 0.5\n        min_samples: 5\n        labels: {severity: page}\n",
+    )
+    .unwrap();
+    let svc = Service::start_with("alerts_live", |c| c.rules.files = vec![path.clone()]).await;
+    let mut s = Spans::new();
+    let now = Utc::now() - chrono::Duration::seconds(2);
+    for _ in 0..10 {
+        s.tool("flaky", now, 20, true, vec![]);
+    }
+    send(&svc, s).await;
+    let mut firing = None;
+    for _ in 0..100 {
+        let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(a) = api["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["alert"] == "LiveErrors" && a["state"] == "firing")
+        {
+            firing = Some(a.clone());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let a = firing.expect("LiveErrors fires within 20 s");
+    assert_eq!(a["labels"]["tool"], "flaky");
+    assert_eq!(a["value"], 1.0);
+    let rules: Value = reqwest::get(format!("http://{}/api/v1/rules", svc.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rule = &rules["groups"][0]["rules"][0];
+    assert_eq!(rule["alert"], "LiveErrors");
+    assert_eq!(rule["health"], "ok");
+    svc.stop().await.unwrap();
+}
