@@ -283,7 +283,7 @@ pub async fn run(mut ev: Evaluator, opts: PgConnectOptions, stop: CancellationTo
             }
         } else if let Some(conn) = leader.as_mut() {
             // The lock lives with this connection: if it is gone, so is the leadership.
-            if sqlx::query("SELECT 1").execute(&mut *conn).await.is_err() {
+            if !alerts::connection_alive(conn).await {
                 tracing::warn!("lost the evaluator lock connection; standing by");
                 leader = None;
                 continue;

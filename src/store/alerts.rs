@@ -378,3 +378,8 @@ pub async fn try_lead(conn: &mut PgConnection) -> Result<bool, StoreError> {
             .await?,
     )
 }
+
+/// Whether the leader's lock connection still answers (the lock dies with it).
+pub async fn connection_alive(conn: &mut PgConnection) -> bool {
+    sqlx::query("SELECT 1").execute(conn).await.is_ok()
+}
