@@ -416,3 +416,69 @@ async fn the_live_loop_fires_on_fresh_failures() {
     assert_eq!(rule["health"], "ok");
     svc.stop().await.unwrap();
 }
+
+/// The backend pid holding the evaluator lock, if any.
+async fn lock_holder(pool: &sqlx::PgPool) -> Option<i32> {
+    sqlx::query_scalar("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid")
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+async fn last_evaluation(pool: &sqlx::PgPool) -> Option<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT max(last_evaluation) FROM rule_health")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_evaluator_and_takeover() {
+    let dir = std::env::temp_dir().join(format!("toolsight-ha-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ha.yaml");
+    std::fs::write(&path, "groups:\n  - name: ha\n    interval: 1s\n    rules:\n      - alert: HaErrors\n        kind: error_rate\n        window: 1m\n        fire_above: 0.5\n").unwrap();
+    let p1 = path.clone();
+
+    // A starts alone and becomes the evaluator.
+    let a = Service::start_with("alerts_ha", move |c| c.rules.files = vec![p1]).await;
+    let pool = sqlx::PgPool::connect(&a.database_url).await.unwrap();
+    let mut a_lock = None;
+    for _ in 0..100 {
+        a_lock = lock_holder(&pool).await;
+        if a_lock.is_some() && last_evaluation(&pool).await.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let a_lock = a_lock.expect("A leads");
+
+    // B joins the same database and stands by: still one lock, still A's.
+    let b = Service::replica("alerts_ha", move |c| c.rules.files = vec![path]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let locks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(locks, 1);
+    assert_eq!(lock_holder(&pool).await, Some(a_lock));
+
+    // A goes away; B takes the lock within a few seconds and keeps evaluating.
+    a.stop().await.unwrap();
+    let mut b_lock = None;
+    for _ in 0..100 {
+        b_lock = lock_holder(&pool).await.filter(|p| *p != a_lock);
+        if b_lock.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(b_lock.is_some(), "B took over");
+    let before = last_evaluation(&pool).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let after = last_evaluation(&pool).await.unwrap();
+    assert!(after > before, "B evaluates: {before} -> {after}");
+    b.stop().await.unwrap();
+}

@@ -42,6 +42,12 @@ impl Service {
             .await
             .unwrap();
         admin_pool.close().await;
+        Self::replica(name, tweak).await
+    }
+
+    /// Another service on the database of `name`, kept as it is (a second replica).
+    pub async fn replica(name: &str, tweak: impl FnOnce(&mut Config)) -> Service {
+        let db = format!("toolsight_it_{name}");
 
         let mut config = Config::default();
         config.database.url = format!("{}/{db}", server_url());
