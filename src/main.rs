@@ -61,6 +61,11 @@ enum RulesCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run rule unit tests (input value series, expected firing alerts at given times).
+    Test {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -206,6 +211,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for (file, f) in loaded {
                 let rules: usize = f.groups.iter().map(|g| g.rules.len()).sum();
                 println!("{file}: ok ({} groups, {rules} rules)", f.groups.len());
+            }
+            Ok(())
+        }
+        Command::Rules {
+            command: RulesCommand::Test { files },
+        } => {
+            let (mut passed, mut failed) = (0, 0);
+            for f in &files {
+                let (p, x) = toolsight::evaluate::unittest::run_file(f)
+                    .map_err(toolsight::evaluate::rules::RulesError::Invalid)?;
+                passed += p;
+                failed += x;
+            }
+            println!("{passed} passed, {failed} failed");
+            if failed > 0 {
+                anyhow::bail!("{failed} rule test(s) failed");
             }
             Ok(())
         }

@@ -3,9 +3,13 @@
 use std::process::Command;
 
 fn check(files: &[&str]) -> (bool, String) {
+    rules("check", files)
+}
+
+fn rules(verb: &str, files: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_toolsight"))
         .arg("rules")
-        .arg("check")
+        .arg(verb)
         .args(files)
         .env_remove("TOOLSIGHT_CONFIG")
         .output()
@@ -48,4 +52,28 @@ fn every_problem_of_every_file_is_listed_with_file_and_line() {
         "{out}"
     );
     assert!(out.contains("b.yaml:"), "{out}");
+}
+
+#[test]
+fn rule_unit_tests_pass_and_fail() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.test.yaml");
+    let (ok, out) = rules("test", &[path]);
+    assert!(ok, "{out}");
+    assert!(out.contains("7 passed, 0 failed"), "{out}");
+
+    let dir = std::env::temp_dir().join(format!("toolsight-ruletest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.yaml"),
+        dir.join("default.yaml"),
+    )
+    .unwrap();
+    let bad = dir.join("bad.test.yaml");
+    std::fs::write(&bad, "rule_files: [default.yaml]\ntests:\n  - name: wrong\n    input:\n      - alert: ToolErrorRate\n        labels: {service: s, tool: t, side: server}\n        values: 0.01x3\n    expect:\n      - {at: 2m, firing: [{alertname: ToolErrorRate}]}\n").unwrap();
+    let (ok, out) = rules("test", &[bad.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL") && out.contains("0 passed, 1 failed"),
+        "{out}"
+    );
 }
