@@ -88,18 +88,7 @@ async fn tools(State(s): State<AdminState>, Query(q): Query<ToolsQuery>) -> Resp
         Ok(rows) => {
             axum::Json(serde_json::json!({ "since_seconds": since, "tools": rows })).into_response()
         }
-        Err(e) => {
-            let code = if e.is_retryable() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            (
-                code,
-                axum::Json(serde_json::json!({ "error": e.to_string() })),
-            )
-                .into_response()
-        }
+        Err(e) => store_error(e),
     }
 }
 

@@ -27,6 +27,19 @@ fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Rows of (service, tool, side, value, samples, baseline) as observations.
+fn per_tool(rows: Vec<(String, String, String, f64, i64, Option<f64>)>) -> Vec<Observation> {
+    rows.into_iter()
+        .map(|(service, tool, side, v, n, b)| Observation {
+            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
+            value: v,
+            samples: n,
+            baseline: b,
+            extra: None,
+        })
+        .collect()
+}
+
 /// Rollup minutes in [to - window, to): whole minutes, the one containing `to - window` included.
 const RANGE: &str = "minute >= date_trunc('minute', $1::timestamptz - make_interval(secs => $2)) AND minute < $1::timestamptz";
 
@@ -59,16 +72,7 @@ pub async fn latency(
         .bind(baseline_to)
         .fetch_all(pool)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(service, tool, side, v, n, b)| Observation {
-            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
-            value: v,
-            samples: n,
-            baseline: b,
-            extra: None,
-        })
-        .collect())
+    Ok(per_tool(rows))
 }
 
 /// errors / calls per (service, tool, side).
@@ -78,24 +82,15 @@ pub async fn error_rate(
     window_secs: f64,
 ) -> Result<Vec<Observation>, StoreError> {
     let sql = format!(
-        "SELECT service, tool, side, sum(errors)::float8 / sum(calls), sum(calls)::bigint
+        "SELECT service, tool, side, sum(errors)::float8 / sum(calls), sum(calls)::bigint, NULL::float8
          FROM tool_rollup_1m WHERE {RANGE} GROUP BY 1, 2, 3 HAVING sum(calls) > 0"
     );
-    let rows: Vec<(String, String, String, f64, i64)> = sqlx::query_as(&sql)
+    let rows = sqlx::query_as(&sql)
         .bind(to)
         .bind(window_secs)
         .fetch_all(pool)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(service, tool, side, v, n)| Observation {
-            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
-            value: v,
-            samples: n,
-            baseline: None,
-            extra: None,
-        })
-        .collect())
+    Ok(per_tool(rows))
 }
 
 /// The share of empty results (of calls whose content was captured) per (service, tool, side),
@@ -123,16 +118,7 @@ pub async fn empty_results(
         .bind(baseline_to)
         .fetch_all(pool)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(service, tool, side, v, n, b)| Observation {
-            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
-            value: v,
-            samples: n,
-            baseline: b,
-            extra: None,
-        })
-        .collect())
+    Ok(per_tool(rows))
 }
 
 /// Per (service, upstream): the lowest remaining / limit, and the share of 429 responses.
