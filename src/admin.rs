@@ -20,7 +20,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
     /// The loaded rule files, for `/api/v1/rules`.
-    pub rules: Arc<Vec<(String, crate::evaluate::rules::RuleFile)>>,
+    pub rules: Arc<std::sync::RwLock<Vec<(String, crate::evaluate::rules::RuleFile)>>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -133,8 +133,8 @@ async fn rules(State(s): State<AdminState>) -> Response {
         Ok(h) => h,
         Err(e) => return store_error(e),
     };
-    let groups: Vec<_> = s
-        .rules
+    let loaded = s.rules.read().map(|r| r.clone()).unwrap_or_default();
+    let groups: Vec<_> = loaded
         .iter()
         .flat_map(|(file, f)| f.groups.iter().map(move |g| (file, g)))
         .map(|(file, g)| {

@@ -133,15 +133,25 @@ pub async fn run(
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
+    let shared_rules = Arc::new(std::sync::RwLock::new(rule_files.clone()));
     let admin_router = admin::router(AdminState {
         pool: pool.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
-        rules: Arc::new(rule_files.clone()),
+        rules: shared_rules.clone(),
     });
     let evaluator = config.rules.enabled.then(|| {
         let ev = crate::evaluate::run::Evaluator::new(pool.clone(), rule_files);
-        tokio::spawn(crate::evaluate::run::run(ev, opts.clone(), stop.clone()))
+        let source = crate::evaluate::run::RuleSource {
+            files: config.rules.files.clone(),
+            shared: shared_rules.clone(),
+        };
+        tokio::spawn(crate::evaluate::run::run(
+            ev,
+            opts.clone(),
+            source,
+            stop.clone(),
+        ))
     });
     let admin = tokio::spawn(
         axum::serve(listeners.admin.tap_io(nodelay), admin_router)

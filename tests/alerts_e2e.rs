@@ -482,3 +482,105 @@ async fn two_replicas_one_evaluator_and_takeover() {
     assert!(after > before, "B evaluates: {before} -> {after}");
     b.stop().await.unwrap();
 }
+
+async fn rule_names(svc: &Service) -> Vec<String> {
+    let r: Value = reqwest::get(format!("http://{}/api/v1/rules", svc.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| {
+            g["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["alert"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+async fn wait_for_rules(svc: &Service, want: &[&str]) {
+    for _ in 0..100 {
+        if rule_names(svc).await == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("rules never became {want:?}: {:?}", rule_names(svc).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_files_reload_and_bad_files_keep_the_old_rules() {
+    let dir = std::env::temp_dir().join(format!("toolsight-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("r.yaml");
+    let rule = |name: &str| {
+        format!(
+            "groups:\n  - name: r\n    interval: 1s\n    rules:\n      - alert: {name}\n        kind: error_rate\n        window: 1m\n        fire_above: 0.5\n        min_samples: 5\n"
+        )
+    };
+    std::fs::write(&path, rule("First")).unwrap();
+    let p = path.clone();
+    let svc = Service::start_with("alerts_reload", move |c| c.rules.files = vec![p]).await;
+    wait_for_rules(&svc, &["First"]).await;
+
+    // First fires on fresh failures.
+    let mut s = Spans::new();
+    for _ in 0..10 {
+        s.tool(
+            "flaky",
+            Utc::now() - chrono::Duration::seconds(2),
+            20,
+            true,
+            vec![],
+        );
+    }
+    send(&svc, s).await;
+    let firing = || async {
+        let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        api["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["alert"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..100 {
+        if firing().await == ["First"] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(firing().await, ["First"]);
+
+    // A broken edit is refused: the old rules stay.
+    std::fs::write(&path, "groups:\n  - name: r\n    rules: [\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    assert_eq!(rule_names(&svc).await, ["First"]);
+
+    // A valid edit replaces them; the alert of the removed rule goes away.
+    std::fs::write(&path, rule("Second")).unwrap();
+    wait_for_rules(&svc, &["Second"]).await;
+    for _ in 0..50 {
+        if !firing().await.contains(&"First".to_string()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        !firing().await.contains(&"First".to_string()),
+        "{:?}",
+        firing().await
+    );
+    svc.stop().await.unwrap();
+}

@@ -119,6 +119,48 @@ impl Evaluator {
         &self.groups
     }
 
+    /// Replaces the rules. Alerts of rules that no longer exist are forgotten (and deleted from
+    /// the stored state), so they do not stay firing forever.
+    pub async fn replace_rules(
+        &mut self,
+        files: Vec<(String, RuleFile)>,
+    ) -> Result<(), StoreError> {
+        self.groups = files.into_iter().flat_map(|(_, f)| f.groups).collect();
+        let names: std::collections::HashSet<&str> = self
+            .groups
+            .iter()
+            .flat_map(|g| &g.rules)
+            .map(|r| r.alert.as_str())
+            .collect();
+        let gone: Vec<(String, String)> = self
+            .alerts
+            .map
+            .keys()
+            .filter(|(a, _)| !names.contains(a.as_str()))
+            .cloned()
+            .collect();
+        let deleted: Vec<StoredAlert> = gone
+            .iter()
+            .map(|(alert, key)| StoredAlert {
+                alert: alert.clone(),
+                key: key.clone(),
+                group_name: String::new(),
+                labels: sqlx::types::Json(Default::default()),
+                phase: "inactive".into(),
+                active_since: None,
+                fired_at: None,
+                last_held: None,
+                resolved_at: None,
+                value: None,
+            })
+            .collect();
+        for k in &gone {
+            self.alerts.map.remove(k);
+        }
+        let mut conn = self.pool.acquire().await?;
+        alerts::save_evaluation(&mut conn, &deleted, &[], &[]).await
+    }
+
     /// Loads the persisted alert states (after a restart, or on becoming the leader).
     pub async fn restore(&mut self) -> Result<usize, StoreError> {
         let rows = alerts::load_alerts(&self.pool).await?;
@@ -264,12 +306,59 @@ fn next_tick(now: DateTime<Utc>, interval: Duration) -> DateTime<Utc> {
     to_dt((now.timestamp_millis() / step + 1) * step)
 }
 
+/// Where the rules come from, for reloading: the configured files (empty: built-in rules) and
+/// the copy the API shows.
+pub struct RuleSource {
+    pub files: Vec<std::path::PathBuf>,
+    pub shared: std::sync::Arc<std::sync::RwLock<Vec<(String, RuleFile)>>>,
+}
+
+/// The files' modification times: a change triggers a reload.
+fn stamps(files: &[std::path::PathBuf]) -> Vec<Option<std::time::SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
 /// The live loop: the replica holding the advisory lock evaluates each group on its interval;
 /// the others wait and take over within a second or two of the leader's connection dying.
-pub async fn run(mut ev: Evaluator, opts: PgConnectOptions, stop: CancellationToken) {
+/// Rule files are re-read when they change; a file with problems keeps the previous rules.
+pub async fn run(
+    mut ev: Evaluator,
+    opts: PgConnectOptions,
+    source: RuleSource,
+    stop: CancellationToken,
+) {
     let mut leader: Option<sqlx::PgConnection> = None;
     let mut due: HashMap<usize, DateTime<Utc>> = HashMap::new();
+    let mut seen = stamps(&source.files);
+    let mut last_check = Instant::now();
     loop {
+        if !source.files.is_empty() && last_check.elapsed() >= Duration::from_secs(2) {
+            last_check = Instant::now();
+            let now_stamps = stamps(&source.files);
+            if now_stamps != seen {
+                seen = now_stamps;
+                match load_rules(&source.files) {
+                    Ok(files) => {
+                        if let Ok(mut shared) = source.shared.write() {
+                            *shared = files.clone();
+                        }
+                        match ev.replace_rules(files).await {
+                            Ok(()) => tracing::info!("rule files reloaded"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "rule files reloaded; forgetting removed alerts failed")
+                            }
+                        }
+                        due.clear();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rule files changed but are invalid; keeping the previous rules")
+                    }
+                }
+            }
+        }
         if leader.is_none() {
             if let Ok(mut conn) = opts.clone().connect().await
                 && alerts::try_lead(&mut conn).await.unwrap_or(false)
