@@ -419,7 +419,11 @@ async fn the_live_loop_fires_on_fresh_failures() {
 
 /// The backend pid holding the evaluator lock, if any.
 async fn lock_holder(pool: &sqlx::PgPool) -> Option<i32> {
-    sqlx::query_scalar("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid")
+    // Advisory locks are per database; other tests' evaluators hold theirs elsewhere.
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
         .fetch_optional(pool)
         .await
         .unwrap()
@@ -457,7 +461,8 @@ async fn two_replicas_one_evaluator_and_takeover() {
     let b = Service::replica("alerts_ha", move |c| c.rules.files = vec![path]).await;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let locks: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(&pool)
     .await
