@@ -99,6 +99,15 @@ struct LoadgenArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// `incidents`: healthy traffic, then every failure the alert rules catch, then healthy
+    /// again (one small export per second; --duration sets the whole timeline, default 6m).
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Scenario {
+    Incidents,
 }
 
 fn init_logging(config: &Config) {
@@ -183,7 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Protocol::Grpc => "127.0.0.1:4317".into(),
                 _ => "127.0.0.1:4318".into(),
             });
-            let report = loadgen::run(LoadConfig {
+            let cfg = LoadConfig {
                 protocol: a.protocol,
                 endpoint,
                 gzip: a.gzip,
@@ -194,8 +203,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: !a.quiet,
                 run_id: (std::process::id() & 0xFFFF) as u16,
                 timeout: a.timeout.into(),
-            })
-            .await?;
+            };
+            let report = match a.scenario {
+                Some(Scenario::Incidents) => loadgen::incidents::run(&cfg).await?,
+                None => loadgen::run(cfg).await?,
+            };
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -27,9 +27,14 @@ fn rules(verb: &str, files: &[&str]) -> (bool, String) {
 #[test]
 fn the_shipped_rules_pass() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.yaml");
-    let (ok, out) = check(&[path]);
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/demo.yaml");
+    let (ok, out) = check(&[path, demo]);
     assert!(ok, "{out}");
-    assert!(out.contains("ok (3 groups, 7 rules)"), "{out}");
+    assert!(
+        out.contains("default.yaml: ok (3 groups, 7 rules)"),
+        "{out}"
+    );
+    assert!(out.contains("demo.yaml: ok (1 groups, 7 rules)"), "{out}");
 }
 
 #[test]

@@ -153,10 +153,15 @@ fn strongest(a: Signal, b: Signal) -> Signal {
     }
 }
 
-/// The baseline window's end for a regression rule evaluated over the window ending at `now_ms`.
+/// The baseline window's end for a rule evaluated over the window ending at `now_ms`. Rollups
+/// are per minute and the current window starts at the minute holding `now - window`, so the
+/// previous window ends there: the two never share a minute (an incident's first minute must not
+/// leak into its own baseline).
 pub fn baseline_end_ms(baseline: Baseline, now_ms: i64, window_ms: i64) -> i64 {
     match baseline {
-        Baseline::PreviousWindow | Baseline::Both => now_ms - window_ms,
+        Baseline::PreviousWindow | Baseline::Both => {
+            (now_ms - window_ms).div_euclid(60_000) * 60_000
+        }
         Baseline::WeekAgo => now_ms - 7 * 24 * 3_600_000,
     }
 }
@@ -411,6 +416,21 @@ mod tests {
         assert!(matches!(resolved[0].event, Event::Resolved { .. }));
         apply(&r, "g", &[], &mut alerts, 90 * MIN, &mut changed);
         assert!(alerts.map.is_empty(), "{alerts:?}");
+    }
+
+    #[test]
+    fn the_previous_window_never_shares_a_minute_with_the_current_one() {
+        // Current window at 14:15:10 over 1m covers the minutes 14:14 and 14:15; the baseline
+        // must end at 14:14:00, not 14:14:10 (which would take in the 14:14 minute again).
+        let at = |h: i64, m: i64, s: i64| ((h * 60 + m) * 60 + s) * 1000;
+        assert_eq!(
+            baseline_end_ms(Baseline::PreviousWindow, at(14, 15, 10), 60_000),
+            at(14, 14, 0)
+        );
+        assert_eq!(
+            baseline_end_ms(Baseline::PreviousWindow, at(14, 15, 0), 600_000),
+            at(14, 5, 0)
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! service takes it (closed loop), over any OTLP transport, with a live progress line.
 
 pub mod client;
+pub mod incidents;
 pub mod traffic;
 
 use std::sync::Arc;
@@ -120,6 +121,30 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report with nothing sent yet.
+    pub fn empty(cfg: &LoadConfig) -> Report {
+        Report {
+            protocol: cfg.protocol.as_str(),
+            mode: "scenario",
+            target_spans_per_sec: cfg.rate,
+            spans_per_request: cfg.spans_per_request,
+            elapsed_secs: 0.0,
+            requests_sent: 0,
+            spans_sent: 0,
+            spans_accepted: 0,
+            spans_rejected: 0,
+            spans_refused: 0,
+            spans_failed: 0,
+            requests_not_sent: 0,
+            records_expected: 0,
+            accepted_spans_per_sec: 0.0,
+            latency_p50_ms: 0.0,
+            latency_p99_ms: 0.0,
+            latency_max_ms: 0.0,
+            last_failure: None,
+        }
+    }
+
     pub fn print(&self) {
         let rate = self
             .target_spans_per_sec
