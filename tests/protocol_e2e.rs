@@ -78,6 +78,17 @@ async fn post(
     req.send().await.unwrap()
 }
 
+/// POSTs an OTLP/JSON export, uncompressed.
+async fn post_json(svc: &Service, body: serde_json::Value) -> reqwest::Response {
+    post(
+        svc,
+        "application/json",
+        None,
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(data).unwrap();
@@ -225,13 +236,7 @@ async fn bad_requests_get_the_right_status_are_counted_and_harm_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_spans_are_reported_in_partial_success() {
     let svc = Service::start("partial").await;
-    let r = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(2, 4, 1)).unwrap(),
-    )
-    .await;
+    let r = post_json(&svc, json_body(2, 4, 1)).await;
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["partialSuccess"]["rejectedSpans"], 1);
@@ -301,13 +306,7 @@ fn spawn_export(
 
 /// A new export is refused as overloaded over HTTP (503, Retry-After 1) and gRPC (UNAVAILABLE).
 async fn assert_refused_as_overloaded(svc: &Service, tag: u8) {
-    let r = post(
-        svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(tag, 3, 0)).unwrap(),
-    )
-    .await;
+    let r = post_json(svc, json_body(tag, 3, 0)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
@@ -359,13 +358,7 @@ async fn a_full_queue_answers_503_and_unavailable_then_recovers() {
     assert!(!first.is_finished());
     lock.rollback().await.unwrap();
     assert_eq!(first.await.unwrap(), 200);
-    let r = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(5, 3, 0)).unwrap(),
-    )
-    .await;
+    let r = post_json(&svc, json_body(5, 3, 0)).await;
     assert_eq!(r.status(), 200, "the retry succeeds once there is room");
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 13);
     svc.stop().await.unwrap();
@@ -391,31 +384,11 @@ async fn shutdown_flushes_accepted_exports() {
     assert_eq!(n, 25);
 }
 
-async fn wait_ready_state(svc: &Service, want: u16) {
-    for _ in 0..200 {
-        let status = reqwest::get(format!("http://{}/readyz", svc.admin))
-            .await
-            .unwrap()
-            .status();
-        if status == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("/readyz never answered {want}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
     let svc = Service::start("outage").await;
     let db = "toolsight_it_outage";
-    let ok = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(8, 4, 0)).unwrap(),
-    )
-    .await;
+    let ok = post_json(&svc, json_body(8, 4, 0)).await;
     assert_eq!(ok.status(), 200);
 
     // The database goes away for toolsight: no new connections, existing ones killed.
@@ -431,16 +404,10 @@ async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
         .execute(&admin)
         .await
         .unwrap();
-    wait_ready_state(&svc, 503).await;
+    svc.wait_readyz(503).await;
     assert_eq!(svc.metric("toolsight_db_up").await, 0.0);
 
-    let r = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(9, 4, 0)).unwrap(),
-    )
-    .await;
+    let r = post_json(&svc, json_body(9, 4, 0)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "5");
     let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
@@ -462,15 +429,9 @@ async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
         .execute(&admin)
         .await
         .unwrap();
-    wait_ready_state(&svc, 200).await;
+    svc.wait_readyz(200).await;
     for _ in 0..2 {
-        let r = post(
-            &svc,
-            "application/json",
-            None,
-            serde_json::to_vec(&json_body(9, 4, 0)).unwrap(),
-        )
-        .await;
+        let r = post_json(&svc, json_body(9, 4, 0)).await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 8);
@@ -487,13 +448,7 @@ async fn overlapping_exports_count_only_new_spans() {
     let svc = Service::start("overlap").await;
     // Same tag: the first 3 spans of the second export are the 3 spans of the first.
     for n in [3, 5, 5] {
-        let r = post(
-            &svc,
-            "application/json",
-            None,
-            serde_json::to_vec(&json_body(11, n, 0)).unwrap(),
-        )
-        .await;
+        let r = post_json(&svc, json_body(11, n, 0)).await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 5);
@@ -522,13 +477,7 @@ async fn exports_beyond_the_concurrency_bound_are_refused() {
     lock.rollback().await.unwrap();
     assert_eq!(first.await.unwrap(), 200);
     // The permit is released with the answer: the next export goes through.
-    let r = post(
-        &svc,
-        "application/json",
-        None,
-        serde_json::to_vec(&json_body(13, 2, 0)).unwrap(),
-    )
-    .await;
+    let r = post_json(&svc, json_body(13, 2, 0)).await;
     assert_eq!(r.status(), 200);
     svc.stop().await.unwrap();
 }

@@ -141,18 +141,7 @@ impl Evaluator {
             .collect();
         let deleted: Vec<StoredAlert> = gone
             .iter()
-            .map(|(alert, key)| StoredAlert {
-                alert: alert.clone(),
-                key: key.clone(),
-                group_name: String::new(),
-                labels: sqlx::types::Json(Default::default()),
-                phase: "inactive".into(),
-                active_since: None,
-                fired_at: None,
-                last_held: None,
-                resolved_at: None,
-                value: None,
-            })
+            .map(|(alert, key)| StoredAlert::forgotten(alert, key, ""))
             .collect();
         for k in &gone {
             self.alerts.map.remove(k);
@@ -257,18 +246,7 @@ impl Evaluator {
                         resolved_at: t.state.resolved_at_ms.map(to_dt),
                         value: t.state.value,
                     },
-                    None => StoredAlert {
-                        alert: alert.clone(),
-                        key: key.clone(),
-                        group_name: g.name.clone(),
-                        labels: sqlx::types::Json(Default::default()),
-                        phase: "inactive".into(),
-                        active_since: None,
-                        fired_at: None,
-                        last_held: None,
-                        resolved_at: None,
-                        value: None,
-                    },
+                    None => StoredAlert::forgotten(alert, key, &g.name),
                 },
             )
             .collect();

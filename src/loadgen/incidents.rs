@@ -10,28 +10,15 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{
-    AnyValue, InstrumentationScope, KeyValue, any_value::Value,
-};
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, span::SpanKind,
 };
 
 use super::client::{Client, Outcome};
-use super::traffic::Rng;
+use super::traffic::{Rng, kv, s};
 use super::{LoadConfig, Report};
-
-fn kv(key: &str, v: Value) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(v) }),
-        key_strindex: 0,
-    }
-}
-fn s(v: impl Into<String>) -> Value {
-    Value::StringValue(v.into())
-}
 
 struct Builder {
     rng: Rng,

@@ -56,14 +56,14 @@ pub const UPSTREAMS: &[&str] = &[
     "api.openai.com",
 ];
 
-fn kv(key: &str, v: Value) -> KeyValue {
+pub(super) fn kv(key: &str, v: Value) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue { value: Some(v) }),
         key_strindex: 0,
     }
 }
-fn s(v: impl Into<String>) -> Value {
+pub(super) fn s(v: impl Into<String>) -> Value {
     Value::StringValue(v.into())
 }
 fn i(v: i64) -> Value {

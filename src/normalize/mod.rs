@@ -372,6 +372,8 @@ pub fn normalize(
             .filter_map(|s| Some((id8(&s.span_id)?, sources::mcp_method(s)?)))
             .collect();
 
+        // Looked up once per resource (not per span); refreshed when this resource teaches it.
+        let mut runs_fastmcp_client = memory.knows_fastmcp_client(&memory_key);
         for ss in &rs.scope_spans {
             let scope = ss.scope.as_ref().map(|s| s.name.as_str()).unwrap_or("");
             if scope == "fastmcp"
@@ -381,6 +383,7 @@ pub fn normalize(
                     .any(|s| s.kind == SpanKind::Client as i32 && sources::is_tools_call_span(s))
             {
                 memory.learn_fastmcp_client(&memory_key);
+                runs_fastmcp_client = memory.knows_fastmcp_client(&memory_key);
             }
             for span in &ss.spans {
                 out.spans += 1;
@@ -396,7 +399,7 @@ pub fn normalize(
                     opts,
                     parent_client_method: id8(&span.parent_span_id)
                         .and_then(|p| client_mcp_spans.get(&p).copied()),
-                    instance_runs_fastmcp_client: memory.knows_fastmcp_client(&memory_key),
+                    instance_runs_fastmcp_client: runs_fastmcp_client,
                 };
                 sources::classify(ctx, &mut out);
             }

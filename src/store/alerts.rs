@@ -235,6 +235,24 @@ pub struct StoredAlert {
     pub value: Option<f64>,
 }
 
+impl StoredAlert {
+    /// The row that deletes a forgotten alert (saved with phase `inactive`).
+    pub fn forgotten(alert: &str, key: &str, group: &str) -> StoredAlert {
+        StoredAlert {
+            alert: alert.to_owned(),
+            key: key.to_owned(),
+            group_name: group.to_owned(),
+            labels: sqlx::types::Json(Default::default()),
+            phase: "inactive".into(),
+            active_since: None,
+            fired_at: None,
+            last_held: None,
+            resolved_at: None,
+            value: None,
+        }
+    }
+}
+
 pub async fn load_alerts(pool: &PgPool) -> Result<Vec<StoredAlert>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT alert, key, group_name, labels, phase, active_since, fired_at, last_held, resolved_at, value

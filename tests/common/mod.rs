@@ -76,19 +76,24 @@ impl Service {
     }
 
     async fn wait_ready(&self) {
+        self.wait_readyz(200).await;
+    }
+
+    /// Waits until `/readyz` answers `want` (200 ready, 503 database unreachable), up to 30 s.
+    pub async fn wait_readyz(&self, want: u16) {
         let client = reqwest::Client::new();
         for _ in 0..300 {
             if let Ok(r) = client
                 .get(format!("http://{}/readyz", self.admin))
                 .send()
                 .await
-                && r.status().is_success()
+                && r.status() == want
             {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("service did not become ready");
+        panic!("/readyz never answered {want}");
     }
 
     pub fn http_url(&self) -> String {
