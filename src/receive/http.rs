@@ -77,7 +77,7 @@ pub fn router(ingest: Arc<Ingest>, limits: Limits) -> Router {
 
 async fn admit(
     State(state): State<AppState>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if req.method() != axum::http::Method::POST {
@@ -90,7 +90,10 @@ async fn admit(
     };
     match state.ingest.admit() {
         // Held until the response is ready.
-        Ok(_permit) => next.run(req).await,
+        Ok(_permit) => {
+            req.extensions_mut().insert(format);
+            next.run(req).await
+        }
         Err(e) => error_response(&state, format, e),
     }
 }
@@ -113,15 +116,13 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ReceiveError> {
     }
 }
 
+/// Runs behind `admit`, which has already checked the content type.
 async fn export(
     State(state): State<AppState>,
+    axum::Extension(format): axum::Extension<Format>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let format = match format_of(&headers) {
-        Ok(f) => f,
-        Err(e) => return error_response(&state, Format::Protobuf, e),
-    };
     let body = match body {
         Ok(b) => b,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
