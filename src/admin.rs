@@ -31,6 +31,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/tools", get(tools))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/rules", get(rules))
+        .route("/api/v1/silences", get(list_silences).post(add_silence))
+        .route(
+            "/api/v1/silences/{id}",
+            axum::routing::delete(expire_silence),
+        )
         .with_state(state)
 }
 
@@ -107,6 +112,11 @@ fn store_error(e: store::StoreError) -> Response {
 
 /// Active alerts: pending and firing, with their labels, value and since when.
 async fn alerts(State(s): State<AdminState>) -> Response {
+    let silenced = match crate::notify::run::Silenced::load(&s.pool, chrono::Utc::now()).await {
+        Ok(x) => x,
+        Err(crate::notify::NotifyError::Store(e)) => return store_error(e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
     match store::alerts::load_alerts(&s.pool).await {
         Ok(rows) => {
             let active: Vec<_> = rows
@@ -115,14 +125,141 @@ async fn alerts(State(s): State<AdminState>) -> Response {
                 .map(|a| {
                     let mut labels = a.labels.0.clone();
                     labels.insert("alertname".into(), a.alert.clone());
+                    let silenced_by = silenced.by(&labels);
                     serde_json::json!({
                         "alert": a.alert, "state": a.phase, "labels": labels, "value": a.value,
                         "activeSince": a.active_since, "firedAt": a.fired_at, "group": a.group_name,
+                        "silenced": !silenced_by.is_empty(), "silencedBy": silenced_by,
                     })
                 })
                 .collect();
             axum::Json(serde_json::json!({ "alerts": active })).into_response()
         }
+        Err(e) => store_error(e),
+    }
+}
+
+fn error(code: StatusCode, message: String) -> Response {
+    (code, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// A new silence: matchers, and a duration or an end time.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NewSilence {
+    pub matchers: Vec<String>,
+    /// `2h`, `30m`; or give `endsAt`.
+    pub duration: Option<String>,
+    pub starts_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub ends_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub created_by: String,
+    pub comment: String,
+}
+
+async fn add_silence(
+    State(s): State<AdminState>,
+    body: Result<axum::Json<NewSilence>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(n) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let mut problems = Vec::new();
+    if n.matchers.is_empty() {
+        problems.push("at least one matcher is required".to_owned());
+    }
+    for m in &n.matchers {
+        if let Err(e) = m.parse::<crate::notify::route::Matcher>() {
+            problems.push(e);
+        }
+    }
+    if n.created_by.trim().is_empty() {
+        problems.push("createdBy is required".into());
+    }
+    if n.comment.trim().is_empty() {
+        problems.push("comment is required".into());
+    }
+    let starts = n.starts_at.unwrap_or_else(chrono::Utc::now);
+    let ends = match (&n.duration, n.ends_at) {
+        (Some(d), None) => match humantime::parse_duration(d) {
+            Ok(d) => Some(starts + chrono::Duration::from_std(d).unwrap_or_default()),
+            Err(e) => {
+                problems.push(format!("duration {d:?}: {e}"));
+                None
+            }
+        },
+        (None, Some(t)) => Some(t),
+        _ => {
+            problems.push("give either duration or endsAt".into());
+            None
+        }
+    };
+    if let Some(e) = ends
+        && e <= starts
+    {
+        problems.push("the silence ends before it starts".into());
+    }
+    if !problems.is_empty() {
+        return error(StatusCode::BAD_REQUEST, problems.join("; "));
+    }
+    let ends = ends.unwrap_or(starts);
+    match store::notify::create_silence(
+        &s.pool,
+        &n.matchers,
+        starts,
+        ends,
+        &n.created_by,
+        &n.comment,
+    )
+    .await
+    {
+        Ok(silence) => {
+            tracing::info!(id = silence.id, matchers = ?n.matchers, until = %ends, by = %n.created_by, "silence created");
+            (StatusCode::CREATED, axum::Json(silence)).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// Silences in force or to come, and those that ended in the last 24 hours.
+async fn list_silences(State(s): State<AdminState>) -> Response {
+    let now = chrono::Utc::now();
+    match store::notify::silences(&s.pool, now - chrono::Duration::hours(24)).await {
+        Ok(rows) => {
+            let shown: Vec<_> = rows
+                .into_iter()
+                .map(|x| {
+                    let state = if x.ends_at <= now {
+                        "expired"
+                    } else if x.starts_at > now {
+                        "pending"
+                    } else {
+                        "active"
+                    };
+                    let mut v = serde_json::to_value(&x).unwrap_or_default();
+                    v["state"] = state.into();
+                    v
+                })
+                .collect();
+            axum::Json(serde_json::json!({ "silences": shown })).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn expire_silence(
+    State(s): State<AdminState>,
+    axum::extract::Path(id): axum::extract::Path<i64>,
+) -> Response {
+    match store::notify::expire_silence(&s.pool, id).await {
+        Ok(true) => {
+            tracing::info!(id, "silence expired");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no active silence with id {id}"),
+        ),
         Err(e) => store_error(e),
     }
 }

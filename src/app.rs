@@ -153,6 +153,16 @@ pub async fn run(
             stop.clone(),
         ))
     });
+    // Notifications follow the rules: a replica that does not evaluate does not notify either.
+    let notifier = config.rules.enabled.then(|| {
+        tokio::spawn(crate::notify::run::run(
+            Arc::new(config.notify.clone()),
+            pool.clone(),
+            opts.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ))
+    });
     let admin = tokio::spawn(
         axum::serve(listeners.admin.tap_io(nodelay), admin_router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
@@ -177,6 +187,9 @@ pub async fn run(
     health.await?;
     if let Some(ev) = evaluator {
         ev.await?;
+    }
+    if let Some(n) = notifier {
+        n.await?;
     }
     pool.close().await;
     tracing::info!("stopped");

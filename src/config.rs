@@ -18,6 +18,7 @@ pub struct Config {
     pub ingest: Ingest,
     pub privacy: Privacy,
     pub rules: Rules,
+    pub notify: crate::notify::config::Notify,
     pub log: Log,
 }
 
@@ -149,6 +150,7 @@ impl Default for Config {
                 enabled: true,
                 files: Vec::new(),
             },
+            notify: Default::default(),
             log: Log {
                 level: "info".into(),
                 format: LogFormat::Text,
@@ -264,6 +266,23 @@ impl Config {
                 enabled: l.get("rules.enabled", d.rules.enabled),
                 files: l.get("rules.files", d.rules.files),
             },
+            notify: crate::notify::config::Notify {
+                external_url: l.get("notify.external_url", d.notify.external_url),
+                grafana_url: l.get("notify.grafana_url", d.notify.grafana_url),
+                receivers: l.get("notify.receivers", d.notify.receivers),
+                receiver: l.get("notify.receiver", d.notify.receiver),
+                group_by: l.get("notify.group_by", d.notify.group_by),
+                group_wait: l.duration("notify.group_wait", d.notify.group_wait),
+                group_interval: l.duration("notify.group_interval", d.notify.group_interval),
+                repeat_interval: l.duration("notify.repeat_interval", d.notify.repeat_interval),
+                send_resolved: l.get("notify.send_resolved", d.notify.send_resolved),
+                routes: l.get("notify.routes", d.notify.routes),
+                retry_initial: l.duration("notify.retry_initial", d.notify.retry_initial),
+                retry_max: l.duration("notify.retry_max", d.notify.retry_max),
+                give_up_after: l.duration("notify.give_up_after", d.notify.give_up_after),
+                breaker_failures: l.get("notify.breaker_failures", d.notify.breaker_failures),
+                breaker_cooldown: l.duration("notify.breaker_cooldown", d.notify.breaker_cooldown),
+            },
             log: Log {
                 level: l.get("log.level", d.log.level),
                 format: l.get("log.format", d.log.format),
@@ -326,6 +345,7 @@ impl Config {
                 p.push(format!("privacy.redact_patterns[{i}]: {e}"));
             }
         }
+        self.notify.validate(p);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!("log.level: {e}"));
         }

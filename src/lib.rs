@@ -11,5 +11,6 @@ pub mod evaluate;
 pub mod loadgen;
 pub mod metrics;
 pub mod normalize;
+pub mod notify;
 pub mod receive;
 pub mod store;

@@ -52,6 +52,38 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Silences: alerts matching them are not notified (through the admin API).
+    Silence {
+        /// The admin API (default: the configured admin.listen).
+        #[arg(long, global = true)]
+        url: Option<String>,
+        #[command(subcommand)]
+        command: SilenceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SilenceCommand {
+    /// Silence alerts whose labels match every matcher (name=value, name!=value, name=~re, name!~re).
+    Add {
+        #[arg(required = true)]
+        matchers: Vec<String>,
+        /// How long, e.g. 2h.
+        #[arg(long, short, default_value = "1h")]
+        duration: String,
+        #[arg(long, short = 'm')]
+        comment: String,
+        /// Who silences (default: $USER).
+        #[arg(long, short, env = "USER")]
+        author: String,
+    },
+    /// Silences in force, to come, or ended in the last 24 hours.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a silence now.
+    Expire { id: i64 },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +97,21 @@ enum RulesCommand {
     Test {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Replay rules over the stored history: when each would have fired and resolved.
+    Backtest {
+        /// Rule files (default: the configured rules, or the built-in ones).
+        #[arg(long, num_args = 1..)]
+        rules: Vec<PathBuf>,
+        /// Start: RFC 3339 (2026-11-20T08:00:00Z) or a duration ago (24h, 7d).
+        #[arg(long)]
+        from: String,
+        /// End: RFC 3339, a duration ago, or `now`.
+        #[arg(long, default_value = "now")]
+        to: String,
+        /// Print JSON (every event and episode) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -227,6 +274,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rules {
+            command:
+                RulesCommand::Backtest {
+                    rules,
+                    from,
+                    to,
+                    json,
+                },
+        } => {
+            let files = if rules.is_empty() {
+                config.rules.files.clone()
+            } else {
+                rules
+            };
+            let loaded = toolsight::evaluate::run::load_rules(&files)?;
+            let now = chrono::Utc::now();
+            let from = parse_instant(&from, now).context("--from")?;
+            let to = parse_instant(&to, now).context("--to")?;
+            let opts = store::connect_options(&config.database.url)?;
+            let pool = store::query_pool(&opts, 2)
+                .await
+                .context("connecting to the database")?;
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {pos}/{len} evaluations, {eta} left",
+                )?
+                .progress_chars("=> "),
+            );
+            let report =
+                toolsight::evaluate::backtest::run(&pool, loaded, from, to, |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .await?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_backtest(&report);
+            }
+            Ok(())
+        }
+        Command::Silence { url, command } => {
+            let base = url.unwrap_or_else(|| {
+                let mut a = config.admin.listen;
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{a}")
+            });
+            silence(&base, command).await
+        }
+        Command::Rules {
             command: RulesCommand::Test { files },
         } => {
             let (mut passed, mut failed) = (0, 0);
@@ -242,6 +341,163 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+async fn silence(base: &str, command: SilenceCommand) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/silences", base.trim_end_matches('/'));
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!(
+                "{status}: {}",
+                body["error"].as_str().unwrap_or("no error message")
+            );
+        }
+        Ok(body)
+    };
+    let send = |r: reqwest::RequestBuilder| async move {
+        r.send()
+            .await
+            .with_context(|| format!("reaching the admin API at {base}"))
+    };
+    match command {
+        SilenceCommand::Add {
+            matchers,
+            duration,
+            comment,
+            author,
+        } => {
+            let body = serde_json::json!({"matchers": matchers, "duration": duration, "comment": comment, "createdBy": author});
+            let s = answer(send(http.post(&url).json(&body)).await?).await?;
+            println!(
+                "silence {} until {}",
+                s["id"],
+                s["ends_at"].as_str().unwrap_or("?")
+            );
+        }
+        SilenceCommand::List { json } => {
+            let s = answer(send(http.get(&url)).await?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            let rows = s["silences"].as_array().cloned().unwrap_or_default();
+            if rows.is_empty() {
+                println!("no silences");
+                return Ok(());
+            }
+            let mut t = comfy_table::Table::new();
+            t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY)
+                .set_header(["id", "state", "matchers", "ends", "by", "comment"]);
+            for r in rows {
+                let matchers: Vec<String> = r["matchers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect();
+                let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                t.add_row([
+                    r["id"].to_string(),
+                    text("state"),
+                    matchers.join(" "),
+                    text("ends_at"),
+                    text("created_by"),
+                    text("comment"),
+                ]);
+            }
+            println!("{t}");
+        }
+        SilenceCommand::Expire { id } => {
+            let r = send(http.delete(format!("{url}/{id}"))).await?;
+            if r.status().is_success() {
+                println!("silence {id} expired");
+            } else {
+                answer(r).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An instant given as RFC 3339, `now`, or a duration before `now` (`24h`, `7d`).
+fn parse_instant(
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if s == "now" {
+        return Ok(now);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(now - chrono::Duration::from_std(d)?),
+        Err(_) => anyhow::bail!(
+            "{s:?} is neither an RFC 3339 time (2026-11-20T08:00:00Z), `now`, nor a duration ago (24h)"
+        ),
+    }
+}
+
+fn print_backtest(r: &toolsight::evaluate::backtest::Report) {
+    let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    println!(
+        "replayed {} rules over {} .. {} ({} evaluations, {} rows of history)",
+        r.rules.len(),
+        fmt(r.from),
+        fmt(r.to),
+        r.evaluations,
+        r.rows
+    );
+    if r.episodes.is_empty() {
+        println!("no alert would have fired");
+        return;
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY)
+        .set_header([
+            "alert",
+            "key",
+            "pending since",
+            "fired",
+            "resolved",
+            "firing for",
+            "value",
+        ]);
+    for e in &r.episodes {
+        let end = e.resolved_at.unwrap_or(r.to);
+        let firing = humantime::format_duration(std::time::Duration::from_secs(
+            (end - e.fired_at).num_seconds().max(0) as u64,
+        ));
+        t.add_row([
+            e.alert.clone(),
+            e.key.clone(),
+            fmt(e.pending_since),
+            fmt(e.fired_at),
+            e.resolved_at.map_or("still firing".into(), fmt),
+            firing.to_string(),
+            e.value.map_or("-".into(), |v| format!("{v:.3}")),
+        ]);
+    }
+    println!("{t}");
+    let mut per_rule: std::collections::BTreeMap<&str, usize> = Default::default();
+    for e in &r.episodes {
+        *per_rule.entry(e.alert.as_str()).or_default() += 1;
+    }
+    let quiet: Vec<&str> = r
+        .rules
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !per_rule.contains_key(a))
+        .collect();
+    for (alert, n) in &per_rule {
+        println!("{alert}: fired {n} time(s)");
+    }
+    if !quiet.is_empty() {
+        println!("never fired: {}", quiet.join(", "));
     }
 }
 

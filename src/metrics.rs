@@ -33,6 +33,17 @@ pub struct RetryableLabel {
     pub retryable: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    pub receiver: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiverLabel {
+    pub receiver: String,
+}
+
 /// Every metric toolsight exports. Cheap to share: all fields are atomics behind `Arc`s.
 pub struct Metrics {
     pub registry: Registry,
@@ -50,6 +61,10 @@ pub struct Metrics {
     pub db_up: Gauge,
     pub memory_overflow: Gauge,
     pub exports_in_progress: Gauge,
+    pub notify_attempts: Family<DeliveryLabel, Counter>,
+    pub notifications: Family<DeliveryLabel, Counter>,
+    pub notify_circuit_open: Family<ReceiverLabel, Gauge>,
+    pub notify_outbox_pending: Gauge,
 }
 
 impl Metrics {
@@ -70,6 +85,10 @@ impl Metrics {
             db_up: Gauge::default(),
             memory_overflow: Gauge::default(),
             exports_in_progress: Gauge::default(),
+            notify_attempts: Family::default(),
+            notifications: Family::default(),
+            notify_circuit_open: Family::default(),
+            notify_outbox_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -141,6 +160,26 @@ impl Metrics {
             "exports_in_progress",
             "exports admitted and not yet answered",
             m.exports_in_progress.clone(),
+        );
+        registry.register(
+            "notify_attempts",
+            "notification delivery attempts, by receiver and result (ok, retry, rejected)",
+            m.notify_attempts.clone(),
+        );
+        registry.register(
+            "notifications",
+            "notifications finished, by receiver and result (delivered, failed, given_up)",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "notify_circuit_open",
+            "1 while a receiver's circuit breaker is open",
+            m.notify_circuit_open.clone(),
+        );
+        registry.register(
+            "notify_outbox_pending",
+            "notifications written to the outbox and not yet delivered",
+            m.notify_outbox_pending.clone(),
         );
         Metrics { registry, ..m }
     }

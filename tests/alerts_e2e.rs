@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, TimeZone, Utc};
 use common::Service;
+use common::spans::{Spans, attr, send};
 use serde_json::{Value, json};
 use toolsight::evaluate::engine::Notice;
 use toolsight::evaluate::rules::parse;
@@ -55,87 +56,6 @@ groups:
         min_samples: 5
 ";
 
-/// Span builder: OTLP/JSON with the attributes each kind reads.
-struct Spans {
-    spans: Vec<Value>,
-    n: u64,
-}
-
-fn attr(k: &str, v: Value) -> Value {
-    match v {
-        Value::String(s) => json!({"key": k, "value": {"stringValue": s}}),
-        Value::Number(n) => json!({"key": k, "value": {"intValue": n.to_string()}}),
-        other => json!({"key": k, "value": {"stringValue": other.to_string()}}),
-    }
-}
-
-impl Spans {
-    fn new() -> Self {
-        Spans {
-            spans: Vec::new(),
-            n: 0,
-        }
-    }
-
-    fn push(
-        &mut self,
-        name: &str,
-        kind: i32,
-        minute: DateTime<Utc>,
-        ms: u64,
-        error: bool,
-        attrs: Vec<Value>,
-    ) {
-        self.n += 1;
-        let start = minute.timestamp_nanos_opt().unwrap() as u64 + self.n * 1_000_000;
-        self.spans.push(json!({
-            "traceId": format!("{:032x}", 0xA1E7_0000_0000_0000u64 as u128 * 1_000_000 + self.n as u128),
-            "spanId": format!("{:016x}", self.n),
-            "name": name, "kind": kind,
-            "startTimeUnixNano": start.to_string(),
-            "endTimeUnixNano": (start + ms * 1_000_000).to_string(),
-            "attributes": attrs,
-            "status": {"code": if error { 2 } else { 1 }},
-        }));
-    }
-
-    fn tool(&mut self, tool: &str, minute: DateTime<Utc>, ms: u64, error: bool, extra: Vec<Value>) {
-        let mut a = vec![
-            attr("mcp.method.name", json!("tools/call")),
-            attr("gen_ai.tool.name", json!(tool)),
-        ];
-        if error {
-            a.push(attr("error.type", json!("tool_error")));
-        }
-        a.extend(extra);
-        self.push(&format!("tools/call {tool}"), 2, minute, ms, error, a);
-    }
-
-    fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&json!({"resourceSpans": [{
-            "resource": {"attributes": [attr("service.name", json!("svc"))]},
-            "scopeSpans": [{"scope": {"name": "t"}, "spans": self.spans}]
-        }]}))
-        .unwrap()
-    }
-}
-
-async fn send(svc: &Service, spans: Spans) {
-    let r = reqwest::Client::new()
-        .post(svc.http_url())
-        .header("content-type", "application/json")
-        .body(spans.body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({}),
-        "nothing rejected"
-    );
-}
-
 fn summary(notices: &[Notice]) -> BTreeSet<String> {
     notices
         .iter()
@@ -158,15 +78,8 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_rule_kind_fires_on_its_failure_and_resolves() {
-    let svc = Service::start_with("alerts", |c| c.rules.enabled = false).await;
-    let now = Utc::now();
-    let t0 = Utc
-        .timestamp_opt(now.timestamp() / 60 * 60 - 2 * 3600, 0)
-        .unwrap();
-    let m = |k: i64| t0 + chrono::Duration::minutes(k);
-
+/// Spans reproducing each kind's failure around minute 15 (rate limit: 17), healthy at 25-27.
+fn incident_spans(m: &dyn Fn(i64) -> DateTime<Utc>) -> Spans {
     let mut s = Spans::new();
     // Latency: 200 ms in the baseline window, 2 s in the evaluated one, 200 ms again after.
     for _ in 0..30 {
@@ -270,7 +183,15 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
             );
         }
     }
-    send(&svc, s).await;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_kind_fires_on_its_failure_and_resolves() {
+    let svc = Service::start_with("alerts", |c| c.rules.enabled = false).await;
+    let m = minutes_ago();
+
+    send(&svc, incident_spans(&m)).await;
 
     let rules = vec![("t.yaml".to_string(), parse("t.yaml", RULES).unwrap())];
     let mut ev = Evaluator::new(svc.pool.clone(), rules.clone());
@@ -366,6 +287,150 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
     svc.stop().await.unwrap();
 }
 
+/// The first minute of a test history: whole minutes, two hours ago.
+fn minutes_ago() -> impl Fn(i64) -> DateTime<Utc> {
+    let now = Utc::now();
+    let t0 = Utc
+        .timestamp_opt(now.timestamp() / 60 * 60 - 2 * 3600, 0)
+        .unwrap();
+    move |k: i64| t0 + chrono::Duration::minutes(k)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_pending_keeps_the_for_progress() {
+    let svc = Service::start_with("alerts_pending", |c| c.rules.enabled = false).await;
+    let m = minutes_ago();
+    let mut s = Spans::new();
+    for minute in 10..=16 {
+        for i in 0..30 {
+            s.tool("search", m(minute), 50, i % 3 == 0, vec![]);
+        }
+    }
+    send(&svc, s).await;
+    let rules = vec![(
+        "p.yaml".to_string(),
+        parse(
+            "p.yaml",
+            "groups:\n  - name: p\n    interval: 1m\n    rules:\n      - alert: Errors\n        kind: error_rate\n        window: 5m\n        fire_above: 0.05\n        for: 3m\n        min_samples: 20\n",
+        )
+        .unwrap(),
+    )];
+    // Every evaluation runs in a freshly restarted evaluator.
+    let mut fired = Vec::new();
+    for minute in 11..=16 {
+        let mut ev = Evaluator::new(svc.pool.clone(), rules.clone());
+        let restored = ev.restore().await.unwrap();
+        assert_eq!(restored, usize::from(minute > 11), "state at m+{minute}");
+        let notices = ev.evaluate_all_at(m(minute)).await.unwrap();
+        if minute < 14 {
+            let phase: String = sqlx::query_scalar("SELECT phase FROM alert_state")
+                .fetch_one(&svc.pool)
+                .await
+                .unwrap();
+            assert_eq!(phase, "pending", "m+{minute}");
+        }
+        fired.extend(notices.into_iter().map(|n| (minute, n.event)));
+    }
+    // Pending since m+11; `for: 3m` is over at m+14, across three restarts.
+    assert_eq!(
+        fired,
+        vec![(
+            14,
+            Event::Firing {
+                since_ms: m(11).timestamp_millis(),
+                at_ms: m(14).timestamp_millis()
+            }
+        )]
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM alert_events")
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 1, "one firing event, none repeated after restarts");
+    svc.stop().await.unwrap();
+}
+
+type EventRow = (String, String, String, DateTime<Utc>, DateTime<Utc>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backtest_replays_what_the_live_evaluator_did() {
+    let svc = Service::start_with("alerts_backtest", |c| c.rules.enabled = false).await;
+    let m = minutes_ago();
+    send(&svc, incident_spans(&m)).await;
+
+    // The live evaluator at every aligned minute of the range.
+    let rules = vec![("t.yaml".to_string(), parse("t.yaml", RULES).unwrap())];
+    let mut ev = Evaluator::new(svc.pool.clone(), rules);
+    for k in 0..=50 {
+        ev.evaluate_all_at(m(k)).await.unwrap();
+    }
+    let live: Vec<EventRow> = sqlx::query_as(
+        "SELECT alert, key, status, since, at FROM alert_events ORDER BY at, alert, key, status",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        live.len(),
+        12,
+        "every rule fired and resolved once: {live:?}"
+    );
+
+    // The replay, through the command line.
+    let dir = std::env::temp_dir().join(format!("toolsight-backtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.yaml");
+    std::fs::write(&file, RULES).unwrap();
+    let backtest = |json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+        cmd.args(["rules", "backtest", "--rules"])
+            .arg(&file)
+            .args(["--from", &m(0).to_rfc3339(), "--to", &m(50).to_rfc3339()])
+            .env("DATABASE_URL", &svc.database_url);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report: Value = serde_json::from_str(&backtest(true)).unwrap();
+    let parse_t = |v: &Value| -> DateTime<Utc> { v.as_str().unwrap().parse().unwrap() };
+    let mut replayed: Vec<EventRow> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["alert"].as_str().unwrap().to_owned(),
+                e["key"].as_str().unwrap().to_owned(),
+                e["status"].as_str().unwrap().to_owned(),
+                parse_t(&e["since"]),
+                parse_t(&e["at"]),
+            )
+        })
+        .collect();
+    replayed.sort_by(|a, b| (a.4, &a.0, &a.1, &a.2).cmp(&(b.4, &b.0, &b.1, &b.2)));
+    assert_eq!(
+        replayed, live,
+        "same alerts, keys, pending and fire/resolve times"
+    );
+    assert_eq!(report["evaluations"], 51);
+    assert_eq!(report["episodes"].as_array().unwrap().len(), 6);
+
+    let table = backtest(false);
+    assert!(
+        table.contains("Loop: fired 1 time(s)") && table.contains("sess-loop"),
+        "{table}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    svc.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_loop_fires_on_fresh_failures() {
     let dir = std::env::temp_dir().join(format!("toolsight-live-rules-{}", std::process::id()));
@@ -436,30 +501,83 @@ async fn last_evaluation(pool: &sqlx::PgPool) -> Option<DateTime<Utc>> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_one_evaluator_and_takeover() {
-    let dir = std::env::temp_dir().join(format!("toolsight-ha-rules-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("ha.yaml");
-    std::fs::write(&path, "groups:\n  - name: ha\n    interval: 1s\n    rules:\n      - alert: HaErrors\n        kind: error_rate\n        window: 1m\n        fire_above: 0.5\n").unwrap();
-    let p1 = path.clone();
+/// A `toolsight serve` process, killed with SIGKILL when dropped: no graceful shutdown.
+struct Process(std::process::Child);
 
-    // A starts alone and becomes the evaluator.
-    let a = Service::start_with("alerts_ha", move |c| c.rules.files = vec![p1]).await;
-    let pool = sqlx::PgPool::connect(&a.database_url).await.unwrap();
-    let mut a_lock = None;
-    for _ in 0..100 {
-        a_lock = lock_holder(&pool).await;
-        if a_lock.is_some() && last_evaluation(&pool).await.is_some() {
-            break;
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(config: &std::path::Path) -> Process {
+    Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Polls until `f` returns something, for up to 20 s.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    for _ in 0..200 {
+        if let Some(v) = f().await {
+            return Some(v);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let a_lock = a_lock.expect("A leads");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_evaluator_and_takeover_when_killed() {
+    let dir = std::env::temp_dir().join(format!("toolsight-ha-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = dir.join("ha.yaml");
+    std::fs::write(&rules, "groups:\n  - name: ha\n    interval: 1s\n    rules:\n      - alert: HaErrors\n        kind: error_rate\n        window: 1m\n        fire_above: 0.5\n").unwrap();
+    let db = "toolsight_it_alerts_ha";
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{db}", common::server_url());
+    let config = dir.join("toolsight.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{url}\"\n[otlp]\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[rules]\nfiles = [\"{}\"]\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+
+    // A starts alone, creates the database and becomes the evaluator.
+    let a = serve(&config);
+    let pool = eventually(|| async { sqlx::PgPool::connect(&url).await.ok() })
+        .await
+        .expect("A created the database");
+    let a_lock = eventually(|| async {
+        match lock_holder(&pool).await {
+            Some(pid) if last_evaluation(&pool).await.is_some() => Some(pid),
+            _ => None,
+        }
+    })
+    .await
+    .expect("A leads and evaluates");
 
     // B joins the same database and stands by: still one lock, still A's.
-    let b = Service::replica("alerts_ha", move |c| c.rules.files = vec![path]).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let _b = serve(&config);
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
     let locks: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -470,22 +588,15 @@ async fn two_replicas_one_evaluator_and_takeover() {
     assert_eq!(locks, 1);
     assert_eq!(lock_holder(&pool).await, Some(a_lock));
 
-    // A goes away; B takes the lock within a few seconds and keeps evaluating.
-    a.stop().await.unwrap();
-    let mut b_lock = None;
-    for _ in 0..100 {
-        b_lock = lock_holder(&pool).await.filter(|p| *p != a_lock);
-        if b_lock.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // A is killed outright; its connection dies with it and B takes over and evaluates.
+    drop(a);
+    let b_lock = eventually(|| async { lock_holder(&pool).await.filter(|p| *p != a_lock) }).await;
     assert!(b_lock.is_some(), "B took over");
     let before = last_evaluation(&pool).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let after = last_evaluation(&pool).await.unwrap();
-    assert!(after > before, "B evaluates: {before} -> {after}");
-    b.stop().await.unwrap();
+    let after = eventually(|| async { last_evaluation(&pool).await.filter(|t| *t > before) }).await;
+    assert!(after.is_some(), "B evaluates after {before}");
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 async fn rule_names(svc: &Service) -> Vec<String> {

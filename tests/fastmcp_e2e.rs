@@ -6,10 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::Service;
+use common::python::run;
 
 const REQUIREMENTS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -17,58 +18,19 @@ const REQUIREMENTS: &str = concat!(
 );
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/mcp_demo.py");
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn has_fastmcp(python: &Path) -> bool {
-    Command::new(python)
-        .args([
-            "-c",
-            "import fastmcp, opentelemetry.exporter.otlp.proto.http",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// A Python interpreter with FastMCP 4.1.6 and the OTLP exporter.
 fn python() -> PathBuf {
     if let Ok(p) = std::env::var("TOOLSIGHT_TEST_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fastmcp-venv");
-    let python = venv.join("bin/python");
-    if has_fastmcp(&python) {
-        return python;
-    }
-    eprintln!(
-        "creating the FastMCP test environment in {}",
-        venv.display()
-    );
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv));
-    let pip = || {
-        let mut c = Command::new(&python);
-        c.args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ]);
-        c
-    };
-    run(pip().args(["-r", REQUIREMENTS]));
-    run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
-    assert!(has_fastmcp(&python), "fastmcp did not install");
-    python
+    common::python::venv(
+        "fastmcp-venv",
+        "import fastmcp, opentelemetry.exporter.otlp.proto.http",
+        |pip| {
+            run(pip().args(["-r", REQUIREMENTS]));
+            run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

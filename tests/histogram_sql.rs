@@ -129,3 +129,61 @@ async fn buckets_merge_and_quantiles() {
         );
     }
 }
+
+/// The backtest computes quantiles in Rust: they must be the very numbers the SQL function
+/// gives the live rules, bit for bit, or a replay could fire where the live loop did not.
+#[tokio::test]
+async fn the_rust_quantile_is_the_sql_quantile() {
+    let admin = PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    sqlx::query("DROP DATABASE IF EXISTS toolsight_it_hist_rust WITH (FORCE)")
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE toolsight_it_hist_rust")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = PgPool::connect(&format!("{}/toolsight_it_hist_rust", common::server_url()))
+        .await
+        .unwrap();
+    toolsight::store::MIGRATOR.run(&pool).await.unwrap();
+    // Deterministic pseudo-random histograms: sparse and dense, short and full length.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut compared = 0;
+    for _ in 0..300 {
+        let len = (next() % 112) as usize + 1;
+        let hist: Vec<i64> = (0..len)
+            .map(|_| {
+                if next() % 3 == 0 {
+                    (next() % 1000) as i64
+                } else {
+                    0
+                }
+            })
+            .collect();
+        for q in [0.0, 0.5, 0.9, 0.95, 0.99, 1.0] {
+            let sql: Option<f64> = sqlx::query_scalar("SELECT toolsight_hist_quantile($1, $2)")
+                .bind(&hist)
+                .bind(q)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            let rust = toolsight::store::rollup::hist_quantile(&hist, q);
+            assert_eq!(
+                sql.map(f64::to_bits),
+                rust.map(f64::to_bits),
+                "q={q} hist={hist:?}: sql {sql:?} rust {rust:?}"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 1800);
+}

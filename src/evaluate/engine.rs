@@ -31,6 +31,8 @@ pub struct Notice {
     pub annotations: BTreeMap<String, String>,
     pub event: Event,
     pub value: Option<f64>,
+    /// The threshold the value was judged against (none when the key stopped reporting).
+    pub threshold: Option<f64>,
 }
 
 /// The canonical key of a label set: `name=value,…` in name order.
@@ -211,7 +213,7 @@ pub fn apply(
                 &entry.labels,
                 event,
                 Some(o.value),
-                threshold,
+                Some(threshold),
             ));
         }
     }
@@ -232,7 +234,7 @@ pub fn apply(
         }
         if let Some(event) = event {
             let value = entry.state.value;
-            notices.push(notice(rule, &key, &entry.labels, event, value, 0.0));
+            notices.push(notice(rule, &key, &entry.labels, event, value, None));
         }
         // Forget keys that are long resolved and quiet: memory does not grow with key churn.
         if entry.state.phase == Phase::Inactive
@@ -255,7 +257,7 @@ fn notice(
     key_labels: &BTreeMap<String, String>,
     event: Event,
     value: Option<f64>,
-    threshold: f64,
+    threshold: Option<f64>,
 ) -> Notice {
     let mut labels = key_labels.clone();
     labels.extend(rule.labels.clone());
@@ -266,7 +268,12 @@ fn notice(
         .map(|(k, t)| {
             (
                 k.clone(),
-                rules::render(t, &labels, value.unwrap_or(f64::NAN), threshold),
+                rules::render(
+                    t,
+                    &labels,
+                    value.unwrap_or(f64::NAN),
+                    threshold.unwrap_or(0.0),
+                ),
             )
         })
         .collect();
@@ -277,6 +284,7 @@ fn notice(
         annotations,
         event,
         value,
+        threshold,
     }
 }
 

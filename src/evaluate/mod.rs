@@ -3,7 +3,9 @@
 //! The state machine takes `now` and the signal a rule produced; it does no I/O, so the live
 //! evaluation loop, rule unit tests and backtests all run the same code.
 
+pub mod backtest;
 pub mod engine;
+pub mod observe;
 pub mod rules;
 pub mod run;
 pub mod state;

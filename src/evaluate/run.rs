@@ -4,16 +4,17 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{self, Alerts, Notice, Tracked};
-use super::rules::{Group, Kind, Rule, RuleFile};
+use super::engine::{Alerts, Notice, Tracked};
+use super::observe::{self, Live, to_dt};
+use super::rules::{Group, RuleFile};
 use super::state::{AlertState, Event, Phase};
 use crate::store::StoreError;
-use crate::store::alerts::{self, NewEvent, Observation, StoredAlert};
+use crate::store::alerts::{self, NewEvent, StoredAlert};
 
 /// The built-in rules, used when no rule files are configured.
 pub const DEFAULT_RULES: &str = include_str!("../../alerts/default.yaml");
@@ -36,73 +37,12 @@ pub struct Evaluator {
     alerts: Alerts,
 }
 
-fn to_dt(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
-}
-
 fn phase_of(s: &str) -> Phase {
     match s {
         "pending" => Phase::Pending,
         "firing" => Phase::Firing,
         "resolved" => Phase::Resolved,
         _ => Phase::Inactive,
-    }
-}
-
-async fn observe(
-    pool: &PgPool,
-    rule: &Rule,
-    now: DateTime<Utc>,
-) -> Result<Vec<Observation>, StoreError> {
-    let window = rule.window.as_secs_f64();
-    let window_ms = rule.window.as_millis() as i64;
-    let now_ms = now.timestamp_millis();
-    match &rule.kind {
-        Kind::Latency(l) => {
-            let baseline = l
-                .regression
-                .as_ref()
-                .map(|r| to_dt(engine::baseline_end_ms(r.baseline, now_ms, window_ms)));
-            let mut obs = alerts::latency(pool, now, window, l.quantile, baseline).await?;
-            // `both`: the worse of the previous window and the same window a week ago.
-            if l.regression
-                .as_ref()
-                .is_some_and(|r| r.baseline == super::rules::Baseline::Both)
-            {
-                let week_end = to_dt(engine::baseline_end_ms(
-                    super::rules::Baseline::WeekAgo,
-                    now_ms,
-                    window_ms,
-                ));
-                let week = alerts::latency(pool, now, window, l.quantile, Some(week_end)).await?;
-                for o in &mut obs {
-                    let w = week
-                        .iter()
-                        .find(|w| w.labels == o.labels)
-                        .and_then(|w| w.baseline);
-                    o.baseline = match (o.baseline, w) {
-                        (Some(a), Some(b)) => Some(a.max(b)),
-                        (a, b) => a.or(b),
-                    };
-                }
-            }
-            Ok(obs)
-        }
-        Kind::ErrorRate(_) => alerts::error_rate(pool, now, window).await,
-        Kind::EmptyResults(e) => {
-            alerts::empty_results(
-                pool,
-                now,
-                window,
-                to_dt(engine::baseline_end_ms(e.baseline, now_ms, window_ms)),
-            )
-            .await
-        }
-        Kind::RetryLoop(r) => {
-            alerts::retry_loops(pool, now, window, r.min_repeats as i64, r.after_errors_only).await
-        }
-        Kind::TokenBurn(_) => alerts::token_burn(pool, now, window).await,
-        Kind::RateLimitHeadroom(_) => alerts::rate_limit_headroom(pool, now, window).await,
     }
 }
 
@@ -192,44 +132,13 @@ impl Evaluator {
         now: DateTime<Utc>,
     ) -> Result<Vec<Notice>, StoreError> {
         let g = self.groups[group].clone();
-        let now_ms = now.timestamp_millis();
-        let mut changed = Vec::new();
-        let mut notices = Vec::new();
-        let mut health = Vec::new();
-        for rule in &g.rules {
-            let started = Instant::now();
-            match observe(&self.pool, rule, now).await {
-                Ok(obs) => {
-                    notices.extend(engine::apply(
-                        rule,
-                        &g.name,
-                        &obs,
-                        &mut self.alerts,
-                        now_ms,
-                        &mut changed,
-                    ));
-                    health.push((
-                        g.name.clone(),
-                        rule.alert.clone(),
-                        None,
-                        now,
-                        started.elapsed().as_secs_f64() * 1000.0,
-                    ));
-                }
-                Err(e) => {
-                    tracing::warn!(group = %g.name, alert = %rule.alert, error = %e, "rule evaluation failed");
-                    health.push((
-                        g.name.clone(),
-                        rule.alert.clone(),
-                        Some(e.to_string()),
-                        now,
-                        started.elapsed().as_secs_f64() * 1000.0,
-                    ));
-                }
-            }
-        }
-        changed.sort();
-        changed.dedup();
+        let out = observe::evaluate_group(&mut Live(&self.pool), &g, &mut self.alerts, now).await;
+        let (notices, changed) = (out.notices, out.changed);
+        let health: Vec<alerts::HealthUpdate> = out
+            .rules
+            .into_iter()
+            .map(|r| (g.name.clone(), r.alert, r.error, now, r.elapsed_ms))
+            .collect();
         let states: Vec<StoredAlert> = changed
             .iter()
             .map(
@@ -264,6 +173,7 @@ impl Evaluator {
                     annotations: n.annotations.clone(),
                     status,
                     value: n.value,
+                    threshold: n.threshold,
                     since: to_dt(since),
                     at: to_dt(at),
                 }
@@ -339,7 +249,9 @@ pub async fn run(
         }
         if leader.is_none() {
             if let Ok(mut conn) = opts.clone().connect().await
-                && alerts::try_lead(&mut conn).await.unwrap_or(false)
+                && alerts::try_lead(&mut conn, "toolsight-evaluator")
+                    .await
+                    .unwrap_or(false)
             {
                 match ev.restore().await {
                     Ok(n) => tracing::info!(alerts = n, "evaluating alert rules (leader)"),

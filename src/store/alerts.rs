@@ -271,6 +271,7 @@ pub struct NewEvent {
     pub annotations: BTreeMap<String, String>,
     pub status: &'static str,
     pub value: Option<f64>,
+    pub threshold: Option<f64>,
     pub since: DateTime<Utc>,
     pub at: DateTime<Utc>,
 }
@@ -319,8 +320,8 @@ pub async fn save_evaluation(
     }
     for e in events {
         sqlx::query(
-            "INSERT INTO alert_events (alert, key, labels, annotations, status, value, since, at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO alert_events (alert, key, labels, annotations, status, value, threshold, since, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&e.alert)
         .bind(&e.key)
@@ -328,6 +329,7 @@ pub async fn save_evaluation(
         .bind(sqlx::types::Json(&e.annotations))
         .bind(e.status)
         .bind(e.value)
+        .bind(e.threshold)
         .bind(e.since)
         .bind(e.at)
         .execute(&mut *tx)
@@ -375,9 +377,11 @@ pub async fn events(
 
 /// Tries to become the one evaluator: a session-level advisory lock held on `conn` for as long
 /// as that connection lives. Another replica takes over when this one's connection dies.
-pub async fn try_lead(conn: &mut PgConnection) -> Result<bool, StoreError> {
+/// `role` names the lock: `toolsight-evaluator`, `toolsight-notifier`.
+pub async fn try_lead(conn: &mut PgConnection, role: &str) -> Result<bool, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('toolsight-evaluator'))")
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(role)
             .fetch_one(conn)
             .await?,
     )

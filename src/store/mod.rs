@@ -4,6 +4,8 @@
 pub mod alerts;
 pub mod bench;
 mod copy;
+pub mod history;
+pub mod notify;
 pub mod queries;
 pub mod rollup;
 pub mod writer;

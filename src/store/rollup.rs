@@ -18,6 +18,34 @@ pub fn latency_bucket(duration_us: i64) -> usize {
     (b as usize).min(BUCKETS - 1)
 }
 
+/// Upper bound of bucket `i` in microseconds. Identical to `toolsight_bucket_upper_us`.
+pub fn bucket_upper_us(i: usize) -> f64 {
+    10.0 * 2f64.powf(i as f64 / 4.0)
+}
+
+/// The q-quantile of a histogram in milliseconds, interpolated inside the bucket; `None` for an
+/// empty histogram. The same arithmetic, step by step, as the SQL `toolsight_hist_quantile`, so
+/// a backtest computes the very values the live rules read (tests compare the two bit for bit).
+pub fn hist_quantile(hist: &[i64], q: f64) -> Option<f64> {
+    let total: i64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut cum: i64 = 0;
+    for (i, &c) in hist.iter().enumerate() {
+        if c > 0 && (cum + c) as f64 >= rank {
+            let lower = if i == 0 { 0.0 } else { bucket_upper_us(i - 1) };
+            let upper = bucket_upper_us(i);
+            return Some(
+                (lower + (upper - lower) * (rank - cum as f64).max(0.0) / c as f64) / 1000.0,
+            );
+        }
+        cum += c;
+    }
+    Some(bucket_upper_us(hist.len().saturating_sub(1)) / 1000.0)
+}
+
 const MINUTE_NANOS: i64 = 60_000_000_000;
 
 fn minute_of(s: &SpanRef) -> i64 {

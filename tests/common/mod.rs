@@ -1,6 +1,9 @@
 //! Runs the real service in-process on 127.0.0.1:0 against a fresh PostgreSQL database.
 #![allow(dead_code)]
 
+pub mod python;
+pub mod spans;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

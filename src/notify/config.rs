@@ -1,0 +1,286 @@
+//! The `[notify]` configuration: receivers, routes and delivery settings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::route::Matcher;
+
+/// Notification settings. The `[notify]` table itself is the default route.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notify {
+    /// This service's URL, sent as `externalURL`.
+    pub external_url: String,
+    /// Grafana's URL: alert links open the tool detail dashboard there.
+    pub grafana_url: String,
+    pub receivers: Vec<ReceiverConfig>,
+    /// The default route: alerts no route below matches go here (empty: nowhere).
+    pub receiver: String,
+    pub group_by: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub group_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    pub group_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub repeat_interval: Duration,
+    pub send_resolved: bool,
+    /// Specific routes, tried in order; the first match wins unless it says `continue`.
+    pub routes: Vec<RouteConfig>,
+    /// First retry delay; doubles per attempt (with jitter) up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// A notification still undelivered after this long is given up (counted, logged).
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+    /// Consecutive failures that open a receiver's circuit, and how long it stays open.
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for Notify {
+    fn default() -> Self {
+        Notify {
+            external_url: "http://127.0.0.1:9464".into(),
+            grafana_url: "http://127.0.0.1:3000".into(),
+            receivers: Vec::new(),
+            receiver: String::new(),
+            group_by: vec!["alertname".into()],
+            group_wait: Duration::from_secs(30),
+            group_interval: Duration::from_secs(300),
+            repeat_interval: Duration::from_secs(4 * 3600),
+            send_resolved: true,
+            routes: Vec::new(),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            give_up_after: Duration::from_secs(24 * 3600),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiverKind {
+    Webhook,
+    Email,
+    Alertmanager,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// STARTTLS upgrade (port 587).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No TLS: only for a relay on the same host or network.
+    None,
+}
+
+/// One receiver. Which fields apply depends on `type`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ReceiverKind,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// webhook: the URL (a secret: webhook URLs often carry tokens).
+    pub url: Option<Secret>,
+    /// webhook: signs the body with HMAC-SHA256 in `X-Toolsight-Signature: sha256=<hex>`.
+    pub hmac_secret: Option<Secret>,
+    /// webhook: extra headers (values may be secrets).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// webhook: at most this many alerts per message (the rest are counted in `truncatedAlerts`).
+    pub max_alerts: Option<usize>,
+    /// email: `host:port` of the SMTP server.
+    pub smarthost: Option<String>,
+    pub tls: Option<SmtpTls>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// alertmanager: base URLs of the instances (`http://host:9093`).
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// alertmanager: resend firing alerts this often.
+    #[serde(default, with = "humantime_serde")]
+    pub resend_every: Option<Duration>,
+    /// alertmanager: keep resending resolved alerts this long.
+    #[serde(default, with = "humantime_serde")]
+    pub resolved_for: Option<Duration>,
+}
+
+impl ReceiverConfig {
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(10))
+    }
+    pub fn resend_every(&self) -> Duration {
+        self.resend_every.unwrap_or(Duration::from_secs(60))
+    }
+    pub fn resolved_for(&self) -> Duration {
+        self.resolved_for.unwrap_or(Duration::from_secs(15 * 60))
+    }
+}
+
+/// A route: matchers on the alert's labels, the receiver, and grouping settings that default
+/// to the `[notify]` ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub receiver: String,
+    /// `name=value`, `name!=value`, `name=~regex`, `name!~regex`; all must hold.
+    #[serde(default)]
+    pub matchers: Vec<String>,
+    pub group_by: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub group_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub group_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub repeat_interval: Option<Duration>,
+    pub send_resolved: Option<bool>,
+    /// Keep trying the routes after this one when it matches.
+    #[serde(default, rename = "continue")]
+    pub continue_matching: bool,
+}
+
+/// A secret given as a literal, `env:NAME` or `file:/path`; resolved when the configuration
+/// loads and never shown (debug output and `toolsight config` print `<redacted>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spec = String::deserialize(d)?;
+        resolve_secret(&spec).map_err(serde::de::Error::custom)
+    }
+}
+
+fn resolve_secret(spec: &str) -> Result<Secret, String> {
+    if let Some(name) = spec.strip_prefix("env:") {
+        return std::env::var(name)
+            .map(Secret)
+            .map_err(|_| format!("environment variable {name} is not set"));
+    }
+    if let Some(path) = spec.strip_prefix("file:") {
+        return std::fs::read_to_string(path)
+            .map(|s| Secret(s.trim_end_matches(['\r', '\n']).to_owned()))
+            .map_err(|e| format!("cannot read secret file {path}: {e}"));
+    }
+    Ok(Secret(spec.to_owned()))
+}
+
+impl Notify {
+    /// Every problem of the notification settings.
+    pub fn validate(&self, p: &mut Vec<String>) {
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.receivers.iter().enumerate() {
+            let at = format!("notify.receivers[{i}] ({})", r.name);
+            if r.name.is_empty() {
+                p.push(format!("notify.receivers[{i}]: `name` is required"));
+            }
+            if !names.insert(r.name.as_str()) {
+                p.push(format!("{at}: the name is used twice"));
+            }
+            match r.kind {
+                ReceiverKind::Webhook => match &r.url {
+                    None => p.push(format!("{at}: webhook needs `url`")),
+                    Some(u) => {
+                        if reqwest::Url::parse(u.expose()).is_err() {
+                            p.push(format!("{at}: `url` is not a valid URL"));
+                        }
+                    }
+                },
+                ReceiverKind::Email => {
+                    match r.smarthost.as_deref().and_then(|h| h.rsplit_once(':')) {
+                        Some((_, port)) if port.parse::<u16>().is_ok() => {}
+                        _ => p.push(format!("{at}: email needs `smarthost` as host:port")),
+                    }
+                    if r.from.is_none() {
+                        p.push(format!("{at}: email needs `from`"));
+                    }
+                    if r.to.is_empty() {
+                        p.push(format!("{at}: email needs at least one address in `to`"));
+                    }
+                    for a in r.from.iter().chain(&r.to) {
+                        if a.parse::<lettre::message::Mailbox>().is_err() {
+                            p.push(format!("{at}: {a:?} is not an email address"));
+                        }
+                    }
+                    if r.password.is_some() && r.username.is_none() {
+                        p.push(format!("{at}: `password` without `username`"));
+                    }
+                }
+                ReceiverKind::Alertmanager => {
+                    if r.urls.is_empty() {
+                        p.push(format!(
+                            "{at}: alertmanager needs at least one URL in `urls`"
+                        ));
+                    }
+                    for u in &r.urls {
+                        if reqwest::Url::parse(u).is_err() {
+                            p.push(format!("{at}: {u:?} is not a valid URL"));
+                        }
+                    }
+                }
+            }
+        }
+        let known = |name: &str| self.receivers.iter().any(|r| r.name == name);
+        if !self.receiver.is_empty() && !known(&self.receiver) {
+            p.push(format!(
+                "notify.receiver: no receiver is named {:?}",
+                self.receiver
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if !known(&r.receiver) {
+                p.push(format!(
+                    "notify.routes[{i}]: no receiver is named {:?}",
+                    r.receiver
+                ));
+            }
+            for m in &r.matchers {
+                if let Err(e) = m.parse::<Matcher>() {
+                    p.push(format!("notify.routes[{i}]: {e}"));
+                }
+            }
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            p.push("notify.retry_initial must be positive and at most notify.retry_max".into());
+        }
+        if self.breaker_failures == 0 {
+            p.push("notify.breaker_failures: must be at least 1".into());
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Stored history for rule backtests: the per-minute rollups (summed over writer shards) and
+//! per-second aggregates of the raw rows, as columns ordered by time, for the analytics layer.
+
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use sqlx::PgPool;
+
+use super::StoreError;
+
+/// Per (minute, service, tool, side): call counts from `tool_rollup_1m`.
+#[derive(Debug, Default)]
+pub struct ToolMinutes {
+    pub t_ms: Vec<i64>,
+    pub service: Vec<String>,
+    pub tool: Vec<String>,
+    pub side: Vec<String>,
+    pub calls: Vec<i64>,
+    pub errors: Vec<i64>,
+    pub with_result: Vec<i64>,
+    pub empty_results: Vec<i64>,
+}
+
+/// Per (minute, service, tool, side, bucket): latency histogram counts, non-zero buckets only.
+#[derive(Debug, Default)]
+pub struct HistMinutes {
+    pub t_ms: Vec<i64>,
+    pub service: Vec<String>,
+    pub tool: Vec<String>,
+    pub side: Vec<String>,
+    pub bucket: Vec<i32>,
+    pub count: Vec<i64>,
+}
+
+/// Per (minute, service, upstream): calls, 429s and the lowest remaining / limit.
+#[derive(Debug, Default)]
+pub struct UpstreamMinutes {
+    pub t_ms: Vec<i64>,
+    pub service: Vec<String>,
+    pub upstream: Vec<String>,
+    pub calls: Vec<i64>,
+    pub rate_limited: Vec<i64>,
+    pub min_ratio: Vec<Option<f64>>,
+}
+
+/// Per (second, service, tool, session, arguments hash): identical calls and failed ones.
+#[derive(Debug, Default)]
+pub struct CallSeconds {
+    pub t_ms: Vec<i64>,
+    pub service: Vec<String>,
+    pub tool: Vec<String>,
+    pub session: Vec<String>,
+    pub args: Vec<String>,
+    pub calls: Vec<i64>,
+    pub failed: Vec<i64>,
+}
+
+/// Per (second, service, session): LLM tokens.
+#[derive(Debug, Default)]
+pub struct TokenSeconds {
+    pub t_ms: Vec<i64>,
+    pub service: Vec<String>,
+    pub session: Vec<String>,
+    pub tokens: Vec<i64>,
+}
+
+/// `tool_rollup_1m` minutes in [from, to).
+pub async fn tool_minutes(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<ToolMinutes, StoreError> {
+    let mut out = ToolMinutes::default();
+    let mut rows = sqlx::query_as::<_, (i64, String, String, String, i64, i64, i64, i64)>(
+        "SELECT (extract(epoch FROM minute) * 1000)::bigint, service, tool, side,
+                sum(calls)::bigint, sum(errors)::bigint, sum(with_result)::bigint, sum(empty_results)::bigint
+         FROM tool_rollup_1m WHERE minute >= $1 AND minute < $2
+         GROUP BY minute, service, tool, side ORDER BY minute",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(pool);
+    while let Some((t, service, tool, side, calls, errors, with_result, empty)) =
+        rows.try_next().await?
+    {
+        out.t_ms.push(t);
+        out.service.push(service);
+        out.tool.push(tool);
+        out.side.push(side);
+        out.calls.push(calls);
+        out.errors.push(errors);
+        out.with_result.push(with_result);
+        out.empty_results.push(empty);
+    }
+    Ok(out)
+}
+
+/// The latency histograms of `tool_rollup_1m` in [from, to), one row per non-empty bucket.
+pub async fn hist_minutes(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<HistMinutes, StoreError> {
+    let mut out = HistMinutes::default();
+    let mut rows = sqlx::query_as::<_, (i64, String, String, String, i32, i64)>(
+        "SELECT (extract(epoch FROM r.minute) * 1000)::bigint, r.service, r.tool, r.side,
+                (b.i - 1)::int, sum(b.c)::bigint
+         FROM tool_rollup_1m r, unnest(r.latency_hist) WITH ORDINALITY AS b(c, i)
+         WHERE r.minute >= $1 AND r.minute < $2 AND b.c > 0
+         GROUP BY r.minute, r.service, r.tool, r.side, b.i ORDER BY r.minute",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(pool);
+    while let Some((t, service, tool, side, bucket, count)) = rows.try_next().await? {
+        out.t_ms.push(t);
+        out.service.push(service);
+        out.tool.push(tool);
+        out.side.push(side);
+        out.bucket.push(bucket);
+        out.count.push(count);
+    }
+    Ok(out)
+}
+
+/// `upstream_rollup_1m` minutes in [from, to).
+pub async fn upstream_minutes(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<UpstreamMinutes, StoreError> {
+    let mut out = UpstreamMinutes::default();
+    let mut rows = sqlx::query_as::<_, (i64, String, String, i64, i64, Option<f64>)>(
+        "SELECT (extract(epoch FROM minute) * 1000)::bigint, service, server_address,
+                sum(calls)::bigint, sum(rate_limited)::bigint, min(min_remaining_ratio)
+         FROM upstream_rollup_1m WHERE minute >= $1 AND minute < $2
+         GROUP BY minute, service, server_address ORDER BY minute",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(pool);
+    while let Some((t, service, upstream, calls, rate_limited, min_ratio)) = rows.try_next().await?
+    {
+        out.t_ms.push(t);
+        out.service.push(service);
+        out.upstream.push(upstream);
+        out.calls.push(calls);
+        out.rate_limited.push(rate_limited);
+        out.min_ratio.push(min_ratio);
+    }
+    Ok(out)
+}
+
+/// Tool calls in [from, to) counted per second and identical call (retry loops).
+pub async fn call_seconds(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<CallSeconds, StoreError> {
+    let mut out = CallSeconds::default();
+    let mut rows = sqlx::query_as::<_, (i64, String, String, String, String, i64, i64)>(
+        "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, tool, session_key,
+                encode(coalesce(args_hash, '\\x'::bytea), 'hex'),
+                count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint
+         FROM tool_calls WHERE start_time >= $1 AND start_time < $2
+         GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(pool);
+    while let Some((t, service, tool, session, args, calls, failed)) = rows.try_next().await? {
+        out.t_ms.push(t);
+        out.service.push(service);
+        out.tool.push(tool);
+        out.session.push(session);
+        out.args.push(args);
+        out.calls.push(calls);
+        out.failed.push(failed);
+    }
+    Ok(out)
+}
+
+/// LLM tokens in [from, to) per second and session (token burn).
+pub async fn token_seconds(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<TokenSeconds, StoreError> {
+    let mut out = TokenSeconds::default();
+    let mut rows = sqlx::query_as::<_, (i64, String, String, i64)>(
+        "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, session_key,
+                sum(input_tokens + output_tokens)::bigint
+         FROM llm_calls WHERE start_time >= $1 AND start_time < $2
+         GROUP BY 1, 2, 3 ORDER BY 1",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(pool);
+    while let Some((t, service, session, tokens)) = rows.try_next().await? {
+        out.t_ms.push(t);
+        out.service.push(service);
+        out.session.push(session);
+        out.tokens.push(tokens);
+    }
+    Ok(out)
+}

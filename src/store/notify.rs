@@ -1,0 +1,238 @@
+//! Notification persistence: routing alert events, aggregation groups, the outbox, silences.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+
+use super::StoreError;
+
+/// An alert event waiting to be routed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub id: i64,
+    pub alert: String,
+    pub key: String,
+    pub labels: Json<BTreeMap<String, String>>,
+    pub annotations: Json<BTreeMap<String, String>>,
+    pub status: String,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    pub since: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+}
+
+/// The oldest events not yet routed, locked for this transaction.
+pub async fn undispatched_events(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<EventRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, alert, key, labels, annotations, status, value, threshold, since, at
+         FROM alert_events WHERE NOT dispatched ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+pub async fn mark_dispatched(conn: &mut PgConnection, ids: &[i64]) -> Result<(), StoreError> {
+    sqlx::query("UPDATE alert_events SET dispatched = true WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Every aggregation group: (receiver, group key, state).
+pub async fn load_groups(
+    pool: &PgPool,
+) -> Result<Vec<(String, String, Json<serde_json::Value>)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT receiver, group_key, state FROM notify_groups")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+pub async fn save_group(
+    conn: &mut PgConnection,
+    receiver: &str,
+    group_key: &str,
+    state: &serde_json::Value,
+    flush_at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO notify_groups (receiver, group_key, state, flush_at, updated_at) VALUES ($1, $2, $3, $4, now())
+         ON CONFLICT (receiver, group_key) DO UPDATE SET state = EXCLUDED.state, flush_at = EXCLUDED.flush_at, updated_at = now()",
+    )
+    .bind(receiver)
+    .bind(group_key)
+    .bind(Json(state))
+    .bind(flush_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_group(
+    conn: &mut PgConnection,
+    receiver: &str,
+    group_key: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM notify_groups WHERE receiver = $1 AND group_key = $2")
+        .bind(receiver)
+        .bind(group_key)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn insert_outbox(
+    conn: &mut PgConnection,
+    receiver: &str,
+    target: &str,
+    group_key: &str,
+    payload: &serde_json::Value,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO notify_outbox (receiver, target, group_key, payload) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(receiver)
+    .bind(target)
+    .bind(group_key)
+    .bind(Json(payload))
+    .fetch_one(conn)
+    .await?)
+}
+
+/// A notification waiting for delivery.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub receiver: String,
+    pub target: String,
+    pub group_key: String,
+    pub payload: Json<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub attempts: i32,
+}
+
+/// A receiver's pending notifications in order (the due ones first in line per target).
+pub async fn pending_outbox(
+    pool: &PgPool,
+    receiver: &str,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, receiver, target, group_key, payload, created_at, next_attempt_at, attempts
+         FROM notify_outbox WHERE receiver = $1 AND status = 'pending' ORDER BY id LIMIT $2",
+    )
+    .bind(receiver)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn mark_delivered(pool: &PgPool, id: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE notify_outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = now(), last_error = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_retry(
+    pool: &PgPool,
+    id: i64,
+    next_attempt_at: DateTime<Utc>,
+    error: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE notify_outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(next_attempt_at)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE notify_outbox SET status = 'failed', attempts = attempts + 1, last_error = $2 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Pending notifications (for `/metrics`).
+pub async fn outbox_pending(pool: &PgPool) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM notify_outbox WHERE status = 'pending'")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// A silence.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Silence {
+    pub id: i64,
+    pub matchers: Json<Vec<String>>,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub created_by: String,
+    pub comment: String,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn create_silence(
+    pool: &PgPool,
+    matchers: &[String],
+    starts_at: DateTime<Utc>,
+    ends_at: DateTime<Utc>,
+    created_by: &str,
+    comment: &str,
+) -> Result<Silence, StoreError> {
+    Ok(sqlx::query_as(
+        "INSERT INTO silences (matchers, starts_at, ends_at, created_by, comment) VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, matchers, starts_at, ends_at, created_by, comment, created_at",
+    )
+    .bind(Json(matchers))
+    .bind(starts_at)
+    .bind(ends_at)
+    .bind(created_by)
+    .bind(comment)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Silences that end after `since` (active and pending ones, and recently expired ones).
+pub async fn silences(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<Silence>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, matchers, starts_at, ends_at, created_by, comment, created_at
+         FROM silences WHERE ends_at > $1 ORDER BY id",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Ends a silence now; false when it does not exist or already ended.
+pub async fn expire_silence(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
+    let r = sqlx::query("UPDATE silences SET ends_at = now() WHERE id = $1 AND ends_at > now()")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}

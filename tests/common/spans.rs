@@ -1,0 +1,108 @@
+//! OTLP/JSON spans with the attributes the rule kinds read, sent to a running service.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::Service;
+
+/// Span builder: OTLP/JSON with the attributes each kind reads.
+pub struct Spans {
+    spans: Vec<Value>,
+    n: u64,
+    /// Distinguishes the trace ids of separate batches.
+    run: u64,
+}
+
+pub fn attr(k: &str, v: Value) -> Value {
+    match v {
+        Value::String(s) => json!({"key": k, "value": {"stringValue": s}}),
+        Value::Number(n) => json!({"key": k, "value": {"intValue": n.to_string()}}),
+        other => json!({"key": k, "value": {"stringValue": other.to_string()}}),
+    }
+}
+
+impl Spans {
+    pub fn new() -> Self {
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Spans {
+            spans: Vec::new(),
+            n: 0,
+            run: nanos ^ (RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48),
+        }
+    }
+
+    pub fn push(
+        &mut self,
+        name: &str,
+        kind: i32,
+        minute: DateTime<Utc>,
+        ms: u64,
+        error: bool,
+        attrs: Vec<Value>,
+    ) {
+        self.n += 1;
+        let start = minute.timestamp_nanos_opt().unwrap() as u64 + self.n * 1_000_000;
+        self.spans.push(json!({
+            "traceId": format!("{:016x}{:016x}", self.run, self.n),
+            "spanId": format!("{:016x}", self.n),
+            "name": name, "kind": kind,
+            "startTimeUnixNano": start.to_string(),
+            "endTimeUnixNano": (start + ms * 1_000_000).to_string(),
+            "attributes": attrs,
+            "status": {"code": if error { 2 } else { 1 }},
+        }));
+    }
+
+    pub fn tool(
+        &mut self,
+        tool: &str,
+        minute: DateTime<Utc>,
+        ms: u64,
+        error: bool,
+        extra: Vec<Value>,
+    ) {
+        let mut a = vec![
+            attr("mcp.method.name", json!("tools/call")),
+            attr("gen_ai.tool.name", json!(tool)),
+        ];
+        if error {
+            a.push(attr("error.type", json!("tool_error")));
+        }
+        a.extend(extra);
+        self.push(&format!("tools/call {tool}"), 2, minute, ms, error, a);
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({"resourceSpans": [{
+            "resource": {"attributes": [attr("service.name", json!("svc"))]},
+            "scopeSpans": [{"scope": {"name": "t"}, "spans": self.spans}]
+        }]}))
+        .unwrap()
+    }
+}
+
+pub async fn send(svc: &Service, spans: Spans) {
+    let r = reqwest::Client::new()
+        .post(svc.http_url())
+        .header("content-type", "application/json")
+        .body(spans.body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({}),
+        "nothing rejected"
+    );
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,698 @@
+//! Notifications end to end, against real peers: a webhook receiver (version-4 payload, HMAC
+//! signature, down for a while), a real SMTP server (Python's aiosmtpd), a real Prometheus
+//! Alertmanager, and a service killed between writing the outbox and sending.
+//!
+//! The alert is a retry loop (three identical calls in a 3 s window, evaluated every second):
+//! it fires on the first evaluation after the spans land and resolves 3 s later.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use common::Service;
+use common::spans::{Spans, attr, send};
+use serde_json::{Value, json};
+use toolsight::notify::config::{Notify, ReceiverConfig};
+
+const RULES: &str = "groups:
+  - name: notify
+    interval: 1s
+    rules:
+      - alert: Loop
+        kind: retry_loop
+        window: 3s
+        min_repeats: 3
+        min_samples: 1
+        labels: {severity: warning}
+        annotations: {summary: '{{ $labels.tool }} repeated {{ $value }} times'}
+";
+
+fn rules_file(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("toolsight-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rules.yaml");
+    std::fs::write(&path, RULES).unwrap();
+    path
+}
+
+/// Three identical calls of each tool in one conversation, just now.
+fn loops(tools: &[&str]) -> Spans {
+    let mut s = Spans::new();
+    let at = Utc::now() - chrono::Duration::milliseconds(500);
+    for tool in tools {
+        for _ in 0..3 {
+            s.tool(
+                tool,
+                at,
+                10,
+                false,
+                vec![
+                    attr("gen_ai.conversation.id", json!("conv-1")),
+                    attr("gen_ai.tool.call.arguments", json!(r#"{"q":"same"}"#)),
+                ],
+            );
+        }
+    }
+    s
+}
+
+fn receiver(toml_text: &str) -> ReceiverConfig {
+    toml::from_str(toml_text).unwrap()
+}
+
+/// Fast timings for tests: group for 1 s, retry from 100 ms.
+fn fast(receivers: Vec<ReceiverConfig>, default: &str) -> Notify {
+    Notify {
+        receivers,
+        receiver: default.into(),
+        group_wait: Duration::from_secs(1),
+        group_interval: Duration::from_secs(1),
+        retry_initial: Duration::from_millis(100),
+        retry_max: Duration::from_millis(400),
+        external_url: "http://toolsight.test:9464".into(),
+        grafana_url: "http://grafana.test:3000".into(),
+        ..Notify::default()
+    }
+}
+
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) -> T {
+    for _ in 0..secs * 10 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// One request the webhook receiver got.
+#[derive(Debug, Clone)]
+struct Hit {
+    answered: u16,
+    idempotency: String,
+    signature: String,
+    team: String,
+    body: Vec<u8>,
+}
+
+impl Hit {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A webhook receiver that answers 503 to the first `fail` requests (or while `down`).
+#[derive(Clone, Default)]
+struct Hook {
+    state: Arc<Mutex<(usize, bool, Vec<Hit>)>>,
+}
+
+impl Hook {
+    fn failing(first: usize) -> Hook {
+        let h = Hook::default();
+        h.state.lock().unwrap().0 = first;
+        h
+    }
+    fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().1 = down;
+    }
+    fn hits(&self) -> Vec<Hit> {
+        self.state.lock().unwrap().2.clone()
+    }
+    fn delivered(&self) -> Vec<Hit> {
+        self.hits()
+            .into_iter()
+            .filter(|h| h.answered == 200)
+            .collect()
+    }
+    fn delivered_with_status(&self, status: &str) -> Option<Hit> {
+        self.delivered()
+            .into_iter()
+            .find(|h| h.json()["status"] == status)
+    }
+
+    async fn start(&self) -> SocketAddr {
+        let state = self.state.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    let mut s = state.lock().unwrap();
+                    let fail = s.1 || s.0 > 0;
+                    if s.0 > 0 {
+                        s.0 -= 1;
+                    }
+                    let h = |k: &str| {
+                        headers
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let answered = if fail { 503 } else { 200 };
+                    s.2.push(Hit {
+                        answered,
+                        idempotency: h("idempotency-key"),
+                        signature: h("x-toolsight-signature"),
+                        team: h("x-team"),
+                        body: body.to_vec(),
+                    });
+                    if fail {
+                        (StatusCode::SERVICE_UNAVAILABLE, "receiver down")
+                    } else {
+                        (StatusCode::OK, "ok")
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+}
+
+fn toolsight() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_toolsight"))
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_grouped_signed_silenced_and_delivered_once_after_the_receiver_was_down() {
+    let hook = Hook::failing(3);
+    let addr = hook.start().await;
+    let rules = rules_file("notify-webhook");
+    let notify = fast(
+        vec![receiver(&format!(
+            "name = \"hook\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook?token=SECRET123\"\nhmac_secret = \"s3cret\"\nheaders = {{ X-Team = \"mcp\" }}\n"
+        ))],
+        "hook",
+    );
+    let svc = Service::start_with("notify_webhook", move |c| {
+        c.rules.files = vec![rules];
+        c.notify = notify;
+    })
+    .await;
+    let admin = format!("http://{}", svc.admin);
+
+    // Silence one of the three tools through the command line.
+    let added = output(toolsight().args([
+        "silence",
+        "add",
+        "tool=list_items",
+        "--comment",
+        "maintenance",
+        "--author",
+        "tester",
+        "--duration",
+        "10m",
+        "--url",
+        &admin,
+    ]));
+    assert!(added.starts_with("silence 1 until"), "{added}");
+
+    send(&svc, loops(&["search", "fetch", "list_items"])).await;
+
+    // The silenced alert fires, and shows its silence.
+    let list = eventually("the silenced alert in the API", 10, || async {
+        let api: Value = reqwest::get(format!("{admin}/api/v1/alerts"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        api["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["labels"]["tool"] == "list_items" && a["state"] == "firing")
+            .cloned()
+    })
+    .await;
+    assert_eq!(list["silenced"], true);
+    assert_eq!(list["silencedBy"], json!([1]));
+
+    // Three 503s, then the firing notification arrives: one, for the whole group.
+    let firing = eventually("the firing notification", 20, || async {
+        hook.delivered_with_status("firing")
+    })
+    .await;
+    let p = firing.json();
+    assert_eq!(p["version"], "4");
+    assert_eq!(p["receiver"], "hook");
+    assert_eq!(p["groupLabels"], json!({"alertname": "Loop"}));
+    assert_eq!(p["commonLabels"]["severity"], "warning");
+    assert_eq!(p["commonLabels"]["service"], "svc");
+    assert_eq!(p["truncatedAlerts"], 0);
+    assert_eq!(p["externalURL"], "http://toolsight.test:9464");
+    let alerts = p["alerts"].as_array().unwrap();
+    let mut tools: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["labels"]["tool"].as_str().unwrap())
+        .collect();
+    tools.sort();
+    assert_eq!(tools, ["fetch", "search"], "the silenced tool is left out");
+    for a in alerts {
+        assert_eq!(a["status"], "firing");
+        assert_eq!(a["endsAt"], "0001-01-01T00:00:00Z");
+        assert_eq!(a["fingerprint"].as_str().unwrap().len(), 16);
+        assert!(
+            a["annotations"]["summary"]
+                .as_str()
+                .unwrap()
+                .ends_with("repeated 3 times")
+        );
+        assert!(a["generatorURL"].as_str().unwrap().starts_with(
+            "http://grafana.test:3000/d/toolsight-tool/tool-detail?var-service=svc&var-tool="
+        ));
+        for k in ["labels", "annotations", "startsAt"] {
+            assert!(a.get(k).is_some(), "{k}");
+        }
+    }
+    assert_eq!(
+        firing.signature,
+        toolsight::notify::deliver::signature("s3cret", &firing.body)
+    );
+    assert_eq!(firing.team, "mcp");
+    let attempts: Vec<Hit> = hook
+        .hits()
+        .into_iter()
+        .filter(|h| h.idempotency == firing.idempotency)
+        .collect();
+    assert_eq!(
+        attempts.iter().map(|h| h.answered).collect::<Vec<_>>(),
+        [503, 503, 503, 200],
+        "the same notification retried until acknowledged"
+    );
+
+    let listed = output(toolsight().args(["silence", "list", "--url", &admin]));
+    assert!(
+        listed.contains("maintenance") && listed.contains("active"),
+        "{listed}"
+    );
+
+    // Healthy again: one resolved notification, then nothing more.
+    let resolved = eventually("the resolved notification", 20, || async {
+        hook.delivered_with_status("resolved")
+    })
+    .await;
+    let r = resolved.json();
+    assert_eq!(r["alerts"].as_array().unwrap().len(), 2);
+    for a in r["alerts"].as_array().unwrap() {
+        assert_eq!(a["status"], "resolved");
+        assert_ne!(a["endsAt"], "0001-01-01T00:00:00Z");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        hook.delivered().len(),
+        2,
+        "exactly one firing and one resolved"
+    );
+
+    output(toolsight().args(["silence", "expire", "1", "--url", &admin]));
+    let listed = output(toolsight().args(["silence", "list", "--url", &admin]));
+    assert!(listed.contains("expired"), "{listed}");
+
+    // Retries are counted; errors recorded for the retries never show the URL's token.
+    let metrics = svc.metrics().await;
+    assert!(
+        metrics.contains("toolsight_notify_attempts_total{receiver=\"hook\",result=\"retry\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("toolsight_notifications_total{receiver=\"hook\",result=\"delivered\"} 2")
+    );
+    let errors: Vec<Option<String>> = sqlx::query_scalar("SELECT last_error FROM notify_outbox")
+        .fetch_all(&svc.pool)
+        .await
+        .unwrap();
+    assert_eq!(errors.len(), 2);
+    assert!(errors.iter().flatten().all(|e| !e.contains("SECRET123")));
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_rejecting_with_4xx_is_not_retried() {
+    // A receiver answering 400: logged and counted, never retried.
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async { (StatusCode::BAD_REQUEST, "unknown team") }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let rules = rules_file("notify-4xx");
+    let notify = fast(
+        vec![receiver(&format!(
+            "name = \"bad\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook\"\n"
+        ))],
+        "bad",
+    );
+    let svc = Service::start_with("notify_4xx", move |c| {
+        c.rules.files = vec![rules];
+        c.notify = notify;
+    })
+    .await;
+    send(&svc, loops(&["search"])).await;
+    let (status, attempts, error): (String, i32, Option<String>) =
+        eventually("the rejected notification", 20, || async {
+            sqlx::query_as(
+                "SELECT status, attempts, last_error FROM notify_outbox WHERE status <> 'pending' ORDER BY id LIMIT 1",
+            )
+            .fetch_optional(&svc.pool)
+            .await
+            .unwrap()
+        })
+        .await;
+    assert_eq!((status.as_str(), attempts), ("failed", 1));
+    assert!(
+        error.unwrap().contains("400 Bad Request: unknown team"),
+        "the response body is kept"
+    );
+    let metrics = svc.metrics().await;
+    assert!(
+        metrics.contains("toolsight_notify_attempts_total{receiver=\"bad\",result=\"rejected\"} 1"),
+        "{metrics}"
+    );
+    svc.stop().await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_port(port: u16) {
+    eventually("the peer to listen", 30, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_through_a_real_smtp_server() {
+    let python = common::python::venv("smtp-venv", "import aiosmtpd", |pip| {
+        common::python::run(pip().arg("aiosmtpd==1.4.6"))
+    });
+    let maildir = std::env::temp_dir().join(format!("toolsight-maildir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&maildir);
+    let port = free_port();
+    let _smtp = Process(
+        Command::new(python)
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(port).await;
+
+    let rules = rules_file("notify-email");
+    let notify = fast(
+        vec![receiver(&format!(
+            "name = \"mail\"\ntype = \"email\"\nsmarthost = \"127.0.0.1:{port}\"\ntls = \"none\"\nfrom = \"toolsight@example.com\"\nto = [\"oncall@example.com\", \"mcp-team@example.com\"]\n"
+        ))],
+        "mail",
+    );
+    let svc = Service::start_with("notify_email", move |c| {
+        c.rules.files = vec![rules];
+        c.notify = notify;
+    })
+    .await;
+    send(&svc, loops(&["search"])).await;
+
+    let new = maildir.join("new");
+    let raw = eventually("the email", 30, || async {
+        let first = std::fs::read_dir(&new).ok()?.flatten().next()?;
+        std::fs::read(first.path()).ok()
+    })
+    .await;
+    let msg = mail_parser::MessageParser::default()
+        .parse(&raw)
+        .expect("a parsable email");
+    assert_eq!(
+        msg.subject(),
+        Some("[FIRING:1] alertname=Loop"),
+        "one email for the group"
+    );
+    let to: Vec<String> = msg
+        .to()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.address().map(str::to_owned))
+        .collect();
+    assert_eq!(to, ["oncall@example.com", "mcp-team@example.com"]);
+    let text = msg.body_text(0).unwrap();
+    for want in [
+        "tool: search",
+        "service: svc",
+        "value: 3.000",
+        "threshold: 3.000",
+        "since: ",
+        "http://grafana.test:3000/d/toolsight-tool/tool-detail?var-service=svc&var-tool=search",
+    ] {
+        assert!(text.contains(want), "{want} in {text}");
+    }
+    let html = msg.body_html(0).unwrap();
+    assert!(
+        html.contains("<table") && html.contains("var-tool=search"),
+        "{html}"
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_pushed_to_a_real_alertmanager_fire_and_resolve() {
+    let dir = std::env::temp_dir().join(format!("toolsight-am-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let _am = Process(
+        Command::new(alertmanager_binary())
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus-alertmanager (Debian package prometheus-alertmanager)"),
+    );
+    let am = format!("http://127.0.0.1:{port}");
+    eventually("alertmanager ready", 30, || async {
+        let r = reqwest::get(format!("{am}/-/ready")).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    let rules = rules_file("notify-am");
+    let notify = fast(
+        vec![receiver(&format!(
+            "name = \"am\"\ntype = \"alertmanager\"\nurls = [\"{am}\"]\nresend_every = \"1s\"\nresolved_for = \"5s\"\n"
+        ))],
+        "am",
+    );
+    let svc = Service::start_with("notify_am", move |c| {
+        c.rules.files = vec![rules];
+        c.notify = notify;
+    })
+    .await;
+    send(&svc, loops(&["search"])).await;
+
+    let ours = |alerts: Value| -> Option<Value> {
+        alerts
+            .as_array()?
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "Loop" && a["labels"]["tool"] == "search")
+            .cloned()
+    };
+    let listed = || async {
+        reqwest::get(format!("{am}/api/v2/alerts"))
+            .await
+            .ok()?
+            .json::<Value>()
+            .await
+            .ok()
+    };
+    let alert = eventually("the alert in Alertmanager", 20, || async {
+        ours(listed().await?)
+    })
+    .await;
+    assert_eq!(alert["status"]["state"], "active");
+    assert_eq!(alert["labels"]["severity"], "warning");
+    assert_eq!(alert["annotations"]["summary"], "search repeated 3 times");
+    assert!(
+        alert["generatorURL"]
+            .as_str()
+            .unwrap()
+            .contains("var-tool=search")
+    );
+
+    // Resolved: Alertmanager no longer lists it as active.
+    eventually("the alert resolved in Alertmanager", 30, || async {
+        ours(listed().await?).is_none().then_some(())
+    })
+    .await;
+    // Firing pushes get `endsAt` when sent; resolved ones carry it in the outbox.
+    let pushes = |resolved: bool| {
+        format!(
+            "SELECT count(*) FROM notify_outbox WHERE status = 'delivered' AND target = '{am}' AND (payload::text LIKE '%endsAt%') = {resolved}"
+        )
+    };
+    assert!(svc.count(&pushes(false)).await >= 1, "firing pushes");
+    assert!(svc.count(&pushes(true)).await >= 1, "resolved pushes");
+    svc.stop().await.unwrap();
+}
+
+fn alertmanager_binary() -> PathBuf {
+    std::env::var("TOOLSIGHT_TEST_ALERTMANAGER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/usr/bin/prometheus-alertmanager"))
+}
+
+fn serve(config: &Path, http_port: u16) -> Process {
+    let mut cmd = toolsight();
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env(
+            "TOOLSIGHT_OTLP__HTTP_LISTEN",
+            format!("127.0.0.1:{http_port}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Process(cmd.spawn().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_writing_the_outbox_the_notification_is_sent_once_by_the_next_replica() {
+    let hook = Hook::default();
+    hook.set_down(true);
+    let addr = hook.start().await;
+    let rules = rules_file("notify-kill");
+    let db = "toolsight_it_notify_kill";
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{db}", common::server_url());
+    let config = rules.with_file_name("toolsight.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{url}\"\n[otlp]\ngrpc_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[rules]\nfiles = [\"{}\"]\n[notify]\nreceiver = \"hook\"\ngroup_wait = \"1s\"\ngroup_interval = \"1s\"\nretry_initial = \"100ms\"\nretry_max = \"300ms\"\n[[notify.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook\"\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+
+    // Replica A leads; replica B stands by on the same database.
+    let port_a = free_port();
+    let a = serve(&config, port_a);
+    wait_port(port_a).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let b = serve(&config, free_port());
+
+    let body = loops(&["search"]).body();
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port_a}/v1/traces"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The notification is in the outbox and has been tried against the dead receiver.
+    eventually("a failed attempt", 20, || async {
+        let attempts: Option<i32> =
+            sqlx::query_scalar("SELECT max(attempts) FROM notify_outbox WHERE status = 'pending'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        attempts.filter(|a| *a >= 1)
+    })
+    .await;
+
+    // A dies outright; the receiver comes back; B takes over and delivers it, once.
+    drop(a);
+    hook.set_down(false);
+    let firing = eventually("the firing notification", 30, || async {
+        hook.delivered_with_status("firing")
+    })
+    .await;
+    eventually("the resolved notification", 30, || async {
+        hook.delivered_with_status("resolved")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let delivered = hook.delivered();
+    assert_eq!(
+        delivered
+            .iter()
+            .filter(|h| h.json()["status"] == "firing")
+            .count(),
+        1,
+        "one firing notification across the kill and the takeover"
+    );
+    assert_eq!(
+        delivered
+            .iter()
+            .filter(|h| h.idempotency == firing.idempotency)
+            .count(),
+        1
+    );
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM notify_outbox WHERE status <> 'delivered'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(pending, 0);
+    drop(b);
+    pool.close().await;
+}
