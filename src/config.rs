@@ -567,3 +567,82 @@ mod tests {
         assert_eq!(problems.len(), 6, "{text}");
     }
 }
+
+#[cfg(test)]
+mod notify_tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("toolsight-cfg-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.toml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        Config::load_from(Some(&path), Vec::new())
+    }
+
+    #[test]
+    fn receivers_routes_and_secrets_from_env_and_files() {
+        let dir = std::env::temp_dir().join(format!("toolsight-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("hmac.key");
+        std::fs::write(&key, "k3y-from-file\n").unwrap();
+        let c = load(&format!(
+            "[notify]\nreceiver = \"ops\"\ngroup_wait = \"10s\"\n\
+             [[notify.receivers]]\nname = \"ops\"\ntype = \"webhook\"\nurl = \"https://hooks.example.com/T0/B0/XSECRETX\"\nhmac_secret = \"file:{}\"\n\
+             [[notify.receivers]]\nname = \"mail\"\ntype = \"email\"\nsmarthost = \"smtp.example.com:587\"\nfrom = \"a@example.com\"\nto = [\"b@example.com\"]\n\
+             [[notify.routes]]\nreceiver = \"mail\"\nmatchers = [\"severity=~crit.*\"]\nrepeat_interval = \"1h\"\n",
+            key.display()
+        ))
+        .unwrap();
+        assert_eq!(c.notify.group_wait, Duration::from_secs(10));
+        assert_eq!(c.notify.receivers.len(), 2);
+        let hook = &c.notify.receivers[0];
+        assert_eq!(hook.hmac_secret.as_ref().unwrap().expose(), "k3y-from-file");
+        assert_eq!(
+            c.notify.routes[0].repeat_interval,
+            Some(Duration::from_secs(3600))
+        );
+        // Printed configuration and debug output never show secrets.
+        let shown = c.to_toml();
+        assert!(
+            !shown.contains("XSECRETX") && !shown.contains("k3y-from-file"),
+            "{shown}"
+        );
+        assert!(!format!("{c:?}").contains("XSECRETX"));
+    }
+
+    #[test]
+    fn notify_problems_are_listed() {
+        let err = load(
+            "[notify]\nreceiver = \"nobody\"\n\
+             [[notify.receivers]]\nname = \"m\"\ntype = \"email\"\nto = [\"not an address\"]\n\
+             [[notify.receivers]]\nname = \"w\"\ntype = \"webhook\"\nhmac_secret = \"env:TOOLSIGHT_TEST_UNSET_SECRET\"\n\
+             [[notify.routes]]\nreceiver = \"ghost\"\nmatchers = [\"tool=~(\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "TOOLSIGHT_TEST_UNSET_SECRET is not set",
+            "notify.receiver: no receiver is named \"nobody\"",
+            "notify.routes[0]: no receiver is named \"ghost\"",
+            "matcher \"tool=~(\"",
+        ] {
+            assert!(err.contains(needle), "{needle} in {err}");
+        }
+        // The serde error about the secret stops that receiver list; fix it and the rest shows.
+        let err = load(
+            "[[notify.receivers]]\nname = \"m\"\ntype = \"email\"\nto = [\"not an address\"]\n\
+             [[notify.receivers]]\nname = \"w\"\ntype = \"webhook\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "email needs `smarthost`",
+            "email needs `from`",
+            "\"not an address\" is not an email address",
+            "webhook needs `url`",
+        ] {
+            assert!(err.contains(needle), "{needle} in {err}");
+        }
+    }
+}
