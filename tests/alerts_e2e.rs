@@ -7,8 +7,8 @@ mod common;
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, TimeZone, Utc};
-use common::Service;
 use common::spans::{Spans, attr, send};
+use common::{Service, eventually, serve};
 use serde_json::{Value, json};
 use toolsight::evaluate::engine::Notice;
 use toolsight::evaluate::rules::parse;
@@ -501,56 +501,13 @@ async fn last_evaluation(pool: &sqlx::PgPool) -> Option<DateTime<Utc>> {
         .unwrap()
 }
 
-/// A `toolsight serve` process, killed with SIGKILL when dropped: no graceful shutdown.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(config: &std::path::Path) -> Process {
-    Process(
-        std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Polls until `f` returns something, for up to 20 s.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    mut f: impl FnMut() -> F,
-) -> Option<T> {
-    for _ in 0..200 {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_evaluator_and_takeover_when_killed() {
     let dir = std::env::temp_dir().join(format!("toolsight-ha-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let rules = dir.join("ha.yaml");
     std::fs::write(&rules, "groups:\n  - name: ha\n    interval: 1s\n    rules:\n      - alert: HaErrors\n        kind: error_rate\n        window: 1m\n        fire_above: 0.5\n").unwrap();
-    let db = "toolsight_it_alerts_ha";
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", common::server_url());
+    let url = common::fresh_database("alerts_ha").await;
     let config = dir.join("toolsight.toml");
     std::fs::write(
         &config,
@@ -562,21 +519,21 @@ async fn two_replicas_one_evaluator_and_takeover_when_killed() {
     .unwrap();
 
     // A starts alone, creates the database and becomes the evaluator.
-    let a = serve(&config);
-    let pool = eventually(|| async { sqlx::PgPool::connect(&url).await.ok() })
-        .await
-        .expect("A created the database");
-    let a_lock = eventually(|| async {
+    let a = serve(&config, &[]);
+    let pool = eventually("A to create the database", 20, || async {
+        sqlx::PgPool::connect(&url).await.ok()
+    })
+    .await;
+    let a_lock = eventually("A to lead and evaluate", 20, || async {
         match lock_holder(&pool).await {
             Some(pid) if last_evaluation(&pool).await.is_some() => Some(pid),
             _ => None,
         }
     })
-    .await
-    .expect("A leads and evaluates");
+    .await;
 
     // B joins the same database and stands by: still one lock, still A's.
-    let _b = serve(&config);
+    let _b = serve(&config, &[]);
     tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
     let locks: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid
@@ -590,11 +547,15 @@ async fn two_replicas_one_evaluator_and_takeover_when_killed() {
 
     // A is killed outright; its connection dies with it and B takes over and evaluates.
     drop(a);
-    let b_lock = eventually(|| async { lock_holder(&pool).await.filter(|p| *p != a_lock) }).await;
-    assert!(b_lock.is_some(), "B took over");
+    eventually("B to take over", 20, || async {
+        lock_holder(&pool).await.filter(|p| *p != a_lock)
+    })
+    .await;
     let before = last_evaluation(&pool).await.unwrap();
-    let after = eventually(|| async { last_evaluation(&pool).await.filter(|t| *t > before) }).await;
-    assert!(after.is_some(), "B evaluates after {before}");
+    eventually("B to evaluate", 20, || async {
+        last_evaluation(&pool).await.filter(|t| *t > before)
+    })
+    .await;
     pool.close().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

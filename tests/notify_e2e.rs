@@ -2,21 +2,21 @@
 //! signature, down for a while), a real SMTP server (Python's aiosmtpd), a real Prometheus
 //! Alertmanager, and a service killed between writing the outbox and sending.
 //!
-//! The alert is a retry loop (three identical calls in a 3 s window, evaluated every second):
-//! it fires on the first evaluation after the spans land and resolves 3 s later.
+//! The alert is a retry loop (three identical calls in a 6 s window, evaluated every second):
+//! it fires on the first evaluation after the spans land and resolves 6 s later.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
-use common::Service;
 use common::spans::{Spans, attr, send};
+use common::{Process, Service, eventually, serve};
 use serde_json::{Value, json};
 use toolsight::notify::config::{Notify, ReceiverConfig};
 
@@ -26,7 +26,7 @@ const RULES: &str = "groups:
     rules:
       - alert: Loop
         kind: retry_loop
-        window: 3s
+        window: 6s
         min_repeats: 3
         min_samples: 1
         labels: {severity: warning}
@@ -62,8 +62,8 @@ fn loops(tools: &[&str]) -> Spans {
     s
 }
 
-/// Waits for the rule evaluator to run: the loops must land while it does (they leave the 3 s
-/// window quickly).
+/// Waits for the rule evaluator to run: the loops must land while it does (they leave the 6 s
+/// window soon).
 async fn evaluating(pool: &sqlx::PgPool) {
     eventually("the evaluator", 30, || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rule_health")
@@ -92,20 +92,6 @@ fn fast(receivers: Vec<ReceiverConfig>, default: &str) -> Notify {
         grafana_url: "http://grafana.test:3000".into(),
         ..Notify::default()
     }
-}
-
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    secs: u64,
-    mut f: impl FnMut() -> F,
-) -> T {
-    for _ in 0..secs * 10 {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// One request the webhook receiver got.
@@ -196,6 +182,20 @@ impl Hook {
     }
 }
 
+/// The service with the loop rule and one receiver (the default route), evaluating.
+async fn notifying(name: &str, receiver_toml: &str) -> Service {
+    let rules = rules_file(name);
+    let r = receiver(receiver_toml);
+    let notify = fast(vec![r.clone()], &r.name);
+    let svc = Service::start_with(name, move |c| {
+        c.rules.files = vec![rules];
+        c.notify = notify;
+    })
+    .await;
+    evaluating(&svc.pool).await;
+    svc
+}
+
 fn toolsight() -> Command {
     Command::new(env!("CARGO_BIN_EXE_toolsight"))
 }
@@ -214,17 +214,12 @@ fn output(cmd: &mut Command) -> String {
 async fn webhook_grouped_signed_silenced_and_delivered_once_after_the_receiver_was_down() {
     let hook = Hook::failing(3);
     let addr = hook.start().await;
-    let rules = rules_file("notify-webhook");
-    let notify = fast(
-        vec![receiver(&format!(
+    let svc = notifying(
+        "notify_webhook",
+        &format!(
             "name = \"hook\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook?token=SECRET123\"\nhmac_secret = \"s3cret\"\nheaders = {{ X-Team = \"mcp\" }}\n"
-        ))],
-        "hook",
-    );
-    let svc = Service::start_with("notify_webhook", move |c| {
-        c.rules.files = vec![rules];
-        c.notify = notify;
-    })
+        ),
+    )
     .await;
     let admin = format!("http://{}", svc.admin);
 
@@ -244,7 +239,6 @@ async fn webhook_grouped_signed_silenced_and_delivered_once_after_the_receiver_w
     ]));
     assert!(added.starts_with("silence 1 until"), "{added}");
 
-    evaluating(&svc.pool).await;
     send(&svc, loops(&["search", "fetch", "list_items"])).await;
 
     // The silenced alert fires, and shows its silence.
@@ -374,19 +368,11 @@ async fn a_receiver_rejecting_with_4xx_is_not_retried() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let rules = rules_file("notify-4xx");
-    let notify = fast(
-        vec![receiver(&format!(
-            "name = \"bad\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook\"\n"
-        ))],
-        "bad",
-    );
-    let svc = Service::start_with("notify_4xx", move |c| {
-        c.rules.files = vec![rules];
-        c.notify = notify;
-    })
+    let svc = notifying(
+        "notify_4xx",
+        &format!("name = \"bad\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook\"\n"),
+    )
     .await;
-    evaluating(&svc.pool).await;
     send(&svc, loops(&["search"])).await;
     let (status, attempts, error): (String, i32, Option<String>) =
         eventually("the rejected notification", 20, || async {
@@ -417,16 +403,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A child process, killed (SIGKILL) when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn wait_port(port: u16) {
@@ -460,19 +436,13 @@ async fn email_through_a_real_smtp_server() {
     );
     wait_port(port).await;
 
-    let rules = rules_file("notify-email");
-    let notify = fast(
-        vec![receiver(&format!(
+    let svc = notifying(
+        "notify_email",
+        &format!(
             "name = \"mail\"\ntype = \"email\"\nsmarthost = \"127.0.0.1:{port}\"\ntls = \"none\"\nfrom = \"toolsight@example.com\"\nto = [\"oncall@example.com\", \"mcp-team@example.com\"]\n"
-        ))],
-        "mail",
-    );
-    let svc = Service::start_with("notify_email", move |c| {
-        c.rules.files = vec![rules];
-        c.notify = notify;
-    })
+        ),
+    )
     .await;
-    evaluating(&svc.pool).await;
     send(&svc, loops(&["search"])).await;
 
     let new = maildir.join("new");
@@ -544,19 +514,13 @@ async fn alerts_pushed_to_a_real_alertmanager_fire_and_resolve() {
     })
     .await;
 
-    let rules = rules_file("notify-am");
-    let notify = fast(
-        vec![receiver(&format!(
+    let svc = notifying(
+        "notify_am",
+        &format!(
             "name = \"am\"\ntype = \"alertmanager\"\nurls = [\"{am}\"]\nresend_every = \"1s\"\nresolved_for = \"5s\"\n"
-        ))],
-        "am",
-    );
-    let svc = Service::start_with("notify_am", move |c| {
-        c.rules.files = vec![rules];
-        c.notify = notify;
-    })
+        ),
+    )
     .await;
-    evaluating(&svc.pool).await;
     send(&svc, loops(&["search"])).await;
 
     let ours = |alerts: Value| -> Option<Value> {
@@ -610,17 +574,14 @@ fn alertmanager_binary() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from("/usr/bin/prometheus-alertmanager"))
 }
 
-fn serve(config: &Path, http_port: u16) -> Process {
-    let mut cmd = toolsight();
-    cmd.args(["serve", "--config"])
-        .arg(config)
-        .env(
+fn serve_on(config: &Path, http_port: u16) -> Process {
+    serve(
+        config,
+        &[(
             "TOOLSIGHT_OTLP__HTTP_LISTEN",
             format!("127.0.0.1:{http_port}"),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    Process(cmd.spawn().unwrap())
+        )],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,15 +590,7 @@ async fn killed_after_writing_the_outbox_the_notification_is_sent_once_after_res
     hook.set_down(true);
     let addr = hook.start().await;
     let rules = rules_file("notify-kill");
-    let db = "toolsight_it_notify_kill";
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", common::server_url());
+    let url = common::fresh_database("notify_kill").await;
     let config = rules.with_file_name("toolsight.toml");
     std::fs::write(
         &config,
@@ -649,11 +602,10 @@ async fn killed_after_writing_the_outbox_the_notification_is_sent_once_after_res
     .unwrap();
 
     let port_a = free_port();
-    let a = serve(&config, port_a);
+    let a = serve_on(&config, port_a);
     wait_port(port_a).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    // The calls must land while the evaluator runs (they leave the 3 s window quickly).
-    evaluating(&pool).await;
+        evaluating(&pool).await;
 
     let body = loops(&["search"]).body();
     let r = reqwest::Client::new()
@@ -680,8 +632,8 @@ async fn killed_after_writing_the_outbox_the_notification_is_sent_once_after_res
     // replicas on the same database: the notification is delivered once, not once per replica.
     drop(a);
     hook.set_down(false);
-    let restarted = serve(&config, free_port());
-    let replica = serve(&config, free_port());
+    let restarted = serve_on(&config, free_port());
+    let replica = serve_on(&config, free_port());
     let firing = eventually("the firing notification", 30, || async {
         hook.delivered_with_status("firing")
     })

@@ -19,6 +19,56 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// Drops the test database of `name` if it exists; returns its URL (the service creates it).
+pub async fn fresh_database(name: &str) -> String {
+    let db = format!("toolsight_it_{name}");
+    let admin_pool = PgPool::connect(&format!("{}/postgres", server_url()))
+        .await
+        .expect("test postgres reachable");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+    admin_pool.close().await;
+    format!("{}/{db}", server_url())
+}
+
+/// Polls `f` every 100 ms until it returns something; fails the test after `secs` seconds.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) -> T {
+    for _ in 0..secs * 10 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A child process, killed (SIGKILL: no graceful shutdown) when dropped.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `toolsight serve --config CONFIG` as a child process, with `env` added.
+pub fn serve(config: &std::path::Path, env: &[(&str, String)]) -> Process {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Process(cmd.spawn().unwrap())
+}
+
 pub struct Service {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
@@ -36,15 +86,7 @@ impl Service {
     }
 
     pub async fn start_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Service {
-        let db = format!("toolsight_it_{name}");
-        let admin_pool = PgPool::connect(&format!("{}/postgres", server_url()))
-            .await
-            .expect("test postgres reachable");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .execute(&admin_pool)
-            .await
-            .unwrap();
-        admin_pool.close().await;
+        fresh_database(name).await;
         Self::replica(name, tweak).await
     }
 
