@@ -109,6 +109,12 @@ pub async fn run(
     let stop = CancellationToken::new();
     let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
 
+    let own_metrics = tokio::spawn(record_own_metrics(
+        pool.clone(),
+        metrics.clone(),
+        config.admin.record_metrics_every,
+        stop.clone(),
+    ));
     let health = tokio::spawn(watch_database(
         pool.clone(),
         ready.clone(),
@@ -185,6 +191,7 @@ pub async fn run(
         t.await?;
     }
     health.await?;
+    own_metrics.await?;
     if let Some(ev) = evaluator {
         ev.await?;
     }
@@ -200,6 +207,48 @@ pub async fn run(
 fn nodelay(tcp: &mut tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
+
+/// How long the service's own metric samples are kept.
+const OWN_METRICS_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(30);
+
+/// Samples the service's own metrics into PostgreSQL (the collector health dashboard reads
+/// them), and prunes old samples in bounded batches once an hour.
+async fn record_own_metrics(
+    pool: sqlx::PgPool,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    if every.is_zero() {
+        return;
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "toolsight".into());
+    let instance = format!("{host}:{}", std::process::id());
+    let mut tick = tokio::time::interval(every);
+    let mut last_prune = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = chrono::Utc::now();
+        if let Err(e) = store::stats::record(&pool, now, &instance, &metrics.samples()).await {
+            tracing::debug!(error = %e, "recording own metrics failed");
+        }
+        if last_prune.elapsed() >= Duration::from_secs(3600) {
+            last_prune = Instant::now();
+            while let Ok(n) = store::stats::prune(&pool, now - OWN_METRICS_KEPT, 10_000).await {
+                if n < 10_000 {
+                    break;
+                }
+            }
+        }
     }
 }
 

@@ -51,6 +51,10 @@ pub struct Otlp {
 #[derive(Debug, Clone, Serialize)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// How often this service's own metrics are written to PostgreSQL (for the collector
+    /// health dashboard); 0 turns it off.
+    #[serde(with = "humantime_serde_compat")]
+    pub record_metrics_every: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +133,7 @@ impl Default for Config {
             },
             admin: Admin {
                 listen: "127.0.0.1:9464".parse().expect("valid default"),
+                record_metrics_every: Duration::from_secs(15),
             },
             ingest: Ingest {
                 writers: 2,
@@ -244,6 +249,8 @@ impl Config {
             },
             admin: Admin {
                 listen: l.get("admin.listen", d.admin.listen),
+                record_metrics_every: l
+                    .duration("admin.record_metrics_every", d.admin.record_metrics_every),
             },
             ingest: Ingest {
                 writers: l.get("ingest.writers", d.ingest.writers),

@@ -184,6 +184,25 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Every sample of the exposition as (metric, labels, value), histogram buckets left out
+    /// (their `_sum` and `_count` stay).
+    pub fn samples(&self) -> Vec<(String, String, f64)> {
+        self.encode()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let value: f64 = value.parse().ok()?;
+                let (name, labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                (!name.ends_with("_bucket") && !name.ends_with("_created"))
+                    .then(|| (name.to_owned(), labels.to_owned(), value))
+            })
+            .collect()
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -196,5 +215,34 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_parse_the_exposition() {
+        let m = Metrics::new();
+        m.spans_accepted.inc_by(7);
+        m.spans_rejected
+            .get_or_create(&ReasonLabel {
+                reason: "malformed",
+            })
+            .inc();
+        m.write_seconds.observe(0.01);
+        let s = m.samples();
+        let find = |name: &str| s.iter().find(|(n, _, _)| n == name).cloned();
+        assert_eq!(
+            find("toolsight_spans_accepted_total"),
+            Some(("toolsight_spans_accepted_total".into(), String::new(), 7.0))
+        );
+        assert_eq!(
+            find("toolsight_spans_rejected_total").unwrap().1,
+            "reason=\"malformed\""
+        );
+        assert_eq!(find("toolsight_write_seconds_count").unwrap().2, 1.0);
+        assert!(find("toolsight_write_seconds_bucket").is_none());
     }
 }

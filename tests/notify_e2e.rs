@@ -605,7 +605,7 @@ async fn killed_after_writing_the_outbox_the_notification_is_sent_once_after_res
     let a = serve_on(&config, port_a);
     wait_port(port_a).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        evaluating(&pool).await;
+    evaluating(&pool).await;
 
     let body = loops(&["search"]).body();
     let r = reqwest::Client::new()

@@ -8,6 +8,7 @@ pub mod history;
 pub mod notify;
 pub mod queries;
 pub mod rollup;
+pub mod stats;
 pub mod writer;
 
 use std::time::Duration;

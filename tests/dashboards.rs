@@ -1,0 +1,577 @@
+//! The Grafana dashboards and the deployment bundle.
+//!
+//! Every dashboard is checked for structure (unique panel ids, only the provisioned datasource,
+//! every variable defined), then every panel and variable query is run against a PostgreSQL
+//! seeded through the real ingest path, with Grafana's PostgreSQL macros expanded the way
+//! Grafana expands them, over a short and a long time range. The p95 a panel shows is compared
+//! with the p95 the rule engine computes for the same tool and window.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use chrono::{DateTime, Duration, SecondsFormat, TimeZone, Utc};
+use common::Service;
+use common::spans::{Spans, attr, send};
+use regex::Regex;
+use serde_json::{Value, json};
+use sqlx::{Column, Row, TypeInfo};
+
+const DATASOURCE_UID: &str = "toolsight-pg";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = std::fs::read_dir(repo().join("dashboards"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+            (e.file_name().to_string_lossy().into_owned(), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(out.len(), 3, "overview, tool detail, collector health");
+    out
+}
+
+fn panels(d: &Value) -> Vec<&Value> {
+    d["panels"].as_array().unwrap().iter().collect()
+}
+
+fn variables(d: &Value) -> Vec<&Value> {
+    d["templating"]["list"].as_array().unwrap().iter().collect()
+}
+
+/// Grafana's own variables, which need no definition.
+fn builtin(name: &str) -> bool {
+    name.starts_with("__") || name == "timeFilter"
+}
+
+#[test]
+fn dashboards_are_well_formed() {
+    let var_ref = Regex::new(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)").unwrap();
+    let mut uids = BTreeSet::new();
+    for (file, d) in dashboards() {
+        assert!(uids.insert(d["uid"].as_str().unwrap().to_owned()), "{file}");
+        let defined: BTreeSet<String> = variables(&d)
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect();
+        let mut ids = BTreeSet::new();
+        let mut queries = Vec::new();
+        for v in variables(&d) {
+            assert_eq!(v["datasource"]["uid"], DATASOURCE_UID, "{file} variable");
+            queries.push(v["query"].as_str().unwrap().to_owned());
+        }
+        for p in panels(&d) {
+            let title = p["title"].as_str().unwrap();
+            assert!(
+                ids.insert(p["id"].as_i64().unwrap()),
+                "{file}: id of {title}"
+            );
+            assert_eq!(p["datasource"]["uid"], DATASOURCE_UID, "{file}: {title}");
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{file}: {title}");
+            for t in targets {
+                assert_eq!(t["datasource"]["uid"], DATASOURCE_UID, "{file}: {title}");
+                assert_eq!(t["rawQuery"], true);
+                queries.push(t["rawSql"].as_str().unwrap().to_owned());
+            }
+        }
+        for q in queries {
+            for c in var_ref.captures_iter(&q) {
+                let name = &c[1];
+                assert!(
+                    builtin(name) || defined.contains(name),
+                    "{file}: ${name} is not defined in {q}"
+                );
+            }
+        }
+    }
+    // Alert links open these dashboards with these variables.
+    for uid in [
+        toolsight::notify::payload::TOOL_DASHBOARD,
+        toolsight::notify::payload::OVERVIEW_DASHBOARD,
+    ] {
+        let (_, d) = dashboards()
+            .into_iter()
+            .find(|(_, d)| d["uid"] == uid)
+            .unwrap_or_else(|| panic!("no dashboard {uid}"));
+        let names: Vec<&str> = variables(&d)
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"service"), "{uid}");
+    }
+    let ds: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo().join("dashboards/provisioning/datasources/toolsight.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ds["datasources"][0]["uid"], DATASOURCE_UID);
+    assert_eq!(
+        ds["datasources"][0]["type"],
+        "grafana-postgresql-datasource"
+    );
+    let provider: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo().join("dashboards/provisioning/dashboards/toolsight.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(provider["providers"][0]["type"], "file");
+}
+
+/// A dashboard time range and the interval Grafana would pick for it.
+struct Range {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    /// `$__interval` as Grafana writes it, and in milliseconds.
+    interval: &'static str,
+    interval_ms: i64,
+}
+
+fn quote_list(values: &[String]) -> String {
+    values
+        .iter()
+        .map(|v| format!("'{}'", v.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn seconds(interval: &str) -> i64 {
+    humantime::parse_duration(interval).unwrap().as_secs() as i64
+}
+
+/// Expands a query as Grafana's PostgreSQL datasource does: template variables first
+/// (multi-value ones as a quoted, comma-separated list; `$__interval`, `$__interval_ms`), then
+/// the macros, whose arguments run to the first `)`.
+fn expand(sql: &str, r: &Range, vars: &BTreeMap<String, Vec<String>>) -> String {
+    let ts = |t: DateTime<Utc>| format!("'{}'", t.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+    let mut s = sql
+        .replace("$__interval_ms", &r.interval_ms.to_string())
+        .replace("$__interval", r.interval);
+    for (name, values) in vars {
+        s = s
+            .replace(&format!("${{{name}}}"), &quote_list(values))
+            .replace(&format!("${name}"), &quote_list(values));
+    }
+    let macro_re = Regex::new(r"\$(__[_a-zA-Z0-9]+)\(([^\)]*)\)").unwrap();
+    macro_re
+        .replace_all(&s, |c: &regex::Captures| {
+            let args: Vec<&str> = c[2].split(',').map(str::trim).collect();
+            match &c[1] {
+                "__time" => format!("{} AS \"time\"", args[0]),
+                "__timeFilter" => format!("{} BETWEEN {} AND {}", args[0], ts(r.from), ts(r.to)),
+                "__timeFrom" => ts(r.from),
+                "__timeTo" => ts(r.to),
+                "__timeGroup" | "__timeGroupAlias" => {
+                    let secs = seconds(args[1]);
+                    let g = format!("floor(extract(epoch from {})/{secs})*{secs}", args[0]);
+                    if &c[1] == "__timeGroupAlias" {
+                        format!("{g} AS \"time\"")
+                    } else {
+                        g
+                    }
+                }
+                "__unixEpochFilter" => format!(
+                    "{} >= {} AND {} <= {}",
+                    args[0],
+                    r.from.timestamp(),
+                    args[0],
+                    r.to.timestamp()
+                ),
+                other => panic!("macro {other} is not expanded by this test"),
+            }
+        })
+        .into_owned()
+}
+
+/// Runs a query; returns (column name, type name) and the rows as JSON-ish text.
+async fn run(pool: &sqlx::PgPool, sql: &str) -> (Vec<(String, String)>, usize) {
+    let rows = sqlx::query(sql)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+    let cols = rows
+        .first()
+        .map(|r| {
+            r.columns()
+                .iter()
+                .map(|c| (c.name().to_owned(), c.type_info().name().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    (cols, rows.len())
+}
+
+fn numeric(ty: &str) -> bool {
+    matches!(
+        ty,
+        "FLOAT8" | "FLOAT4" | "INT8" | "INT4" | "INT2" | "NUMERIC"
+    )
+}
+
+/// Seeds two hours of traffic, a week-old baseline, errors, empty results, a retry loop, LLM
+/// sessions and rate-limited upstream calls, through OTLP.
+async fn seed(svc: &Service, now: DateTime<Utc>) {
+    let mut s = Spans::new();
+    let rows = json!(r#"{"content":[{"type":"text","text":"[1,2,3]"}]}"#);
+    let none = json!(r#"{"content":[]}"#);
+    for back in (0..120).step_by(5) {
+        let at = now - Duration::minutes(back);
+        for i in 0..6u64 {
+            s.tool(
+                "search",
+                at,
+                100 + i * 40,
+                i == 0,
+                vec![attr("error.type", json!("timeout"))],
+            );
+            s.tool(
+                "list_items",
+                at,
+                30,
+                false,
+                vec![attr(
+                    "gen_ai.tool.call.result",
+                    if i % 2 == 0 {
+                        rows.clone()
+                    } else {
+                        none.clone()
+                    },
+                )],
+            );
+        }
+    }
+    for i in 0..10u64 {
+        s.tool(
+            "search",
+            now - Duration::days(7) - Duration::minutes(5),
+            80 + i * 10,
+            false,
+            vec![],
+        );
+    }
+    for _ in 0..6 {
+        s.tool(
+            "echo",
+            now - Duration::minutes(3),
+            10,
+            false,
+            vec![
+                attr("gen_ai.conversation.id", json!("loop-session")),
+                attr("gen_ai.tool.call.arguments", json!(r#"{"q":"same"}"#)),
+            ],
+        );
+    }
+    for (i, tokens) in [1200, 900, 30_000].iter().enumerate() {
+        s.push(
+            "chat gpt-4o",
+            3,
+            now - Duration::minutes(4),
+            400,
+            false,
+            vec![
+                attr("gen_ai.request.model", json!("gpt-4o")),
+                attr("gen_ai.usage.input_tokens", json!(tokens - 100)),
+                attr("gen_ai.usage.output_tokens", json!(100)),
+                attr("gen_ai.conversation.id", json!(format!("conv-{i}"))),
+            ],
+        );
+    }
+    for _ in 0..5 {
+        s.push(
+            "GET",
+            3,
+            now - Duration::minutes(2),
+            40,
+            false,
+            vec![
+                attr("http.request.method", json!("GET")),
+                attr("server.address", json!("api.github.com")),
+                attr("http.response.status_code", json!(429)),
+                attr("http.response.header.x-ratelimit-remaining", json!("4")),
+                attr("http.response.header.x-ratelimit-limit", json!("100")),
+            ],
+        );
+    }
+    // A span no rule models (dropped, counted) ...
+    s.push(
+        "SELECT users",
+        3,
+        now - Duration::minutes(1),
+        5,
+        false,
+        vec![],
+    );
+    send(svc, s).await;
+    // ... and one that ends before it starts (rejected, counted).
+    let bad = json!({"resourceSpans": [{"resource": {"attributes": [attr("service.name", json!("svc"))]},
+        "scopeSpans": [{"scope": {"name": "t"}, "spans": [{"traceId": "0123456789abcdef0123456789abcdef", "spanId": "0000000000000001",
+        "name": "tools/call x", "kind": 2, "startTimeUnixNano": "2000", "endTimeUnixNano": "1000"}]}]}]});
+    let r = reqwest::Client::new()
+        .post(svc.http_url())
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a partial success");
+}
+
+const RULES: &str = "groups:
+  - name: dash
+    interval: 1s
+    rules:
+      - alert: SearchErrors
+        kind: error_rate
+        window: 10m
+        fire_above: 0.05
+        min_samples: 5
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
+    let dir = std::env::temp_dir().join(format!("toolsight-dash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = dir.join("rules.yaml");
+    std::fs::write(&rules, RULES).unwrap();
+    let svc = Service::start_with("dashboards", move |c| {
+        c.ingest.max_span_age = std::time::Duration::from_secs(8 * 86_400);
+        c.admin.record_metrics_every = std::time::Duration::from_secs(1);
+        c.rules.files = vec![rules];
+        // A receiver that is down: notification rows with failed attempts for the health panels.
+        c.notify.receivers = vec![
+            toml::from_str("name = \"down\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"")
+                .unwrap(),
+        ];
+        c.notify.receiver = "down".into();
+        c.notify.group_wait = std::time::Duration::ZERO;
+        c.notify.retry_initial = std::time::Duration::from_millis(100);
+        c.notify.retry_max = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let now = Utc::now();
+    seed(&svc, now).await;
+    // The live evaluator fires, the notifier queues, delivery fails and retries.
+    common::eventually("a retried notification", 30, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notify_outbox WHERE attempts > 1")
+            .fetch_one(&svc.pool)
+            .await
+            .ok()?;
+        (n > 0).then_some(())
+    })
+    .await;
+
+    common::eventually("the collector's own metrics", 30, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM collector_metrics WHERE metric IN ('toolsight_spans_rejected_total', 'toolsight_spans_dropped_total')",
+        )
+        .fetch_one(&svc.pool)
+        .await
+        .ok()?;
+        (n > 1).then_some(())
+    })
+    .await;
+
+    let ranges = [
+        Range {
+            from: now - Duration::minutes(15),
+            to: now + Duration::seconds(5),
+            interval: "1m",
+            interval_ms: 60_000,
+        },
+        Range {
+            from: now - Duration::days(30),
+            to: now + Duration::seconds(5),
+            interval: "1h",
+            interval_ms: 3_600_000,
+        },
+    ];
+    let mut ran = 0;
+    for (file, d) in dashboards() {
+        for r in &ranges {
+            // Variables: each query's own result, "All" selected, in dependency order.
+            let mut vars: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for v in variables(&d) {
+                let sql = expand(v["query"].as_str().unwrap(), r, &vars);
+                let values: Vec<String> = sqlx::query_scalar(&sql)
+                    .fetch_all(&svc.pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{file}: {e}\n{sql}"));
+                assert!(
+                    !values.is_empty(),
+                    "{file}: variable {} is empty",
+                    v["name"]
+                );
+                vars.insert(v["name"].as_str().unwrap().to_owned(), values);
+                ran += 1;
+            }
+            for p in panels(&d) {
+                let title = p["title"].as_str().unwrap();
+                for t in p["targets"].as_array().unwrap() {
+                    let sql = expand(t["rawSql"].as_str().unwrap(), r, &vars);
+                    let (cols, rows) = run(&svc.pool, &sql).await;
+                    ran += 1;
+                    assert!(
+                        rows > 0,
+                        "{file} [{}]: {title} returned no rows\n{sql}",
+                        r.interval
+                    );
+                    match t["format"].as_str().unwrap() {
+                        "time_series" => {
+                            assert_eq!(cols[0].0, "time", "{file}: {title}");
+                            let values: Vec<&(String, String)> =
+                                cols.iter().skip(1).filter(|(n, _)| n != "metric").collect();
+                            assert!(
+                                !values.is_empty() && values.iter().all(|(_, ty)| numeric(ty)),
+                                "{file}: {title}: value columns {cols:?}"
+                            );
+                        }
+                        "table" if p["type"] == "histogram" => {
+                            assert!(numeric(&cols[0].1), "{file}: {title}: {cols:?}");
+                        }
+                        _ => assert!(!cols.is_empty()),
+                    }
+                }
+            }
+        }
+    }
+    assert!(ran > 60, "{ran} queries");
+
+    // The p95 of the "Latency by tool" panel over a 10-minute range equals the latency rule's
+    // p95 for the same tool and window.
+    let (_, overview) = dashboards()
+        .into_iter()
+        .find(|(_, d)| d["uid"] == "toolsight-overview")
+        .unwrap();
+    let panel = panels(&overview)
+        .into_iter()
+        .find(|p| p["title"] == "Latency by tool")
+        .unwrap();
+    let end = Utc
+        .timestamp_opt(now.timestamp() / 60 * 60 + 60, 0)
+        .unwrap();
+    let window = Range {
+        from: end - Duration::minutes(10),
+        // Grafana's range is inclusive; the rule's window ends before `end`.
+        to: end - Duration::milliseconds(1),
+        interval: "1m",
+        interval_ms: 60_000,
+    };
+    let vars: BTreeMap<String, Vec<String>> = [
+        ("service".to_string(), vec!["svc".to_string()]),
+        ("tool".to_string(), vec!["search".to_string()]),
+    ]
+    .into();
+    let sql = expand(
+        panel["targets"][0]["rawSql"].as_str().unwrap(),
+        &window,
+        &vars,
+    );
+    let panel_p95: f64 = sqlx::query(&sql)
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap()
+        .get("p95_ms");
+    let rule = toolsight::store::alerts::latency(&svc.pool, end, 600.0, 0.95, None)
+        .await
+        .unwrap();
+    let rule_p95 = rule
+        .iter()
+        .find(|o| o.labels["tool"] == "search")
+        .unwrap()
+        .value;
+    assert_eq!(
+        panel_p95, rule_p95,
+        "panel and rule p95 for the same window"
+    );
+    assert!(panel_p95 > 100.0 && panel_p95 < 400.0, "{panel_p95}");
+    svc.stop().await.unwrap();
+}
+
+#[test]
+fn the_compose_stack_and_image_are_consistent() {
+    let compose: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap(),
+    )
+    .unwrap();
+    let services = compose["services"].as_object().unwrap();
+    for s in ["postgres", "toolsight", "grafana"] {
+        assert!(services.contains_key(s), "{s}");
+    }
+    // Grafana mounts the provisioning folder and the dashboards that exist in the repository.
+    let mounts: Vec<&str> = compose["services"]["grafana"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for m in &mounts {
+        let local = m.split(':').next().unwrap();
+        assert!(repo().join(local).exists(), "{local}");
+    }
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.contains("/etc/grafana/provisioning"))
+    );
+    // Every variable the datasource file reads is set for Grafana.
+    let ds =
+        std::fs::read_to_string(repo().join("dashboards/provisioning/datasources/toolsight.yaml"))
+            .unwrap();
+    let env = &compose["services"]["grafana"]["environment"];
+    for c in Regex::new(r"\$\{([A-Z_]+)\}").unwrap().captures_iter(&ds) {
+        assert!(env.get(&c[1]).is_some(), "grafana needs {}", &c[1]);
+    }
+    let url = compose["services"]["toolsight"]["environment"]["DATABASE_URL"]
+        .as_str()
+        .unwrap();
+    assert!(url.contains("@postgres:5432/"), "{url}");
+
+    // The image: multi-stage, non-root, and its configuration (ENV) is valid for the binary.
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert_eq!(
+        dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM")),
+        2
+    );
+    assert!(dockerfile.contains("\nUSER 10001"));
+    let env_block = dockerfile
+        .split("\nENV ")
+        .nth(1)
+        .unwrap()
+        .split("\nEXPOSE")
+        .next()
+        .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+    cmd.arg("config").env_clear();
+    for pair in env_block.split_whitespace().filter(|w| w.contains('=')) {
+        let (k, v) = pair.split_once('=').unwrap();
+        cmd.env(k, v);
+    }
+    cmd.env("DATABASE_URL", url);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains("grpc_listen = \"0.0.0.0:4317\""), "{shown}");
+    assert!(shown.contains("format = \"json\""), "{shown}");
+
+    // The systemd unit runs the binary with a config file and checks it first.
+    let unit = std::fs::read_to_string(repo().join("deploy/toolsight.service")).unwrap();
+    assert!(unit.contains(
+        "ExecStartPre=/usr/local/bin/toolsight --config /etc/toolsight/toolsight.toml config"
+    ));
+    assert!(unit.contains(
+        "ExecStart=/usr/local/bin/toolsight --config /etc/toolsight/toolsight.toml serve"
+    ));
+}
