@@ -21,12 +21,15 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// The loaded rule files, for `/api/v1/rules`.
     pub rules: Arc<std::sync::RwLock<Vec<(String, crate::evaluate::rules::RuleFile)>>>,
+    /// Required on everything but `/healthz` and `/readyz` when set.
+    pub admin_token: Option<crate::notify::config::Secret>,
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let open = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/v1/tools", get(tools))
         .route("/api/v1/alerts", get(alerts))
@@ -36,7 +39,45 @@ pub fn router(state: AdminState) -> Router {
             "/api/v1/silences/{id}",
             axum::routing::delete(expire_silence),
         )
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_token,
+        ));
+    open.merge(guarded).with_state(state)
+}
+
+/// The admin token, when configured: `Authorization: Bearer <token>`, compared in constant time.
+async fn require_admin_token(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = &s.admin_token else {
+        return next.run(req).await;
+    };
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .unwrap_or("");
+    use sha2::Digest;
+    let a: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+    let b: [u8; 32] = sha2::Sha256::digest(expected.expose().as_bytes()).into();
+    if presented.is_empty() || !constant_time_eq::constant_time_eq_32(&a, &b) {
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "the admin API needs its token: Authorization: Bearer <auth.admin_token>".into(),
+        );
+        resp.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer realm=\"toolsight-admin\""),
+        );
+        return resp;
+    }
+    next.run(req).await
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

@@ -98,17 +98,43 @@ pub async fn run(
         },
         metrics.clone(),
     );
-    let ingest = Arc::new(Ingest::new(
-        writer,
-        config.normalize_options(),
-        config.otlp.max_concurrent_exports,
-        metrics.clone(),
-        ready.clone(),
-    ));
+    let auth = if config.auth.ingest_required() {
+        let auth = crate::receive::auth::Auth::new(
+            config.auth.tokens.clone(),
+            config.auth.tokens_file.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        Arc::new(auth)
+    } else {
+        Arc::new(crate::receive::auth::Auth::open())
+    };
+    if config.auth.allow_unauthenticated {
+        for (key, addr) in config.exposed_listeners() {
+            let open = if key == "admin.listen" {
+                config.auth.admin_token.is_none()
+            } else {
+                !config.auth.ingest_required()
+            };
+            if open {
+                tracing::warn!(listener = key, address = %addr, "listening without authentication on a non-loopback address (auth.allow_unauthenticated)");
+            }
+        }
+    }
+    let ingest = Arc::new(
+        Ingest::new(
+            writer,
+            config.normalize_options(),
+            config.otlp.max_concurrent_exports,
+            metrics.clone(),
+            ready.clone(),
+        )
+        .with_auth(auth.clone()),
+    );
 
     let stop = CancellationToken::new();
     let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
 
+    let token_watch = tokio::spawn(auth.watch(stop.clone()));
     let own_metrics = tokio::spawn(record_own_metrics(
         pool.clone(),
         metrics.clone(),
@@ -145,6 +171,7 @@ pub async fn run(
         metrics: metrics.clone(),
         ready: ready.clone(),
         rules: shared_rules.clone(),
+        admin_token: config.auth.admin_token.clone(),
     });
     let evaluator = config.rules.enabled.then(|| {
         let ev = crate::evaluate::run::Evaluator::new(pool.clone(), rule_files);
@@ -192,6 +219,7 @@ pub async fn run(
     }
     health.await?;
     own_metrics.await?;
+    token_watch.await?;
     if let Some(ev) = evaluator {
         ev.await?;
     }

@@ -19,7 +19,27 @@ pub struct Config {
     pub privacy: Privacy,
     pub rules: Rules,
     pub notify: crate::notify::config::Notify,
+    pub auth: Auth,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Auth {
+    /// Ingest bearer tokens, each scoped to service names.
+    pub tokens: Vec<crate::receive::auth::TokenConfig>,
+    /// A TOML file of `[[tokens]]`, re-read when it changes.
+    pub tokens_file: Option<std::path::PathBuf>,
+    /// Run without ingest or admin tokens on a non-loopback address (logged at start).
+    pub allow_unauthenticated: bool,
+    /// The admin API's own token (never one of the ingest tokens).
+    pub admin_token: Option<crate::notify::config::Secret>,
+}
+
+impl Auth {
+    /// Whether ingest needs a token.
+    pub fn ingest_required(&self) -> bool {
+        !self.tokens.is_empty() || self.tokens_file.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,6 +176,7 @@ impl Default for Config {
                 files: Vec::new(),
             },
             notify: Default::default(),
+            auth: Auth::default(),
             log: Log {
                 level: "info".into(),
                 format: LogFormat::Text,
@@ -290,6 +311,13 @@ impl Config {
                 breaker_failures: l.get("notify.breaker_failures", d.notify.breaker_failures),
                 breaker_cooldown: l.duration("notify.breaker_cooldown", d.notify.breaker_cooldown),
             },
+            auth: Auth {
+                tokens: l.get("auth.tokens", d.auth.tokens),
+                tokens_file: l.get("auth.tokens_file", d.auth.tokens_file),
+                allow_unauthenticated: l
+                    .get("auth.allow_unauthenticated", d.auth.allow_unauthenticated),
+                admin_token: l.get("auth.admin_token", d.auth.admin_token),
+            },
             log: Log {
                 level: l.get("log.level", d.log.level),
                 format: l.get("log.format", d.log.format),
@@ -353,8 +381,65 @@ impl Config {
             }
         }
         self.notify.validate(p);
+        self.validate_auth(p);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!("log.level: {e}"));
+        }
+    }
+
+    /// The listeners bound to something other than loopback.
+    pub fn exposed_listeners(&self) -> Vec<(&'static str, SocketAddr)> {
+        [
+            ("otlp.grpc_listen", self.otlp.grpc_listen),
+            ("otlp.http_listen", self.otlp.http_listen),
+            ("admin.listen", self.admin.listen),
+        ]
+        .into_iter()
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .collect()
+    }
+
+    fn validate_auth(&self, p: &mut Vec<String>) {
+        let a = &self.auth;
+        if !a.allow_unauthenticated {
+            for (key, addr) in self.exposed_listeners() {
+                let open = if key == "admin.listen" {
+                    a.admin_token.is_none()
+                } else {
+                    !a.ingest_required()
+                };
+                if open {
+                    let needs = if key == "admin.listen" {
+                        "auth.admin_token"
+                    } else {
+                        "auth.tokens or auth.tokens_file"
+                    };
+                    p.push(format!(
+                        "{key}: {addr} is not a loopback address, so it needs {needs} (or auth.allow_unauthenticated = true to run it open)"
+                    ));
+                }
+            }
+        }
+        for (i, t) in a.tokens.iter().enumerate() {
+            if t.token.expose().len() < 16 {
+                p.push(format!(
+                    "auth.tokens[{i}] ({}): tokens must be at least 16 characters",
+                    t.name
+                ));
+            }
+        }
+        if let Some(admin) = &a.admin_token {
+            if admin.expose().len() < 16 {
+                p.push("auth.admin_token: must be at least 16 characters".into());
+            }
+            if a.tokens.iter().any(|t| t.token == *admin) {
+                p.push("auth.admin_token: must differ from every ingest token".into());
+            }
+        }
+        if let Some(f) = &a.tokens_file
+            && let Err(e) = crate::receive::auth::Auth::new(Vec::new(), Some(f.clone()))
+        {
+            p.push(format!("auth.tokens_file: {e}"));
         }
     }
 
@@ -651,5 +736,81 @@ mod notify_tests {
         ] {
             assert!(err.contains(needle), "{needle} in {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn exposed_listeners_need_tokens_unless_explicitly_open() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_OTLP__HTTP_LISTEN", "0.0.0.0:4318"),
+                ("TOOLSIGHT_ADMIN__LISTEN", "10.0.0.5:9464"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "otlp.http_listen: 0.0.0.0:4318 is not a loopback address, so it needs auth.tokens"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("admin.listen: 10.0.0.5:9464 is not a loopback address, so it needs auth.admin_token"), "{err}");
+        assert!(
+            !err.contains("otlp.grpc_listen"),
+            "loopback by default: {err}"
+        );
+
+        let open = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_OTLP__HTTP_LISTEN", "0.0.0.0:4318"),
+                ("TOOLSIGHT_AUTH__ALLOW_UNAUTHENTICATED", "true"),
+            ]),
+        );
+        assert!(open.is_ok());
+
+        let dir = std::env::temp_dir().join(format!("toolsight-cfg-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("auth.toml");
+        std::fs::write(
+            &path,
+            "[otlp]\nhttp_listen = \"0.0.0.0:4318\"\n[auth]\nadmin_token = \"same-token-0123456789\"\ntokens = [{ name = \"a\", token = \"same-token-0123456789\", services = [\"svc\"] }, { name = \"b\", token = \"short\" }]\n",
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.admin_token: must differ from every ingest token"),
+            "{err}"
+        );
+        assert!(
+            err.contains("auth.tokens[1] (b): tokens must be at least 16 characters"),
+            "{err}"
+        );
+        let ok = std::fs::write(
+            &path,
+            "[otlp]\nhttp_listen = \"0.0.0.0:4318\"\n[auth]\ntokens = [{ name = \"a\", token = \"a-token-0123456789\" }]\n",
+        );
+        ok.unwrap();
+        let c = Config::load_from(Some(&path), Vec::new()).unwrap();
+        assert!(c.auth.ingest_required());
+        assert!(
+            !c.to_toml().contains("a-token-0123456789"),
+            "tokens are never printed"
+        );
     }
 }

@@ -57,6 +57,14 @@ enum Command {
         /// The admin API (default: the configured admin.listen).
         #[arg(long, global = true)]
         url: Option<String>,
+        /// The admin token (default: the configured auth.admin_token).
+        #[arg(
+            long,
+            global = true,
+            env = "TOOLSIGHT_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
         #[command(subcommand)]
         command: SilenceCommand,
     },
@@ -315,7 +323,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Silence { url, command } => {
+        Command::Silence {
+            url,
+            token,
+            command,
+        } => {
+            let token = token.or_else(|| {
+                config
+                    .auth
+                    .admin_token
+                    .as_ref()
+                    .map(|t| t.expose().to_owned())
+            });
             let base = url.unwrap_or_else(|| {
                 let mut a = config.admin.listen;
                 if a.ip().is_unspecified() {
@@ -323,7 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 format!("http://{a}")
             });
-            silence(&base, command).await
+            silence(&base, token.as_deref(), command).await
         }
         Command::Rules {
             command: RulesCommand::Test { files },
@@ -344,8 +363,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn silence(base: &str, command: SilenceCommand) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+async fn silence(base: &str, token: Option<&str>, command: SilenceCommand) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .context("the admin token is not a valid header value")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let url = format!("{}/api/v1/silences", base.trim_end_matches('/'));
     let answer = |r: reqwest::Response| async move {
         let status = r.status();

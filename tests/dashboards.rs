@@ -549,14 +549,30 @@ fn the_compose_stack_and_image_are_consistent() {
         .split("\nEXPOSE")
         .next()
         .unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
-    cmd.arg("config").env_clear();
-    for pair in env_block.split_whitespace().filter(|w| w.contains('=')) {
-        let (k, v) = pair.split_once('=').unwrap();
-        cmd.env(k, v);
-    }
-    cmd.env("DATABASE_URL", url);
-    let out = cmd.output().unwrap();
+    let config = |extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+        cmd.arg("config").env_clear();
+        for pair in env_block.split_whitespace().filter(|w| w.contains('=')) {
+            let (k, v) = pair.split_once('=').unwrap();
+            cmd.env(k, v);
+        }
+        cmd.env("DATABASE_URL", url).envs(extra.iter().copied());
+        cmd.output().unwrap()
+    };
+    // Listening on all interfaces without tokens is refused unless explicitly allowed ...
+    let refused = config(&[]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not a loopback address"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // ... as the compose stack does (its ports are published on 127.0.0.1 only).
+    let allow =
+        compose["services"]["toolsight"]["environment"]["TOOLSIGHT_AUTH__ALLOW_UNAUTHENTICATED"]
+            .as_str()
+            .unwrap();
+    let out = config(&[("TOOLSIGHT_AUTH__ALLOW_UNAUTHENTICATED", allow)]);
     assert!(
         out.status.success(),
         "{}",

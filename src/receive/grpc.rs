@@ -38,9 +38,13 @@ impl TraceService for Receiver {
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         // The admission permit rides in the extensions until the export is answered.
-        let (_meta, _admission, req) = request.into_parts();
+        let (_meta, extensions, req) = request.into_parts();
+        let principal = extensions
+            .get::<super::auth::Principal>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no credentials"))?;
         self.ingest.count_received(TRANSPORT, span_count(&req));
-        match self.ingest.export(req).await {
+        match self.ingest.export(req, &principal).await {
             Ok(acc) => {
                 let result = if acc.rejected_spans > 0 {
                     "partial"
@@ -79,14 +83,24 @@ pub async fn serve(
         .max_decoding_message_size(max_decoded_bytes);
     // Runs on the request headers, before the body is decoded: an overloaded or disconnected
     // toolsight refuses early and cheaply.
-    let admit = move |mut req: Request<()>| match gate.admit() {
-        Ok(permit) => {
-            req.extensions_mut().insert(permit);
-            Ok(req)
-        }
-        Err(e) => {
-            gate.count_export(TRANSPORT, e.metric_label());
-            Err(to_status(&e))
+    let admit = move |mut req: Request<()>| {
+        let authorization = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let checked = gate
+            .authenticate(authorization)
+            .and_then(|principal| Ok((principal, gate.admit()?)));
+        match checked {
+            Ok((principal, permit)) => {
+                req.extensions_mut().insert(permit);
+                req.extensions_mut().insert(principal);
+                Ok(req)
+            }
+            Err(e) => {
+                gate.count_export(TRANSPORT, e.metric_label());
+                Err(to_status(&e))
+            }
         }
     };
     tonic::transport::Server::builder()

@@ -88,10 +88,19 @@ async fn admit(
         // Answered in protobuf, the OTLP default, when the client's type is not ours.
         Err(e) => return error_response(&state, Format::Protobuf, e),
     };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = match state.ingest.authenticate(authorization) {
+        Ok(p) => p,
+        Err(e) => return error_response(&state, format, e),
+    };
     match state.ingest.admit() {
         // Held until the response is ready.
         Ok(_permit) => {
             req.extensions_mut().insert(format);
+            req.extensions_mut().insert(principal);
             next.run(req).await
         }
         Err(e) => error_response(&state, format, e),
@@ -120,6 +129,7 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ReceiveError> {
 async fn export(
     State(state): State<AppState>,
     axum::Extension(format): axum::Extension<Format>,
+    axum::Extension(principal): axum::Extension<super::auth::Principal>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
@@ -151,7 +161,7 @@ async fn export(
     state
         .ingest
         .count_received(format.transport(), span_count(&req));
-    match state.ingest.export(req).await {
+    match state.ingest.export(req, &principal).await {
         Ok(acc) => {
             let partial = acc.rejected_spans > 0;
             state
@@ -199,6 +209,12 @@ fn error_response(state: &AppState, format: Format, e: ReceiveError) -> Response
     };
     let code = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (code, [(header::CONTENT_TYPE, format.content_type())], body).into_response();
+    if code == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"toolsight\""),
+        );
+    }
     if let Some(secs) = e.retry_after_secs() {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));

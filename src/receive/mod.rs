@@ -1,5 +1,6 @@
 //! OTLP receivers (gRPC and HTTP) and the one place their errors map to protocol statuses.
 
+pub mod auth;
 pub mod grpc;
 pub mod http;
 
@@ -33,6 +34,10 @@ pub enum ReceiveError {
     Unavailable(String),
     #[error("storing the export failed: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("this token may not send spans for service {0:?}")]
+    PermissionDenied(String),
 }
 
 impl ReceiveError {
@@ -51,6 +56,8 @@ impl ReceiveError {
             ReceiveError::Malformed(_) => 400,
             ReceiveError::Overloaded | ReceiveError::Unavailable(_) => 503,
             ReceiveError::Internal(_) => 500,
+            ReceiveError::Unauthenticated(_) => 401,
+            ReceiveError::PermissionDenied(_) => 403,
         }
     }
 
@@ -62,6 +69,8 @@ impl ReceiveError {
             ReceiveError::TooLarge { .. } => tonic::Code::InvalidArgument,
             ReceiveError::Overloaded | ReceiveError::Unavailable(_) => tonic::Code::Unavailable,
             ReceiveError::Internal(_) => tonic::Code::Internal,
+            ReceiveError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            ReceiveError::PermissionDenied(_) => tonic::Code::PermissionDenied,
         }
     }
 
@@ -84,6 +93,8 @@ impl ReceiveError {
             ReceiveError::Overloaded => "overloaded",
             ReceiveError::Unavailable(_) => "unavailable",
             ReceiveError::Internal(_) => "internal_error",
+            ReceiveError::Unauthenticated(_) => "unauthenticated",
+            ReceiveError::PermissionDenied(_) => "permission_denied",
         }
     }
 }
@@ -120,6 +131,7 @@ pub struct Ingest {
     memory: Memory,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    auth: Arc<auth::Auth>,
 }
 
 impl Ingest {
@@ -137,7 +149,29 @@ impl Ingest {
             memory: Memory::default(),
             metrics,
             ready,
+            auth: Arc::new(auth::Auth::open()),
         }
+    }
+
+    /// Requires the given tokens on every export.
+    pub fn with_auth(mut self, auth: Arc<auth::Auth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Checks the `Authorization` header (HTTP) or metadata (gRPC), before the body is read.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<auth::Principal, ReceiveError> {
+        self.auth.authenticate(authorization).map_err(|f| {
+            ReceiveError::Unauthenticated(match f {
+                auth::AuthFailure::Missing => {
+                    "a bearer token is required (Authorization: Bearer <token>)"
+                }
+                auth::AuthFailure::Invalid => "invalid token",
+            })
+        })
     }
 
     /// Refuses work before it is decoded when it could not be stored anyway, or when too many
@@ -163,7 +197,22 @@ impl Ingest {
     }
 
     /// Normalizes and stores one export; returns once its records are committed.
-    pub async fn export(&self, req: ExportTraceServiceRequest) -> Result<Accepted, ReceiveError> {
+    pub async fn export(
+        &self,
+        req: ExportTraceServiceRequest,
+        principal: &auth::Principal,
+    ) -> Result<Accepted, ReceiveError> {
+        if let Some(service) = principal.forbidden_service(&req) {
+            let service = service.to_owned();
+            self.metrics
+                .spans_rejected
+                .get_or_create(&ReasonLabel {
+                    reason: "unauthorized_service",
+                })
+                .inc_by(span_count(&req) as u64);
+            tracing::warn!(token = principal.name(), service = %service, "export for a service outside the token's scope refused");
+            return Err(ReceiveError::PermissionDenied(service));
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)

@@ -77,8 +77,13 @@ impl Spans {
     }
 
     pub fn body(&self) -> Vec<u8> {
+        self.body_for("svc")
+    }
+
+    /// The OTLP/JSON body with `service.name` = `service`.
+    pub fn body_for(&self, service: &str) -> Vec<u8> {
         serde_json::to_vec(&json!({"resourceSpans": [{
-            "resource": {"attributes": [attr("service.name", json!("svc"))]},
+            "resource": {"attributes": [attr("service.name", json!(service))]},
             "scopeSpans": [{"scope": {"name": "t"}, "spans": self.spans}]
         }]}))
         .unwrap()
