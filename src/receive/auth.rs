@@ -37,7 +37,7 @@ struct TokenFile {
 struct Entry {
     name: String,
     digest: [u8; 32],
-    services: Vec<regex::Regex>,
+    services: Arc<Vec<regex::Regex>>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -55,7 +55,7 @@ fn entries(tokens: &[TokenConfig]) -> Vec<Entry> {
         .map(|t| Entry {
             name: t.name.clone(),
             digest: digest(t.token.expose()),
-            services: t.services.iter().map(|s| pattern(s)).collect(),
+            services: Arc::new(t.services.iter().map(|s| pattern(s)).collect()),
         })
         .collect()
 }
@@ -122,7 +122,7 @@ pub struct Auth {
     required: bool,
     configured: Vec<TokenConfig>,
     file: Option<PathBuf>,
-    entries: RwLock<Arc<Vec<(Entry, Arc<Vec<regex::Regex>>)>>>,
+    entries: RwLock<Arc<Vec<Entry>>>,
 }
 
 impl Auth {
@@ -163,13 +163,7 @@ impl Auth {
                 .map_err(|e| format!("token file {}: {}", path.display(), e.message()))?;
             all.extend(f.tokens);
         }
-        let list: Vec<(Entry, Arc<Vec<regex::Regex>>)> = entries(&all)
-            .into_iter()
-            .map(|e| {
-                let s = Arc::new(e.services.clone());
-                (e, s)
-            })
-            .collect();
+        let list = entries(&all);
         let n = list.len();
         if let Ok(mut w) = self.entries.write() {
             *w = Arc::new(list);
@@ -193,11 +187,11 @@ impl Auth {
         let d = digest(presented);
         let entries = self.entries.read().map(|e| e.clone()).unwrap_or_default();
         let mut found = None;
-        for (e, services) in entries.iter() {
+        for e in entries.iter() {
             if constant_time_eq::constant_time_eq_32(&e.digest, &d) && found.is_none() {
                 found = Some(Principal::Token {
                     name: e.name.clone(),
-                    services: services.clone(),
+                    services: e.services.clone(),
                 });
             }
         }
