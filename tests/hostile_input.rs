@@ -1,0 +1,248 @@
+//! Hostile input: truncated bodies, deep nesting, invalid UTF-8, huge values, 100k attributes,
+//! ids of the wrong length, timestamps far away, messages over the gRPC limit. Each gets the
+//! right status and is counted, and the service keeps serving.
+
+mod common;
+
+use common::Service;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// A tool-call span; `n` makes its ids unique.
+fn span(n: u64, extra: Vec<KeyValue>) -> Span {
+    let start = now_nanos() - 1_000_000_000;
+    let mut attributes = vec![
+        kv("mcp.method.name", "tools/call"),
+        kv("gen_ai.tool.name", "lookup"),
+    ];
+    attributes.extend(extra);
+    Span {
+        trace_id: [&[0x7e_u8; 8][..], &n.to_be_bytes()].concat(),
+        span_id: n.to_be_bytes().to_vec(),
+        name: "tools/call lookup".into(),
+        kind: 2,
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + 5_000_000,
+        attributes,
+        ..Default::default()
+    }
+}
+
+fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "hostile")],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+async fn post(svc: &Service, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(svc.http_url())
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn post_pb(svc: &Service, req: &ExportTraceServiceRequest) -> reqwest::Response {
+    post(svc, "application/x-protobuf", req.encode_to_vec()).await
+}
+
+async fn still_serving(svc: &Service, n: u64) {
+    let r = post_pb(svc, &request(vec![span(n, vec![])])).await;
+    assert_eq!(r.status(), 200, "a valid export after the hostile one");
+    let ready = reqwest::get(format!("http://{}/readyz", svc.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_get_the_right_status_and_are_counted() {
+    let svc = Service::start_with("hostile", |c| {
+        c.otlp.max_request_bytes = 8 << 20;
+        c.otlp.max_decompressed_bytes = 16 << 20;
+    })
+    .await;
+    let malformed = |transport: &str| {
+        format!("toolsight_exports_total{{result=\"malformed\",transport=\"{transport}\"}}")
+    };
+
+    // Truncated protobuf: cut in the middle of a span.
+    let whole = request((1..=20).map(|n| span(n, vec![])).collect()).encode_to_vec();
+    let r = post(
+        &svc,
+        "application/x-protobuf",
+        whole[..whole.len() / 2].to_vec(),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(svc.metric(&malformed("http_protobuf")).await, 1.0);
+    still_serving(&svc, 1000).await;
+
+    // Truncated JSON.
+    let json = serde_json::to_vec(&request(vec![span(1, vec![])])).unwrap();
+    let r = post(&svc, "application/json", json[..json.len() - 10].to_vec()).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(svc.metric(&malformed("http_json")).await, 1.0);
+
+    // JSON nested 100,000 levels deep (an attribute value of nested kvlists).
+    let depth = 100_000;
+    let mut nested = String::from(
+        r#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"0102030405060708090a0b0c0d0e0f10","spanId":"0102030405060708","name":"x","attributes":[{"key":"deep","value":"#,
+    );
+    for _ in 0..depth {
+        nested.push_str(r#"{"kvlistValue":{"values":[{"key":"k","value":"#);
+    }
+    nested.push_str(r#"{"stringValue":"bottom"}"#);
+    for _ in 0..depth {
+        nested.push_str("}]}}");
+    }
+    nested.push_str("}]}]}]}]}");
+    let r = post(&svc, "application/json", nested.into_bytes()).await;
+    assert_eq!(r.status(), 400, "refused, not a stack overflow");
+    assert_eq!(svc.metric(&malformed("http_json")).await, 2.0);
+    still_serving(&svc, 1001).await;
+
+    // Invalid UTF-8 in a protobuf string field.
+    let mut bytes = request(vec![span(2, vec![kv("note", "MARKER")])]).encode_to_vec();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"MARKER")
+        .expect("marker in the encoding");
+    bytes[at..at + 6].copy_from_slice(&[0xff, 0xfe, 0xc0, 0x80, 0xed, 0xa0]);
+    let r = post(&svc, "application/x-protobuf", bytes).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(svc.metric(&malformed("http_protobuf")).await, 2.0);
+
+    // A 4 MiB attribute value: stored as measured, not kept.
+    let huge = "x".repeat(4 << 20);
+    let r = post_pb(
+        &svc,
+        &request(vec![span(3, vec![kv("gen_ai.tool.call.result", &huge)])]),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        svc.count("SELECT result_bytes FROM tool_calls WHERE span_id = '\\x0000000000000003'")
+            .await,
+        4 << 20
+    );
+
+    // 100,000 attributes on one span.
+    let many: Vec<KeyValue> = (0..100_000)
+        .map(|i| kv(&format!("attr.{i}"), "v"))
+        .collect();
+    let r = post_pb(&svc, &request(vec![span(4, many)])).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE span_id = '\\x0000000000000004'")
+            .await,
+        1
+    );
+
+    // Ids of the wrong length, and timestamps far in the past and the future: rejected per span
+    // (partial success), counted by reason; the good span of the same export is stored.
+    let mut short_trace = span(5, vec![]);
+    short_trace.trace_id = vec![1, 2, 3];
+    let mut long_span = span(6, vec![]);
+    long_span.span_id = vec![9; 12];
+    let mut ancient = span(7, vec![]);
+    ancient.start_time_unix_nano = 1_000;
+    ancient.end_time_unix_nano = 2_000;
+    let mut future = span(8, vec![]);
+    future.start_time_unix_nano = 4_102_444_800_000_000_000; // 2100-01-01
+    future.end_time_unix_nano = future.start_time_unix_nano + 1_000;
+    let r = post_pb(
+        &svc,
+        &request(vec![
+            short_trace,
+            long_span,
+            ancient,
+            future,
+            span(9, vec![]),
+        ]),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let resp =
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::decode(
+            r.bytes().await.unwrap(),
+        )
+        .unwrap();
+    let partial = resp.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_spans, 4, "{}", partial.error_message);
+    for (reason, n) in [
+        ("invalid_trace_id", 1.0),
+        ("invalid_span_id", 1.0),
+        ("timestamp_out_of_range", 2.0),
+    ] {
+        assert_eq!(
+            svc.metric(&format!(
+                "toolsight_spans_rejected_total{{reason=\"{reason}\"}}"
+            ))
+            .await,
+            n,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE span_id = '\\x0000000000000009'")
+            .await,
+        1
+    );
+    still_serving(&svc, 1002).await;
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_over_the_limit_is_a_permanent_error() {
+    let svc = Service::start_with("hostile_grpc", |c| {
+        c.otlp.max_request_bytes = 64 << 10;
+        c.otlp.max_decompressed_bytes = 64 << 10;
+    })
+    .await;
+    let big = request(vec![span(1, vec![kv("pad", &"p".repeat(200 << 10))])]);
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    let err = client.export(big).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "a permanent error (OUT_OF_RANGE would make OTLP exporters retry the same request): {err:?}"
+    );
+    client.export(request(vec![span(2, vec![])])).await.unwrap();
+    svc.stop().await.unwrap();
+}
