@@ -69,6 +69,24 @@ impl TraceService for Receiver {
     }
 }
 
+/// tonic refuses a message over the decoding limit with OUT_OF_RANGE, which OTLP lists as
+/// retryable: the exporter would send the same oversized request again and again. It is a
+/// permanent error, INVALID_ARGUMENT, like the HTTP receiver's 413.
+fn out_of_range_is_permanent<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if resp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+    {
+        let code = (tonic::Code::InvalidArgument as i32).to_string();
+        if let Ok(v) = http::HeaderValue::from_str(&code) {
+            resp.headers_mut().insert("grpc-status", v);
+        }
+    }
+    resp
+}
+
 /// Serves OTLP/gRPC on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -104,6 +122,9 @@ pub async fn serve(
         }
     };
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            out_of_range_is_permanent,
+        ))
         // OTLP exports are large (a 1000-span request is hundreds of KiB): with HTTP/2's default
         // 64 KiB windows a client waits for a window update every 64 KiB.
         .initial_stream_window_size(Some(4 << 20))
