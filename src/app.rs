@@ -135,6 +135,11 @@ pub async fn run(
     let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
 
     let token_watch = tokio::spawn(auth.watch(stop.clone()));
+    let pruner = tokio::spawn(prune_periodically(
+        pool.clone(),
+        config.retention.clone(),
+        stop.clone(),
+    ));
     let own_metrics = tokio::spawn(record_own_metrics(
         pool.clone(),
         metrics.clone(),
@@ -220,6 +225,7 @@ pub async fn run(
     health.await?;
     own_metrics.await?;
     token_watch.await?;
+    pruner.await?;
     if let Some(ev) = evaluator {
         ev.await?;
     }
@@ -276,6 +282,45 @@ async fn record_own_metrics(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Prunes old data on `retention.every` (the first run an interval after start).
+async fn prune_periodically(
+    pool: sqlx::PgPool,
+    retention: crate::config::Retention,
+    stop: CancellationToken,
+) {
+    if retention.every.is_zero() {
+        return;
+    }
+    let policy = retention.policy();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(retention.every) => {}
+        }
+        let started = Instant::now();
+        let result = store::retention::prune(
+            &pool,
+            &policy,
+            chrono::Utc::now(),
+            false,
+            |table, before, n| {
+                if n > 0 {
+                    tracing::info!(table, before = %before, rows = n, "pruned");
+                }
+            },
+        )
+        .await;
+        match result {
+            Ok(n) => tracing::debug!(
+                rows = n,
+                ms = started.elapsed().as_millis() as u64,
+                "retention pass done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again next time"),
         }
     }
 }

@@ -20,7 +20,37 @@ pub struct Config {
     pub rules: Rules,
     pub notify: crate::notify::config::Notify,
     pub auth: Auth,
+    pub retention: Retention,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Retention {
+    /// Raw rows (tool calls, MCP requests, LLM and upstream calls).
+    #[serde(with = "humantime_serde_compat")]
+    pub raw: Duration,
+    /// Per-minute rollups and alert events.
+    #[serde(with = "humantime_serde_compat")]
+    pub rollups: Duration,
+    /// Delivered and failed notifications.
+    #[serde(with = "humantime_serde_compat")]
+    pub notifications: Duration,
+    /// How often the service prunes (0: never; `toolsight prune` still works).
+    #[serde(with = "humantime_serde_compat")]
+    pub every: Duration,
+    /// Rows per DELETE statement.
+    pub batch_rows: i64,
+}
+
+impl Retention {
+    pub fn policy(&self) -> crate::store::retention::Policy {
+        crate::store::retention::Policy {
+            raw: self.raw,
+            rollups: self.rollups,
+            notifications: self.notifications,
+            batch_rows: self.batch_rows,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -177,6 +207,13 @@ impl Default for Config {
             },
             notify: Default::default(),
             auth: Auth::default(),
+            retention: Retention {
+                raw: Duration::from_secs(7 * 86_400),
+                rollups: Duration::from_secs(90 * 86_400),
+                notifications: Duration::from_secs(30 * 86_400),
+                every: Duration::from_secs(3600),
+                batch_rows: 10_000,
+            },
             log: Log {
                 level: "info".into(),
                 format: LogFormat::Text,
@@ -318,6 +355,13 @@ impl Config {
                     .get("auth.allow_unauthenticated", d.auth.allow_unauthenticated),
                 admin_token: l.get("auth.admin_token", d.auth.admin_token),
             },
+            retention: Retention {
+                raw: l.duration("retention.raw", d.retention.raw),
+                rollups: l.duration("retention.rollups", d.retention.rollups),
+                notifications: l.duration("retention.notifications", d.retention.notifications),
+                every: l.duration("retention.every", d.retention.every),
+                batch_rows: l.get("retention.batch_rows", d.retention.batch_rows),
+            },
             log: Log {
                 level: l.get("log.level", d.log.level),
                 format: l.get("log.format", d.log.format),
@@ -382,6 +426,19 @@ impl Config {
         }
         self.notify.validate(p);
         self.validate_auth(p);
+        if self.retention.batch_rows < 1 {
+            p.push("retention.batch_rows: must be at least 1".into());
+        }
+        if self.retention.rollups < self.retention.raw {
+            p.push("retention.rollups: must be at least retention.raw (rollups are built from raw rows)".into());
+        }
+        if self.retention.raw < self.ingest.max_span_age {
+            p.push(format!(
+                "retention.raw ({}) is shorter than ingest.max_span_age ({}): accepted spans would be pruned at once",
+                humantime::format_duration(self.retention.raw),
+                humantime::format_duration(self.ingest.max_span_age)
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!("log.level: {e}"));
         }

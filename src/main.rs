@@ -43,6 +43,13 @@ enum Command {
     },
     /// Validate the configuration and print the effective settings.
     Config,
+    /// Delete data older than the retention settings (the service also does this every
+    /// `retention.every`), in bounded batches.
+    Prune {
+        /// Count what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Send realistic MCP telemetry to a running toolsight (or any OTLP receiver).
     Loadgen(LoadgenArgs),
     /// Benchmark: start the service on a fresh database, drive it, verify and report.
@@ -235,6 +242,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_tools(&rows, &since);
             }
+            Ok(())
+        }
+        Command::Prune { dry_run } => {
+            let opts = store::connect_options(&config.database.url)?;
+            let pool = store::query_pool(&opts, 1)
+                .await
+                .context("connecting to the database")?;
+            let started = std::time::Instant::now();
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            let total = store::retention::prune(
+                &pool,
+                &config.retention.policy(),
+                chrono::Utc::now(),
+                dry_run,
+                |table, before, n| {
+                    println!(
+                        "{table:<22} {verb} {n:>10} rows older than {}",
+                        before.format("%Y-%m-%d %H:%M:%S UTC")
+                    )
+                },
+            )
+            .await?;
+            println!(
+                "{verb} {total} rows in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Config => {

@@ -7,6 +7,7 @@ mod copy;
 pub mod history;
 pub mod notify;
 pub mod queries;
+pub mod retention;
 pub mod rollup;
 pub mod stats;
 pub mod writer;

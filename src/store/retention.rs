@@ -1,0 +1,135 @@
+//! Retention: old raw rows, rollups, alert events and delivered notifications are deleted in
+//! bounded batches (each its own short statement), so pruning never holds long locks or blocks
+//! ingest.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::StoreError;
+
+/// Which table, by which time column, and which class of retention applies.
+pub const TABLES: &[(&str, &str, Class)] = &[
+    ("tool_calls", "start_time", Class::Raw),
+    ("mcp_requests", "start_time", Class::Raw),
+    ("llm_calls", "start_time", Class::Raw),
+    ("upstream_calls", "start_time", Class::Raw),
+    ("tool_rollup_1m", "minute", Class::Rollup),
+    ("mcp_method_rollup_1m", "minute", Class::Rollup),
+    ("llm_rollup_1m", "minute", Class::Rollup),
+    ("upstream_rollup_1m", "minute", Class::Rollup),
+    ("alert_events", "at", Class::Rollup),
+    ("notify_outbox", "created_at", Class::Delivered),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Raw,
+    Rollup,
+    /// Notifications no longer pending (delivered or failed).
+    Delivered,
+}
+
+/// Deletes up to `batch` rows of `table` older than `before`; returns how many went.
+pub async fn prune_batch(
+    pool: &PgPool,
+    table: &str,
+    column: &str,
+    before: DateTime<Utc>,
+    batch: i64,
+    class: Class,
+) -> Result<u64, StoreError> {
+    let extra = if class == Class::Delivered {
+        " AND status <> 'pending'"
+    } else {
+        ""
+    };
+    // Table and column names come from TABLES, never from input.
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {column} < $1{extra} LIMIT $2))"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(before)
+        .bind(batch)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
+/// Rows of `table` older than `before` (for `toolsight prune --dry-run`).
+pub async fn count_older(
+    pool: &PgPool,
+    table: &str,
+    column: &str,
+    before: DateTime<Utc>,
+    class: Class,
+) -> Result<i64, StoreError> {
+    let extra = if class == Class::Delivered {
+        " AND status <> 'pending'"
+    } else {
+        ""
+    };
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {table} WHERE {column} < $1{extra}"
+    ))
+    .bind(before)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// How long each class of data is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub raw: std::time::Duration,
+    pub rollups: std::time::Duration,
+    pub notifications: std::time::Duration,
+    pub batch_rows: i64,
+}
+
+impl Policy {
+    fn keep(&self, class: Class) -> std::time::Duration {
+        match class {
+            Class::Raw => self.raw,
+            Class::Rollup => self.rollups,
+            Class::Delivered => self.notifications,
+        }
+    }
+
+    /// The cut-off of a table at `now`.
+    pub fn before(&self, class: Class, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::from_std(self.keep(class)).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
+/// Prunes every table by its policy, batch after batch; `on_table` hears each table's total.
+/// With `dry_run`, counts instead of deleting.
+pub async fn prune(
+    pool: &PgPool,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    dry_run: bool,
+    mut on_table: impl FnMut(&str, DateTime<Utc>, u64),
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for (table, column, class) in TABLES {
+        let before = policy.before(*class, now);
+        let mut deleted = 0u64;
+        if dry_run {
+            deleted = count_older(pool, table, column, before, *class)
+                .await?
+                .max(0) as u64;
+        } else {
+            loop {
+                let n = prune_batch(pool, table, column, before, policy.batch_rows, *class).await?;
+                deleted += n;
+                if n < policy.batch_rows as u64 {
+                    break;
+                }
+                // Let ingest and queries in between batches.
+                tokio::task::yield_now().await;
+            }
+        }
+        on_table(table, before, deleted);
+        total += deleted;
+    }
+    Ok(total)
+}
