@@ -128,7 +128,8 @@ pub async fn run(
             metrics.clone(),
             ready.clone(),
         )
-        .with_auth(auth.clone()),
+        .with_auth(auth.clone())
+        .with_cardinality(config.cardinality()),
     );
 
     let stop = CancellationToken::new();

@@ -116,6 +116,12 @@ pub struct Ingest {
     pub max_span_age: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub max_clock_skew: Duration,
+    /// Cardinality guard: distinct services, and tools (methods, models, upstreams) per
+    /// service, beyond which new keys fold into `__overflow__`.
+    pub max_services: usize,
+    pub max_keys_per_service: usize,
+    /// Distinct session keys per hour, across services.
+    pub max_sessions_per_hour: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +197,9 @@ impl Default for Config {
                 queue_rows: 100_000,
                 max_span_age: Duration::from_secs(7 * 24 * 3600),
                 max_clock_skew: Duration::from_secs(3600),
+                max_services: 1000,
+                max_keys_per_service: 500,
+                max_sessions_per_hour: 200_000,
             },
             privacy: Privacy {
                 store_redacted_content: false,
@@ -316,6 +325,13 @@ impl Config {
                 queue_rows: l.get("ingest.queue_rows", d.ingest.queue_rows),
                 max_span_age: l.duration("ingest.max_span_age", d.ingest.max_span_age),
                 max_clock_skew: l.duration("ingest.max_clock_skew", d.ingest.max_clock_skew),
+                max_services: l.get("ingest.max_services", d.ingest.max_services),
+                max_keys_per_service: l
+                    .get("ingest.max_keys_per_service", d.ingest.max_keys_per_service),
+                max_sessions_per_hour: l.get(
+                    "ingest.max_sessions_per_hour",
+                    d.ingest.max_sessions_per_hour,
+                ),
             },
             privacy: Privacy {
                 store_redacted_content: l.get(
@@ -500,6 +516,15 @@ impl Config {
         }
     }
 
+    /// The cardinality guard's bounds.
+    pub fn cardinality(&self) -> crate::normalize::cardinality::Limits {
+        crate::normalize::cardinality::Limits {
+            max_services: self.ingest.max_services.max(1),
+            max_keys_per_service: self.ingest.max_keys_per_service.max(1),
+            max_sessions_per_hour: self.ingest.max_sessions_per_hour.max(1),
+        }
+    }
+
     /// The normalizer's settings derived from this configuration.
     pub fn normalize_options(&self) -> crate::normalize::Options {
         crate::normalize::Options {
@@ -665,7 +690,7 @@ mod tests {
         let path = dir.join("a.toml");
         std::fs::write(
             &path,
-            "[ingest]\nwriters = 3\nbatch_rows = 500\n[otlp]\nhttp_listen = \"0.0.0.0:14318\"\n",
+            "[ingest]\nwriters = 3\nbatch_rows = 500\n[otlp]\nhttp_listen = \"0.0.0.0:14318\"\n[auth]\nallow_unauthenticated = true\n",
         )
         .unwrap();
         let c = Config::load_from(

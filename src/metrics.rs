@@ -65,6 +65,8 @@ pub struct Metrics {
     pub notifications: Family<DeliveryLabel, Counter>,
     pub notify_circuit_open: Family<ReceiverLabel, Gauge>,
     pub notify_outbox_pending: Gauge,
+    pub cardinality_folded: Family<KindLabel, Counter>,
+    pub cardinality_tracked: Gauge,
 }
 
 impl Metrics {
@@ -89,6 +91,8 @@ impl Metrics {
             notifications: Family::default(),
             notify_circuit_open: Family::default(),
             notify_outbox_pending: Gauge::default(),
+            cardinality_folded: Family::default(),
+            cardinality_tracked: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -180,6 +184,16 @@ impl Metrics {
             "notify_outbox_pending",
             "notifications written to the outbox and not yet delivered",
             m.notify_outbox_pending.clone(),
+        );
+        registry.register(
+            "cardinality_folded",
+            "records whose key was folded into __overflow__ by the cardinality guard, by kind (service, key, session)",
+            m.cardinality_folded.clone(),
+        );
+        registry.register(
+            "cardinality_tracked_keys",
+            "keys the cardinality guard remembers",
+            m.cardinality_tracked.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -246,3 +246,42 @@ async fn a_grpc_message_over_the_limit_is_a_permanent_error() {
     client.export(request(vec![span(2, vec![])])).await.unwrap();
     svc.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_inventing_tool_names_folds_into_overflow() {
+    let svc = Service::start_with("hostile_cardinality", |c| {
+        c.ingest.max_keys_per_service = 3;
+    })
+    .await;
+    // A tool name with a request id in it: a new "tool" per call.
+    let spans: Vec<Span> = (1..=10)
+        .map(|n| {
+            let mut s = span(n, vec![]);
+            s.attributes[1] = kv("gen_ai.tool.name", &format!("lookup-{n}"));
+            s
+        })
+        .collect();
+    assert_eq!(post_pb(&svc, &request(spans)).await.status(), 200);
+    let tools: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tool, sum(calls)::bigint FROM tool_rollup_1m GROUP BY tool ORDER BY tool",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tools,
+        [
+            ("__overflow__".to_string(), 7),
+            ("lookup-1".to_string(), 1),
+            ("lookup-2".to_string(), 1),
+            ("lookup-3".to_string(), 1)
+        ],
+        "nothing lost, the rollups stay bounded"
+    );
+    assert_eq!(
+        svc.metric("toolsight_cardinality_folded_total{kind=\"key\"}")
+            .await,
+        7.0
+    );
+    svc.stop().await.unwrap();
+}

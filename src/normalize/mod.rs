@@ -5,6 +5,7 @@
 //! rejection (malformed: reported back to the client in `partial_success`).
 
 pub mod attrs;
+pub mod cardinality;
 pub mod content;
 pub mod ratelimit;
 mod sources;

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
-use crate::metrics::{ExportLabel, Metrics, ReasonLabel, TransportLabel};
+use crate::metrics::{ExportLabel, KindLabel, Metrics, ReasonLabel, TransportLabel};
 use crate::normalize::{self, Memory, Options};
 use crate::store::{SubmitError, Writer};
 
@@ -132,6 +132,7 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     auth: Arc<auth::Auth>,
+    guard: normalize::cardinality::Guard,
 }
 
 impl Ingest {
@@ -150,7 +151,14 @@ impl Ingest {
             metrics,
             ready,
             auth: Arc::new(auth::Auth::open()),
+            guard: normalize::cardinality::Guard::new(Default::default()),
         }
+    }
+
+    /// Bounds the distinct services, keys and sessions (see `normalize::cardinality`).
+    pub fn with_cardinality(mut self, limits: normalize::cardinality::Limits) -> Self {
+        self.guard = normalize::cardinality::Guard::new(limits);
+        self
     }
 
     /// Requires the given tokens on every export.
@@ -217,8 +225,24 @@ impl Ingest {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        let records = normalize::normalize(&req, now, &self.options, &self.memory);
+        let mut records = normalize::normalize(&req, now, &self.options, &self.memory);
         drop(req);
+        let folded = self.guard.apply(&mut records, now);
+        for (kind, n) in [
+            ("service", folded.services),
+            ("key", folded.keys),
+            ("session", folded.sessions),
+        ] {
+            if n > 0 {
+                self.metrics
+                    .cardinality_folded
+                    .get_or_create(&KindLabel { kind })
+                    .inc_by(n);
+            }
+        }
+        self.metrics
+            .cardinality_tracked
+            .set(self.guard.tracked() as i64);
         self.metrics
             .memory_overflow
             .set(self.memory.overflowed() as i64);

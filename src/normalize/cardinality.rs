@@ -1,0 +1,285 @@
+//! The cardinality guard: a bound on the distinct services, the distinct tools (and methods,
+//! models, upstreams) per service, and the sessions tracked per hour. New keys beyond a bound
+//! fold into [`OVERFLOW`] and are counted, so a misbehaving client (a tool name with an id in
+//! it, a session per request) cannot exhaust memory or the rollups. Time is passed in.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use super::Normalized;
+
+/// The key that stands for every key beyond a bound.
+pub const OVERFLOW: &str = "__overflow__";
+
+const HOUR_NANOS: i64 = 3_600_000_000_000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_services: usize,
+    /// Per service, for each of tools, MCP methods, models and upstreams.
+    pub max_keys_per_service: usize,
+    /// Distinct session keys per hour, across services.
+    pub max_sessions_per_hour: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_services: 1000,
+            max_keys_per_service: 500,
+            max_sessions_per_hour: 200_000,
+        }
+    }
+}
+
+/// Keys folded into [`OVERFLOW`] by one call, by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Folded {
+    pub services: u64,
+    pub keys: u64,
+    pub sessions: u64,
+}
+
+#[derive(Default)]
+struct ServiceKeys {
+    tools: HashSet<String>,
+    methods: HashSet<String>,
+    models: HashSet<String>,
+    upstreams: HashSet<String>,
+}
+
+#[derive(Default)]
+struct State {
+    services: HashMap<String, ServiceKeys>,
+    /// Sessions of this hour and the previous one.
+    sessions: [HashSet<String>; 2],
+    hour: i64,
+}
+
+pub struct Guard {
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+/// Keeps `key` if it is known or there is room for it; else replaces it with [`OVERFLOW`].
+fn admit(set: &mut HashSet<String>, key: &mut String, limit: usize) -> bool {
+    if key == OVERFLOW || set.contains(key.as_str()) {
+        return true;
+    }
+    if set.len() < limit {
+        set.insert(key.clone());
+        return true;
+    }
+    *key = OVERFLOW.to_owned();
+    false
+}
+
+/// The keys of `name`'s service, folding the service into [`OVERFLOW`] when there is no room.
+fn service_keys<'a>(
+    services: &'a mut HashMap<String, ServiceKeys>,
+    name: &mut String,
+    l: &Limits,
+    folded: &mut Folded,
+) -> &'a mut ServiceKeys {
+    if !services.contains_key(name.as_str()) && services.len() >= l.max_services {
+        *name = OVERFLOW.to_owned();
+        folded.services += 1;
+    }
+    services.entry(name.clone()).or_default()
+}
+
+/// Admits a session key seen this hour or the last, or a new one while there is room.
+fn session(sessions: &mut [HashSet<String>; 2], key: &mut String, l: &Limits, folded: &mut Folded) {
+    if key == OVERFLOW || sessions[1].contains(key.as_str()) {
+        return;
+    }
+    if !admit(&mut sessions[0], key, l.max_sessions_per_hour) {
+        folded.sessions += 1;
+    }
+}
+
+impl Guard {
+    pub fn new(limits: Limits) -> Guard {
+        Guard {
+            limits,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Keys tracked now (services, per-service keys, sessions), for a gauge.
+    pub fn tracked(&self) -> usize {
+        self.state.lock().map_or(0, |s| {
+            s.services.len()
+                + s.services
+                    .values()
+                    .map(|k| k.tools.len() + k.methods.len() + k.models.len() + k.upstreams.len())
+                    .sum::<usize>()
+                + s.sessions[0].len()
+                + s.sessions[1].len()
+        })
+    }
+
+    pub fn apply(&self, n: &mut Normalized, now_nanos: i64) -> Folded {
+        let l = self.limits;
+        let mut folded = Folded::default();
+        let Ok(mut st) = self.state.lock() else {
+            return folded;
+        };
+        let hour = now_nanos.div_euclid(HOUR_NANOS);
+        if hour != st.hour {
+            let current = std::mem::take(&mut st.sessions[0]);
+            st.sessions[1] = if hour == st.hour + 1 {
+                current
+            } else {
+                HashSet::new()
+            };
+            st.hour = hour;
+        }
+        let State {
+            services, sessions, ..
+        } = &mut *st;
+        for c in &mut n.tool_calls {
+            let keys = service_keys(services, &mut c.span.service, &l, &mut folded);
+            if !admit(&mut keys.tools, &mut c.tool, l.max_keys_per_service) {
+                folded.keys += 1;
+            }
+            session(sessions, &mut c.session_key, &l, &mut folded);
+        }
+        for r in &mut n.mcp_requests {
+            let keys = service_keys(services, &mut r.span.service, &l, &mut folded);
+            if !admit(&mut keys.methods, &mut r.method, l.max_keys_per_service) {
+                folded.keys += 1;
+            }
+        }
+        for c in &mut n.llm_calls {
+            let keys = service_keys(services, &mut c.span.service, &l, &mut folded);
+            if !admit(&mut keys.models, &mut c.model, l.max_keys_per_service) {
+                folded.keys += 1;
+            }
+            session(sessions, &mut c.session_key, &l, &mut folded);
+        }
+        for u in &mut n.upstream_calls {
+            let keys = service_keys(services, &mut u.span.service, &l, &mut folded);
+            if !admit(
+                &mut keys.upstreams,
+                &mut u.server_address,
+                l.max_keys_per_service,
+            ) {
+                folded.keys += 1;
+            }
+        }
+        folded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::normalize::{Outcome, SessionSource, Side, Source, SpanRef, ToolCall};
+
+    fn call(service: &str, tool: &str, session: &str) -> ToolCall {
+        ToolCall {
+            span: SpanRef {
+                trace_id: [1; 16],
+                span_id: [1; 8],
+                parent_span_id: None,
+                service: service.into(),
+                service_instance: None,
+                start_unix_nanos: 0,
+                duration_us: 1,
+            },
+            tool: tool.into(),
+            side: Side::Server,
+            source: Source::Semconv,
+            outcome: Outcome::Ok,
+            error_type: None,
+            session_key: session.into(),
+            session_source: SessionSource::ConversationId,
+            request_id: None,
+            result: None,
+            args_hash: None,
+            args_redacted: None,
+            result_redacted: None,
+        }
+    }
+
+    fn keys(n: &Normalized) -> Vec<(String, String, String)> {
+        n.tool_calls
+            .iter()
+            .map(|c| {
+                (
+                    c.span.service.clone(),
+                    c.tool.clone(),
+                    c.session_key.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keys_beyond_the_bounds_fold_into_overflow() {
+        let g = Guard::new(Limits {
+            max_services: 2,
+            max_keys_per_service: 2,
+            max_sessions_per_hour: 3,
+        });
+        let mut n = Normalized::default();
+        for (svc, tool, sess) in [
+            ("a", "t1", "s1"),
+            ("a", "t2", "s2"),
+            ("a", "t3", "s3"),
+            ("a", "t1", "s4"),
+            ("b", "t1", "s1"),
+            ("c", "t1", "s1"),
+        ] {
+            n.tool_calls.push(call(svc, tool, sess));
+        }
+        let folded = g.apply(&mut n, 0);
+        assert_eq!(
+            keys(&n),
+            [
+                ("a".into(), "t1".into(), "s1".into()),
+                ("a".into(), "t2".into(), "s2".into()),
+                ("a".into(), OVERFLOW.into(), "s3".into()),
+                ("a".into(), "t1".into(), OVERFLOW.into()),
+                ("b".into(), "t1".into(), "s1".into()),
+                (OVERFLOW.into(), "t1".into(), "s1".into()),
+            ]
+        );
+        assert_eq!(
+            folded,
+            Folded {
+                services: 1,
+                keys: 1,
+                sessions: 1
+            }
+        );
+    }
+
+    #[test]
+    fn sessions_are_bounded_per_hour_and_recent_ones_stay_known() {
+        let g = Guard::new(Limits {
+            max_sessions_per_hour: 2,
+            ..Limits::default()
+        });
+        let run = |sessions: &[&str], at_hours: i64| {
+            let mut n = Normalized {
+                tool_calls: sessions.iter().map(|s| call("a", "t", s)).collect(),
+                ..Default::default()
+            };
+            let f = g.apply(&mut n, at_hours * HOUR_NANOS);
+            (
+                keys(&n).into_iter().map(|k| k.2).collect::<Vec<_>>(),
+                f.sessions,
+            )
+        };
+        assert_eq!(run(&["s1", "s2", "s3"], 0).1, 1);
+        // The next hour: s1 and s2 are still known, two new ones fit.
+        let (k, f) = run(&["s1", "s2", "s4", "s5", "s6"], 1);
+        assert_eq!(k, ["s1", "s2", "s4", "s5", OVERFLOW]);
+        assert_eq!(f, 1);
+        // Two hours on, memory holds two hours at most.
+        run(&[], 3);
+        assert!(g.tracked() <= 2 + 2 + 2, "{}", g.tracked());
+    }
+}
