@@ -14,3 +14,9 @@ pub mod normalize;
 pub mod notify;
 pub mod receive;
 pub mod store;
+
+/// Installs the process's TLS crypto provider (ring) for outgoing HTTPS (webhooks,
+/// Alertmanager). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -94,6 +94,7 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(receiver: ReceiverConfig) -> Result<Sender, DeliveryError> {
+        crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(receiver.timeout())
             .user_agent(concat!("toolsight/", env!("CARGO_PKG_VERSION")))
