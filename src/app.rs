@@ -153,10 +153,29 @@ pub async fn run(
         metrics.clone(),
         stop.clone(),
     ));
+    let tls_files = config.tls.files();
+    let grpc_tls = match &tls_files {
+        Some(f) => {
+            let mut t = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(
+                    crate::tls::read_pem(&f.cert)?,
+                    crate::tls::read_pem(&f.key)?,
+                ),
+            );
+            if let Some(ca) = &f.client_ca {
+                t = t.client_ca_root(tonic::transport::Certificate::from_pem(
+                    crate::tls::read_pem(ca)?,
+                ));
+            }
+            Some(t)
+        }
+        None => None,
+    };
     let grpc = tokio::spawn(receive::grpc::serve(
         listeners.grpc,
         ingest.clone(),
         config.otlp.max_decompressed_bytes,
+        grpc_tls,
         stop.clone().cancelled_owned(),
     ));
     let http_router = receive::http::router(
@@ -166,11 +185,21 @@ pub async fn run(
             max_decoded_bytes: config.otlp.max_decompressed_bytes,
         },
     );
-    let http = tokio::spawn(
-        axum::serve(listeners.http.tap_io(nodelay), http_router)
+    let http = match &tls_files {
+        Some(f) => tokio::spawn(
+            axum::serve(
+                crate::tls::TlsListener::new(listeners.http, f.server_config(true)?)?,
+                http_router,
+            )
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
-    );
+        ),
+        None => tokio::spawn(
+            axum::serve(listeners.http.tap_io(nodelay), http_router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        ),
+    };
     let shared_rules = Arc::new(std::sync::RwLock::new(rule_files.clone()));
     let admin_router = admin::router(AdminState {
         pool: pool.clone(),
@@ -202,11 +231,22 @@ pub async fn run(
             stop.clone(),
         ))
     });
-    let admin = tokio::spawn(
-        axum::serve(listeners.admin.tap_io(nodelay), admin_router)
+    // The admin port verifies no client certificates: it has its own token, and probes must reach it.
+    let admin = match tls_files.as_ref().filter(|_| !config.tls.plain_admin) {
+        Some(f) => tokio::spawn(
+            axum::serve(
+                crate::tls::TlsListener::new(listeners.admin, f.server_config(false)?)?,
+                admin_router,
+            )
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
-    );
+        ),
+        None => tokio::spawn(
+            axum::serve(listeners.admin.tap_io(nodelay), admin_router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        ),
+    };
     drop(ingest);
     tracing::info!(grpc = %grpc_addr, http = %http_addr, admin = %admin_addr, "toolsight is listening");
 

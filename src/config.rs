@@ -21,7 +21,29 @@ pub struct Config {
     pub notify: crate::notify::config::Notify,
     pub auth: Auth,
     pub retention: Retention,
+    pub tls: Tls,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Tls {
+    /// PEM certificate chain and private key: set both to serve TLS on every listener.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates: OTLP clients must present a certificate signed by one of them.
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// Serve the admin listener without TLS (e.g. for a local metrics scraper).
+    pub plain_admin: bool,
+}
+
+impl Tls {
+    pub fn files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.cert_file.clone()?,
+            key: self.key_file.clone()?,
+            client_ca: self.client_ca_file.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +238,7 @@ impl Default for Config {
             },
             notify: Default::default(),
             auth: Auth::default(),
+            tls: Tls::default(),
             retention: Retention {
                 raw: Duration::from_secs(7 * 86_400),
                 rollups: Duration::from_secs(90 * 86_400),
@@ -371,6 +394,12 @@ impl Config {
                     .get("auth.allow_unauthenticated", d.auth.allow_unauthenticated),
                 admin_token: l.get("auth.admin_token", d.auth.admin_token),
             },
+            tls: Tls {
+                cert_file: l.get("tls.cert_file", d.tls.cert_file),
+                key_file: l.get("tls.key_file", d.tls.key_file),
+                client_ca_file: l.get("tls.client_ca_file", d.tls.client_ca_file),
+                plain_admin: l.get("tls.plain_admin", d.tls.plain_admin),
+            },
             retention: Retention {
                 raw: l.duration("retention.raw", d.retention.raw),
                 rollups: l.duration("retention.rollups", d.retention.rollups),
@@ -442,6 +471,21 @@ impl Config {
         }
         self.notify.validate(p);
         self.validate_auth(p);
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), Some(_)) => {
+                if let Some(files) = self.tls.files()
+                    && let Err(e) = files.server_config(true)
+                {
+                    p.push(format!("tls: {e}"));
+                }
+            }
+            (None, None) => {
+                if self.tls.client_ca_file.is_some() {
+                    p.push("tls.client_ca_file needs tls.cert_file and tls.key_file".into());
+                }
+            }
+            _ => p.push("tls.cert_file and tls.key_file go together".into()),
+        }
         if self.retention.batch_rows < 1 {
             p.push("retention.batch_rows: must be at least 1".into());
         }

@@ -14,6 +14,7 @@ pub mod normalize;
 pub mod notify;
 pub mod receive;
 pub mod store;
+pub mod tls;
 
 /// Installs the process's TLS crypto provider (ring) for outgoing HTTPS (webhooks,
 /// Alertmanager). Idempotent.

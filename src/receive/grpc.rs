@@ -92,6 +92,7 @@ pub async fn serve(
     listener: TcpListener,
     ingest: Arc<Ingest>,
     max_decoded_bytes: usize,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let gate = ingest.clone();
@@ -121,7 +122,11 @@ pub async fn serve(
             }
         }
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .layer(tower::util::MapResponseLayer::new(
             out_of_range_is_permanent,
         ))

@@ -126,15 +126,22 @@ impl Service {
 
     /// Waits until `/readyz` answers `want` (200 ready, 503 database unreachable), up to 30 s.
     pub async fn wait_readyz(&self, want: u16) {
-        let client = reqwest::Client::new();
+        toolsight::install_crypto_provider();
+        // The admin port may serve TLS (with a test CA): readiness is all this checks.
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
         for _ in 0..300 {
-            if let Ok(r) = client
-                .get(format!("http://{}/readyz", self.admin))
-                .send()
-                .await
-                && r.status() == want
-            {
-                return;
+            for scheme in ["http", "https"] {
+                if let Ok(r) = client
+                    .get(format!("{scheme}://{}/readyz", self.admin))
+                    .send()
+                    .await
+                    && r.status() == want
+                {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
