@@ -54,12 +54,15 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => true,
             sqlx::Error::Database(db) => db.code().is_some_and(|c| {
                 // connection exceptions, serialization failures / deadlocks, insufficient
-                // resources, operator intervention (shutdown, crash recovery)
+                // resources, operator intervention (shutdown, crash recovery), a database not
+                // accepting connections for now (55000) or a lock not available (55P03)
                 c.starts_with("08")
                     || c == "40001"
                     || c == "40P01"
                     || c.starts_with("53")
                     || c.starts_with("57P")
+                    || c == "55000"
+                    || c == "55P03"
             }),
             _ => false,
         };
