@@ -710,7 +710,7 @@ mod humantime_serde_compat {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pub(super) fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -867,14 +867,8 @@ mod notify_tests {
 
 #[cfg(test)]
 mod auth_tests {
+    use super::tests::env;
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn exposed_listeners_need_tokens_unless_explicitly_open() {

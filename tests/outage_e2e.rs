@@ -15,7 +15,6 @@ use common::spans::Spans;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_span_survives_an_outage_under_load() {
     let svc = Arc::new(Service::start("outage_load").await);
-    let db = "toolsight_it_outage_load";
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
@@ -64,27 +63,13 @@ async fn every_acknowledged_span_survives_an_outage_under_load() {
     assert!(before > 0);
 
     // The database goes away for toolsight.
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(db)
-        .execute(&admin)
-        .await
-        .unwrap();
+    common::database_outage("outage_load", true).await;
     svc.wait_readyz(503).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(refused.load(Ordering::Relaxed) > 0, "exports were refused");
 
     // It returns; ingest resumes by itself.
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    common::database_outage("outage_load", false).await;
     svc.wait_readyz(200).await;
     let resumed_from = acked.load(Ordering::Relaxed);
     common::eventually("ingest to resume", 30, || async {

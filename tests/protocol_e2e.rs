@@ -387,23 +387,11 @@ async fn shutdown_flushes_accepted_exports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
     let svc = Service::start("outage").await;
-    let db = "toolsight_it_outage";
     let ok = post_json(&svc, json_body(8, 4, 0)).await;
     assert_eq!(ok.status(), 200);
 
     // The database goes away for toolsight: no new connections, existing ones killed.
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(db)
-        .execute(&admin)
-        .await
-        .unwrap();
+    common::database_outage("outage", true).await;
     svc.wait_readyz(503).await;
     assert_eq!(svc.metric("toolsight_db_up").await, 0.0);
 
@@ -425,10 +413,7 @@ async fn database_outage_gives_retryable_errors_and_ingest_resumes() {
     );
 
     // It comes back: readiness follows and the client's retry is stored, once.
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    common::database_outage("outage", false).await;
     svc.wait_readyz(200).await;
     for _ in 0..2 {
         let r = post_json(&svc, json_body(9, 4, 0)).await;

@@ -1,12 +1,14 @@
 //! The cardinality guard: a bound on the distinct services, the distinct tools (and methods,
-//! models, upstreams) per service, and the sessions tracked per hour. New keys beyond a bound
+//! models, upstreams) per service, and the sessions tracked per hour. Session keys that are a
+//! trace id (no session attribute was sent) are one per trace by construction and pass freely:
+//! they are never tracked, and folding them would merge unrelated traces into one "session". New keys beyond a bound
 //! fold into [`OVERFLOW`] and are counted, so a misbehaving client (a tool name with an id in
 //! it, a session per request) cannot exhaust memory or the rollups. Time is passed in.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use super::Normalized;
+use super::{Normalized, SessionSource};
 
 /// The key that stands for every key beyond a bound.
 pub const OVERFLOW: &str = "__overflow__";
@@ -143,7 +145,9 @@ impl Guard {
             if !admit(&mut keys.tools, &mut c.tool, l.max_keys_per_service) {
                 folded.keys += 1;
             }
-            session(sessions, &mut c.session_key, &l, &mut folded);
+            if c.session_source != SessionSource::TraceId {
+                session(sessions, &mut c.session_key, &l, &mut folded);
+            }
         }
         for r in &mut n.mcp_requests {
             let keys = service_keys(services, &mut r.span.service, &l, &mut folded);
@@ -156,7 +160,9 @@ impl Guard {
             if !admit(&mut keys.models, &mut c.model, l.max_keys_per_service) {
                 folded.keys += 1;
             }
-            session(sessions, &mut c.session_key, &l, &mut folded);
+            if c.session_source != SessionSource::TraceId {
+                session(sessions, &mut c.session_key, &l, &mut folded);
+            }
         }
         for u in &mut n.upstream_calls {
             let keys = service_keys(services, &mut u.span.service, &l, &mut folded);
@@ -254,6 +260,23 @@ mod tests {
                 sessions: 1
             }
         );
+    }
+
+    #[test]
+    fn trace_id_sessions_are_neither_tracked_nor_folded() {
+        let g = Guard::new(Limits {
+            max_sessions_per_hour: 1,
+            ..Limits::default()
+        });
+        let mut n = Normalized::default();
+        for t in ["trace-a", "trace-b", "trace-c"] {
+            let mut c = call("a", "t", t);
+            c.session_source = SessionSource::TraceId;
+            n.tool_calls.push(c);
+        }
+        assert_eq!(g.apply(&mut n, 0).sessions, 0);
+        assert_eq!(keys(&n)[2].2, "trace-c");
+        assert_eq!(g.tracked(), 2, "the service and its tool only");
     }
 
     #[test]

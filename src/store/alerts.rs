@@ -151,6 +151,7 @@ pub async fn rate_limit_headroom(
 
 /// The most repeated identical call per (service, tool, session) in [to - window, to): same
 /// session key, tool and arguments hash (the tool alone where arguments are not captured).
+/// Sessions folded by the cardinality guard are not one session and are left out.
 /// `after_errors_only` counts repeats of calls that failed at least once in the window.
 pub async fn retry_loops(
     pool: &PgPool,
@@ -164,6 +165,7 @@ pub async fn retry_loops(
             SELECT service, tool, session_key, count(*) AS n, count(*) FILTER (WHERE outcome <> 'ok') AS failed
             FROM tool_calls
             WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
+              AND session_key <> '__overflow__'
             GROUP BY service, tool, session_key, coalesce(args_hash, '\\x'::bytea)) c
          WHERE n >= $3 AND (NOT $4 OR failed > 0)
          GROUP BY 1, 2, 3",
@@ -198,6 +200,7 @@ pub async fn token_burn(
             SELECT service, session_key, sum(input_tokens + output_tokens)::bigint AS tokens
             FROM llm_calls
             WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
+              AND session_key <> '__overflow__'
             GROUP BY 1, 2),
          m AS (
             SELECT service, percentile_cont(0.5) WITHIN GROUP (ORDER BY tokens) AS median, count(*) AS sessions

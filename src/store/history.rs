@@ -161,7 +161,7 @@ pub async fn call_seconds(
         "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, tool, session_key,
                 encode(coalesce(args_hash, '\\x'::bytea), 'hex'),
                 count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint
-         FROM tool_calls WHERE start_time >= $1 AND start_time < $2
+         FROM tool_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> '__overflow__'
          GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
     )
     .bind(from)
@@ -189,7 +189,7 @@ pub async fn token_seconds(
     let mut rows = sqlx::query_as::<_, (i64, String, String, i64)>(
         "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, session_key,
                 sum(input_tokens + output_tokens)::bigint
-         FROM llm_calls WHERE start_time >= $1 AND start_time < $2
+         FROM llm_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> '__overflow__'
          GROUP BY 1, 2, 3 ORDER BY 1",
     )
     .bind(from)

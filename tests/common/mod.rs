@@ -33,6 +33,27 @@ pub async fn fresh_database(name: &str) -> String {
     format!("{}/{db}", server_url())
 }
 
+/// Takes the test database of `name` away from its clients (no new connections, existing ones
+/// terminated), or gives it back.
+pub async fn database_outage(name: &str, down: bool) {
+    let db = format!("toolsight_it_{name}");
+    let admin = PgPool::connect(&format!("{}/postgres", server_url()))
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS {}", !down))
+        .execute(&admin)
+        .await
+        .unwrap();
+    if down {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&db)
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+}
+
 /// Polls `f` every 100 ms until it returns something; fails the test after `secs` seconds.
 pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
