@@ -131,6 +131,7 @@ impl Service {
             http: format!("127.0.0.1:{http}"),
             admin: format!("127.0.0.1:{admin}"),
         };
+        crate::install_crypto_provider();
         let client = reqwest::Client::new();
         for _ in 0..300 {
             if let Ok(r) = client

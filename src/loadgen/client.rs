@@ -87,10 +87,13 @@ impl Client {
                 Kind::Grpc(grpc)
             }
             Protocol::HttpProtobuf | Protocol::HttpJson => Kind::Http {
-                client: reqwest::Client::builder()
-                    .timeout(timeout)
-                    .tcp_nodelay(true)
-                    .build()?,
+                client: {
+                    crate::install_crypto_provider();
+                    reqwest::Client::builder()
+                }
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .build()?,
                 url: format!("http://{endpoint}/v1/traces"),
                 json: protocol == Protocol::HttpJson,
             },
