@@ -487,6 +487,8 @@ async fn email_through_a_real_smtp_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_pushed_to_a_real_alertmanager_fire_and_resolve() {
+    // This test builds HTTP clients before any in-process service does it.
+    toolsight::install_crypto_provider();
     let dir = std::env::temp_dir().join(format!("toolsight-am-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("alertmanager.yml");
@@ -586,6 +588,8 @@ fn serve_on(config: &Path, http_port: u16) -> Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_writing_the_outbox_the_notification_is_sent_once_after_restart() {
+    // This test builds HTTP clients before any in-process service does it.
+    toolsight::install_crypto_provider();
     let hook = Hook::default();
     hook.set_down(true);
     let addr = hook.start().await;
