@@ -55,18 +55,12 @@ async fn require_admin_token(
     let Some(expected) = &s.admin_token else {
         return next.run(req).await;
     };
-    let presented = req
+    let authorization = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .unwrap_or("");
-    use sha2::Digest;
-    let a: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
-    let b: [u8; 32] = sha2::Sha256::digest(expected.expose().as_bytes()).into();
-    if presented.is_empty() || !constant_time_eq::constant_time_eq_32(&a, &b) {
+        .and_then(|v| v.to_str().ok());
+    let presented = crate::receive::auth::bearer(authorization);
+    if !presented.is_some_and(|t| crate::receive::auth::same_token(t, expected.expose())) {
         let mut resp = error(
             StatusCode::UNAUTHORIZED,
             "the admin API needs its token: Authorization: Bearer <auth.admin_token>".into(),

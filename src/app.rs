@@ -285,11 +285,8 @@ fn nodelay(tcp: &mut tokio::net::TcpStream) {
     }
 }
 
-/// How long the service's own metric samples are kept.
-const OWN_METRICS_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(30);
-
 /// Samples the service's own metrics into PostgreSQL (the collector health dashboard reads
-/// them), and prunes old samples in bounded batches once an hour.
+/// them); retention prunes them with the rest (`retention.own_metrics`).
 async fn record_own_metrics(
     pool: sqlx::PgPool,
     metrics: Arc<Metrics>,
@@ -306,7 +303,6 @@ async fn record_own_metrics(
         .unwrap_or_else(|| "toolsight".into());
     let instance = format!("{host}:{}", std::process::id());
     let mut tick = tokio::time::interval(every);
-    let mut last_prune = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -315,14 +311,6 @@ async fn record_own_metrics(
         let now = chrono::Utc::now();
         if let Err(e) = store::stats::record(&pool, now, &instance, &metrics.samples()).await {
             tracing::debug!(error = %e, "recording own metrics failed");
-        }
-        if last_prune.elapsed() >= Duration::from_secs(3600) {
-            last_prune = Instant::now();
-            while let Ok(n) = store::stats::prune(&pool, now - OWN_METRICS_KEPT, 10_000).await {
-                if n < 10_000 {
-                    break;
-                }
-            }
         }
     }
 }

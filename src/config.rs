@@ -57,6 +57,9 @@ pub struct Retention {
     /// Delivered and failed notifications.
     #[serde(with = "humantime_serde_compat")]
     pub notifications: Duration,
+    /// The service's own metric samples (`collector_metrics`).
+    #[serde(with = "humantime_serde_compat")]
+    pub own_metrics: Duration,
     /// How often the service prunes (0: never; `toolsight prune` still works).
     #[serde(with = "humantime_serde_compat")]
     pub every: Duration,
@@ -70,6 +73,7 @@ impl Retention {
             raw: self.raw,
             rollups: self.rollups,
             notifications: self.notifications,
+            own_metrics: self.own_metrics,
             batch_rows: self.batch_rows,
         }
     }
@@ -243,6 +247,7 @@ impl Default for Config {
                 raw: Duration::from_secs(7 * 86_400),
                 rollups: Duration::from_secs(90 * 86_400),
                 notifications: Duration::from_secs(30 * 86_400),
+                own_metrics: Duration::from_secs(30 * 86_400),
                 every: Duration::from_secs(3600),
                 batch_rows: 10_000,
             },
@@ -404,6 +409,7 @@ impl Config {
                 raw: l.duration("retention.raw", d.retention.raw),
                 rollups: l.duration("retention.rollups", d.retention.rollups),
                 notifications: l.duration("retention.notifications", d.retention.notifications),
+                own_metrics: l.duration("retention.own_metrics", d.retention.own_metrics),
                 every: l.duration("retention.every", d.retention.every),
                 batch_rows: l.get("retention.batch_rows", d.retention.batch_rows),
             },

@@ -382,7 +382,7 @@ async fn the_backtest_replays_what_the_live_evaluator_did() {
     let file = dir.join("t.yaml");
     std::fs::write(&file, RULES).unwrap();
     let backtest = |json: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+        let mut cmd = common::toolsight();
         cmd.args(["rules", "backtest", "--rules"])
             .arg(&file)
             .args(["--from", &m(0).to_rfc3339(), "--to", &m(50).to_rfc3339()])
@@ -390,13 +390,7 @@ async fn the_backtest_replays_what_the_live_evaluator_did() {
         if json {
             cmd.arg("--json");
         }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::output(&mut cmd)
     };
     let report: Value = serde_json::from_str(&backtest(true)).unwrap();
     let parse_t = |v: &Value| -> DateTime<Utc> { v.as_str().unwrap().parse().unwrap() };

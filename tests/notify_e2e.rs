@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use common::spans::{Spans, attr, send};
-use common::{Process, Service, eventually, serve};
+use common::{Process, Service, eventually, output, serve, toolsight};
 use serde_json::{Value, json};
 use toolsight::notify::config::{Notify, ReceiverConfig};
 
@@ -194,20 +194,6 @@ async fn notifying(name: &str, receiver_toml: &str) -> Service {
     .await;
     evaluating(&svc.pool).await;
     svc
-}
-
-fn toolsight() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_toolsight"))
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
 
     let url = svc.database_url.clone();
     let prune = move |dry_run: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+        let mut cmd = common::toolsight();
         cmd.arg("prune")
             .env("DATABASE_URL", &url)
             .env("TOOLSIGHT_INGEST__MAX_SPAN_AGE", "3d")
@@ -45,13 +45,7 @@ async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
         if dry_run {
             cmd.arg("--dry-run");
         }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::output(&mut cmd)
     };
     let dry = prune.clone()(true);
     assert!(

@@ -20,7 +20,7 @@ use super::engine::Alerts;
 use super::observe::{self, Windows, to_dt};
 use super::rules::{Baseline, Group, Kind, RuleFile};
 use super::state::Event;
-use crate::store::alerts::Observation;
+use crate::store::alerts::{Observation, labels};
 use crate::store::{StoreError, history, rollup};
 
 #[derive(Debug, thiserror::Error)]
@@ -101,14 +101,6 @@ fn ints(df: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
         .iter()
         .map(|v| v.unwrap_or(0))
         .collect())
-}
-
-fn labels(pairs: [(&str, &String); 3]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_string(), (*v).clone()))
-        .collect()
 }
 
 type ToolKey = (String, String, String);
@@ -276,7 +268,7 @@ fn tool_observation(
     baseline: Option<f64>,
 ) -> Observation {
     Observation {
-        labels: labels([("service", &service), ("tool", &tool), ("side", &side)]),
+        labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
         value,
         samples,
         baseline,
@@ -392,7 +384,11 @@ impl Windows for History {
         let n = ints(&df, "calls")?;
         Ok((0..df.height())
             .map(|i| Observation {
-                labels: labels([("service", &s[i]), ("tool", &t[i]), ("session", &k[i])]),
+                labels: labels(&[
+                    ("service", s[i].clone()),
+                    ("tool", t[i].clone()),
+                    ("session", k[i].clone()),
+                ]),
                 value: n[i] as f64,
                 samples: n[i],
                 baseline: None,
@@ -432,7 +428,7 @@ impl Windows for History {
             .map(|i| {
                 let (median, sessions) = medians[s[i].as_str()];
                 Observation {
-                    labels: labels([("service", &s[i]), ("session", &k[i]), ("", &k[i])]),
+                    labels: labels(&[("service", s[i].clone()), ("session", k[i].clone())]),
                     value: n[i] as f64,
                     samples: sessions,
                     baseline: None,
@@ -463,7 +459,7 @@ impl Windows for History {
         let ratio: Vec<Option<f64>> = df.column("min_ratio")?.f64()?.iter().collect();
         Ok((0..df.height())
             .map(|i| Observation {
-                labels: labels([("service", &s[i]), ("upstream", &u[i]), ("", &u[i])]),
+                labels: labels(&[("service", s[i].clone()), ("upstream", u[i].clone())]),
                 value: ratio[i].unwrap_or(f64::NAN),
                 samples: calls[i],
                 baseline: None,

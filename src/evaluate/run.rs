@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Alerts, Notice, Tracked};
@@ -248,11 +248,7 @@ pub async fn run(
             }
         }
         if leader.is_none() {
-            if let Ok(mut conn) = opts.clone().connect().await
-                && alerts::try_lead(&mut conn, "toolsight-evaluator")
-                    .await
-                    .unwrap_or(false)
-            {
+            if let Some(conn) = alerts::become_leader(&opts, "toolsight-evaluator").await {
                 match ev.restore().await {
                     Ok(n) => tracing::info!(alerts = n, "evaluating alert rules (leader)"),
                     Err(e) => tracing::warn!(error = %e, "restoring alert state failed"),

@@ -1,9 +1,10 @@
 //! The cardinality guard: a bound on the distinct services, the distinct tools (and methods,
 //! models, upstreams) per service, and the sessions tracked per hour. Session keys that are a
 //! trace id (no session attribute was sent) are one per trace by construction and pass freely:
-//! they are never tracked, and folding them would merge unrelated traces into one "session". New keys beyond a bound
-//! fold into [`OVERFLOW`] and are counted, so a misbehaving client (a tool name with an id in
-//! it, a session per request) cannot exhaust memory or the rollups. Time is passed in.
+//! they are never tracked, and folding them would merge unrelated traces into one "session".
+//! New keys beyond a bound fold into [`OVERFLOW`] and are counted, so a misbehaving client (a
+//! tool name with an id in it, a session per request) cannot exhaust memory or the rollups.
+//! Time is passed in.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -56,6 +57,8 @@ struct State {
     /// Sessions of this hour and the previous one.
     sessions: [HashSet<String>; 2],
     hour: i64,
+    /// Services plus their keys, kept as they are added (the gauge is read on every export).
+    keys: usize,
 }
 
 pub struct Guard {
@@ -63,13 +66,15 @@ pub struct Guard {
     state: Mutex<State>,
 }
 
-/// Keeps `key` if it is known or there is room for it; else replaces it with [`OVERFLOW`].
-fn admit(set: &mut HashSet<String>, key: &mut String, limit: usize) -> bool {
+/// Keeps `key` if it is known or there is room for it (counting it in `added`); else replaces
+/// it with [`OVERFLOW`].
+fn admit(set: &mut HashSet<String>, key: &mut String, limit: usize, added: &mut usize) -> bool {
     if key == OVERFLOW || set.contains(key.as_str()) {
         return true;
     }
     if set.len() < limit {
         set.insert(key.clone());
+        *added += 1;
         return true;
     }
     *key = OVERFLOW.to_owned();
@@ -77,17 +82,27 @@ fn admit(set: &mut HashSet<String>, key: &mut String, limit: usize) -> bool {
 }
 
 /// The keys of `name`'s service, folding the service into [`OVERFLOW`] when there is no room.
+/// Known services cost one lookup and no allocation.
 fn service_keys<'a>(
     services: &'a mut HashMap<String, ServiceKeys>,
     name: &mut String,
     l: &Limits,
     folded: &mut Folded,
+    added: &mut usize,
 ) -> &'a mut ServiceKeys {
-    if !services.contains_key(name.as_str()) && services.len() >= l.max_services {
-        *name = OVERFLOW.to_owned();
-        folded.services += 1;
+    if !services.contains_key(name.as_str()) {
+        if services.len() >= l.max_services {
+            *name = OVERFLOW.to_owned();
+            folded.services += 1;
+        }
+        if !services.contains_key(name.as_str()) {
+            *added += 1;
+            services.insert(name.clone(), ServiceKeys::default());
+        }
     }
-    services.entry(name.clone()).or_default()
+    services
+        .get_mut(name.as_str())
+        .expect("present: inserted above")
 }
 
 /// Admits a session key seen this hour or the last, or a new one while there is room.
@@ -95,7 +110,8 @@ fn session(sessions: &mut [HashSet<String>; 2], key: &mut String, l: &Limits, fo
     if key == OVERFLOW || sessions[1].contains(key.as_str()) {
         return;
     }
-    if !admit(&mut sessions[0], key, l.max_sessions_per_hour) {
+    // Session sets are counted by their lengths, not in the key count.
+    if !admit(&mut sessions[0], key, l.max_sessions_per_hour, &mut 0) {
         folded.sessions += 1;
     }
 }
@@ -110,15 +126,9 @@ impl Guard {
 
     /// Keys tracked now (services, per-service keys, sessions), for a gauge.
     pub fn tracked(&self) -> usize {
-        self.state.lock().map_or(0, |s| {
-            s.services.len()
-                + s.services
-                    .values()
-                    .map(|k| k.tools.len() + k.methods.len() + k.models.len() + k.upstreams.len())
-                    .sum::<usize>()
-                + s.sessions[0].len()
-                + s.sessions[1].len()
-        })
+        self.state
+            .lock()
+            .map_or(0, |s| s.keys + s.sessions[0].len() + s.sessions[1].len())
     }
 
     pub fn apply(&self, n: &mut Normalized, now_nanos: i64) -> Folded {
@@ -138,11 +148,14 @@ impl Guard {
             st.hour = hour;
         }
         let State {
-            services, sessions, ..
+            services,
+            sessions,
+            keys: added,
+            ..
         } = &mut *st;
         for c in &mut n.tool_calls {
-            let keys = service_keys(services, &mut c.span.service, &l, &mut folded);
-            if !admit(&mut keys.tools, &mut c.tool, l.max_keys_per_service) {
+            let keys = service_keys(services, &mut c.span.service, &l, &mut folded, added);
+            if !admit(&mut keys.tools, &mut c.tool, l.max_keys_per_service, added) {
                 folded.keys += 1;
             }
             if c.session_source != SessionSource::TraceId {
@@ -150,14 +163,24 @@ impl Guard {
             }
         }
         for r in &mut n.mcp_requests {
-            let keys = service_keys(services, &mut r.span.service, &l, &mut folded);
-            if !admit(&mut keys.methods, &mut r.method, l.max_keys_per_service) {
+            let keys = service_keys(services, &mut r.span.service, &l, &mut folded, added);
+            if !admit(
+                &mut keys.methods,
+                &mut r.method,
+                l.max_keys_per_service,
+                added,
+            ) {
                 folded.keys += 1;
             }
         }
         for c in &mut n.llm_calls {
-            let keys = service_keys(services, &mut c.span.service, &l, &mut folded);
-            if !admit(&mut keys.models, &mut c.model, l.max_keys_per_service) {
+            let keys = service_keys(services, &mut c.span.service, &l, &mut folded, added);
+            if !admit(
+                &mut keys.models,
+                &mut c.model,
+                l.max_keys_per_service,
+                added,
+            ) {
                 folded.keys += 1;
             }
             if c.session_source != SessionSource::TraceId {
@@ -165,11 +188,12 @@ impl Guard {
             }
         }
         for u in &mut n.upstream_calls {
-            let keys = service_keys(services, &mut u.span.service, &l, &mut folded);
+            let keys = service_keys(services, &mut u.span.service, &l, &mut folded, added);
             if !admit(
                 &mut keys.upstreams,
                 &mut u.server_address,
                 l.max_keys_per_service,
+                added,
             ) {
                 folded.keys += 1;
             }

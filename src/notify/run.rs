@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::NotifyError;
@@ -96,13 +96,19 @@ impl Notifier {
     /// Routes new alert events into groups and writes the notifications of the groups due at
     /// `now` to the outbox, all in one transaction. Returns the outbox rows written.
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, NotifyError> {
-        let silenced = Silenced::load(&self.pool, now).await?;
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(crate::store::StoreError::from)?;
         let events = store::undispatched_events(&mut tx, EVENTS_PER_TICK).await?;
+        let due = |g: &Group| g.flush_at.is_some_and(|f| f <= now);
+        let gone = |id: &(String, String)| !self.receivers.contains_key(&id.0);
+        if events.is_empty() && !self.groups.iter().any(|(id, g)| due(g) || gone(id)) {
+            // The usual tick: nothing new, nothing due.
+            return Ok(0);
+        }
+        let silenced = Silenced::load(&self.pool, now).await?;
         let mut work = self.groups.clone();
         let mut touched: HashSet<(String, String)> = HashSet::new();
         for e in &events {
@@ -212,11 +218,7 @@ pub async fn run(
     loop {
         match leader.as_mut() {
             None => {
-                if let Ok(mut conn) = opts.clone().connect().await
-                    && alerts::try_lead(&mut conn, "toolsight-notifier")
-                        .await
-                        .unwrap_or(false)
-                {
+                if let Some(conn) = alerts::become_leader(&opts, "toolsight-notifier").await {
                     match notifier.restore().await {
                         Ok(n) => tracing::info!(
                             groups = n,

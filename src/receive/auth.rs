@@ -44,6 +44,21 @@ fn digest(token: &str) -> [u8; 32] {
     sha2::Sha256::digest(token.as_bytes()).into()
 }
 
+/// The token of an `Authorization: Bearer <token>` header value.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|h| {
+            let (scheme, rest) = h.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `presented` is `secret`, compared as SHA-256 digests in constant time.
+pub fn same_token(presented: &str, secret: &str) -> bool {
+    constant_time_eq::constant_time_eq_32(&digest(presented), &digest(secret))
+}
+
 fn pattern(p: &str) -> regex::Regex {
     let re = format!("^{}$", regex::escape(p).replace(r"\*", ".*"));
     regex::Regex::new(&re).unwrap_or_else(|_| regex::Regex::new("^$").expect("valid"))
@@ -177,13 +192,7 @@ impl Auth {
         if !self.required {
             return Ok(Principal::Anyone);
         }
-        let presented = authorization
-            .and_then(|h| {
-                let (scheme, rest) = h.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthFailure::Missing)?;
+        let presented = bearer(authorization).ok_or(AuthFailure::Missing)?;
         let d = digest(presented);
         let entries = self.entries.read().map(|e| e.clone()).unwrap_or_default();
         let mut found = None;

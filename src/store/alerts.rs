@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use super::StoreError;
+use crate::normalize::cardinality::OVERFLOW;
 
 /// One key's value over a window, as a rule kind reads it.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +21,8 @@ pub struct Observation {
     pub extra: Option<f64>,
 }
 
-fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+/// A label set from (name, value) pairs.
+pub fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
@@ -165,7 +167,7 @@ pub async fn retry_loops(
             SELECT service, tool, session_key, count(*) AS n, count(*) FILTER (WHERE outcome <> 'ok') AS failed
             FROM tool_calls
             WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
-              AND session_key <> '__overflow__'
+              AND session_key <> $5
             GROUP BY service, tool, session_key, coalesce(args_hash, '\\x'::bytea)) c
          WHERE n >= $3 AND (NOT $4 OR failed > 0)
          GROUP BY 1, 2, 3",
@@ -174,6 +176,7 @@ pub async fn retry_loops(
     .bind(window_secs)
     .bind(min_repeats)
     .bind(after_errors_only)
+    .bind(OVERFLOW)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -200,7 +203,7 @@ pub async fn token_burn(
             SELECT service, session_key, sum(input_tokens + output_tokens)::bigint AS tokens
             FROM llm_calls
             WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
-              AND session_key <> '__overflow__'
+              AND session_key <> $3
             GROUP BY 1, 2),
          m AS (
             SELECT service, percentile_cont(0.5) WITHIN GROUP (ORDER BY tokens) AS median, count(*) AS sessions
@@ -209,6 +212,7 @@ pub async fn token_burn(
     )
     .bind(to)
     .bind(window_secs)
+    .bind(OVERFLOW)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -388,6 +392,20 @@ pub async fn try_lead(conn: &mut PgConnection, role: &str) -> Result<bool, Store
             .fetch_one(conn)
             .await?,
     )
+}
+
+/// A dedicated connection holding the `role` lock, or none when another replica leads (or the
+/// database is unreachable). Leadership lasts as long as the connection.
+pub async fn become_leader(
+    opts: &sqlx::postgres::PgConnectOptions,
+    role: &str,
+) -> Option<PgConnection> {
+    use sqlx::ConnectOptions;
+    let mut conn = opts.connect().await.ok()?;
+    try_lead(&mut conn, role)
+        .await
+        .unwrap_or(false)
+        .then_some(conn)
 }
 
 /// Whether the leader's lock connection still answers (the lock dies with it).

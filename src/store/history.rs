@@ -6,6 +6,7 @@ use futures_util::TryStreamExt;
 use sqlx::PgPool;
 
 use super::StoreError;
+use crate::normalize::cardinality::OVERFLOW;
 
 /// Per (minute, service, tool, side): call counts from `tool_rollup_1m`.
 #[derive(Debug, Default)]
@@ -161,11 +162,12 @@ pub async fn call_seconds(
         "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, tool, session_key,
                 encode(coalesce(args_hash, '\\x'::bytea), 'hex'),
                 count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint
-         FROM tool_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> '__overflow__'
+         FROM tool_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
          GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
     )
     .bind(from)
     .bind(to)
+    .bind(OVERFLOW)
     .fetch(pool);
     while let Some((t, service, tool, session, args, calls, failed)) = rows.try_next().await? {
         out.t_ms.push(t);
@@ -189,11 +191,12 @@ pub async fn token_seconds(
     let mut rows = sqlx::query_as::<_, (i64, String, String, i64)>(
         "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, session_key,
                 sum(input_tokens + output_tokens)::bigint
-         FROM llm_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> '__overflow__'
+         FROM llm_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
          GROUP BY 1, 2, 3 ORDER BY 1",
     )
     .bind(from)
     .bind(to)
+    .bind(OVERFLOW)
     .fetch(pool);
     while let Some((t, service, session, tokens)) = rows.try_next().await? {
         out.t_ms.push(t);

@@ -19,6 +19,7 @@ pub const TABLES: &[(&str, &str, Class)] = &[
     ("upstream_rollup_1m", "minute", Class::Rollup),
     ("alert_events", "at", Class::Rollup),
     ("notify_outbox", "created_at", Class::Delivered),
+    ("collector_metrics", "at", Class::OwnMetrics),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub enum Class {
     Rollup,
     /// Notifications no longer pending (delivered or failed).
     Delivered,
+    /// The service's own metric samples.
+    OwnMetrics,
 }
 
 /// Deletes up to `batch` rows of `table` older than `before`; returns how many went.
@@ -82,6 +85,7 @@ pub struct Policy {
     pub raw: std::time::Duration,
     pub rollups: std::time::Duration,
     pub notifications: std::time::Duration,
+    pub own_metrics: std::time::Duration,
     pub batch_rows: i64,
 }
 
@@ -91,6 +95,7 @@ impl Policy {
             Class::Raw => self.raw,
             Class::Rollup => self.rollups,
             Class::Delivered => self.notifications,
+            Class::OwnMetrics => self.own_metrics,
         }
     }
 

@@ -34,16 +34,3 @@ pub async fn record(
     .await?;
     Ok(())
 }
-
-/// Deletes samples older than `before`, at most `batch` rows (called repeatedly, it never holds
-/// long locks).
-pub async fn prune(pool: &PgPool, before: DateTime<Utc>, batch: i64) -> Result<u64, StoreError> {
-    Ok(sqlx::query(
-        "DELETE FROM collector_metrics WHERE ctid IN (SELECT ctid FROM collector_metrics WHERE at < $1 LIMIT $2)",
-    )
-    .bind(before)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected())
-}

@@ -79,6 +79,22 @@ impl Drop for Process {
     }
 }
 
+/// The `toolsight` binary, as a command to run.
+pub fn toolsight() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"))
+}
+
+/// Runs `cmd`, fails the test with its stderr unless it succeeds, returns its stdout.
+pub fn output(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `toolsight serve --config CONFIG` as a child process, with `env` added.
 pub fn serve(config: &std::path::Path, env: &[(&str, String)]) -> Process {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
