@@ -8,6 +8,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod evaluate;
+pub mod fuzzing;
 pub mod loadgen;
 pub mod metrics;
 pub mod normalize;

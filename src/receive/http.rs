@@ -28,8 +28,9 @@ pub struct Limits {
     pub max_decoded_bytes: usize,
 }
 
+/// The body format of an OTLP/HTTP export.
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Format {
+pub enum Format {
     Protobuf,
     Json,
 }
@@ -152,7 +153,11 @@ async fn export(
             );
         }
     };
-    let req = match decompress(&headers, &body, state.limits.max_decoded_bytes)
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let req = match decompress(encoding, &body, state.limits.max_decoded_bytes)
         .and_then(|b| decode(format, &b))
     {
         Ok(r) => r,
@@ -222,15 +227,10 @@ fn error_response(state: &AppState, format: Format, e: ReceiveError) -> Response
     resp
 }
 
-/// Decompresses per `Content-Encoding`, refusing output beyond `limit` bytes (no decompression
-/// bombs: reading stops at the limit).
-fn decompress(headers: &HeaderMap, body: &Bytes, limit: usize) -> Result<Bytes, ReceiveError> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+/// Decompresses per the `Content-Encoding` value (`""` when absent), refusing output beyond
+/// `limit` bytes (no decompression bombs: reading stops at the limit).
+pub fn decompress(encoding: &str, body: &Bytes, limit: usize) -> Result<Bytes, ReceiveError> {
+    let encoding = encoding.trim().to_ascii_lowercase();
     let reader: Box<dyn Read + '_> = match encoding.as_str() {
         "" | "identity" => {
             if body.len() > limit {
@@ -257,7 +257,8 @@ fn decompress(headers: &HeaderMap, body: &Bytes, limit: usize) -> Result<Bytes, 
     Ok(Bytes::from(out))
 }
 
-fn decode(format: Format, body: &[u8]) -> Result<ExportTraceServiceRequest, ReceiveError> {
+/// Decodes an (already decompressed) export body.
+pub fn decode(format: Format, body: &[u8]) -> Result<ExportTraceServiceRequest, ReceiveError> {
     match format {
         Format::Protobuf => ExportTraceServiceRequest::decode(body)
             .map_err(|e| ReceiveError::Malformed(format!("protobuf: {e}"))),
@@ -272,27 +273,15 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn headers(enc: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_ENCODING, enc.parse().unwrap());
-        h
-    }
-
     #[test]
     fn gzip_and_zstd_round_trip() {
         let data = vec![7u8; 10_000];
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&data).unwrap();
         let gz = Bytes::from(gz.finish().unwrap());
-        assert_eq!(
-            decompress(&headers("gzip"), &gz, 20_000).unwrap().len(),
-            10_000
-        );
+        assert_eq!(decompress("gzip", &gz, 20_000).unwrap().len(), 10_000);
         let zs = Bytes::from(zstd::encode_all(data.as_slice(), 3).unwrap());
-        assert_eq!(
-            decompress(&headers("zstd"), &zs, 20_000).unwrap().len(),
-            10_000
-        );
+        assert_eq!(decompress("zstd", &zs, 20_000).unwrap().len(), 10_000);
     }
 
     #[test]
@@ -305,7 +294,7 @@ mod tests {
         }
         let bomb = Bytes::from(gz.finish().unwrap());
         assert!(bomb.len() < 200_000);
-        let err = decompress(&headers("gzip"), &bomb, 4 << 20).unwrap_err();
+        let err = decompress("gzip", &bomb, 4 << 20).unwrap_err();
         assert!(matches!(err, ReceiveError::TooLarge { limit } if limit == 4 << 20));
     }
 
@@ -313,11 +302,11 @@ mod tests {
     fn corrupt_or_unknown_encodings_are_refused() {
         let junk = Bytes::from_static(b"not gzip at all");
         assert!(matches!(
-            decompress(&headers("gzip"), &junk, 1000),
+            decompress("gzip", &junk, 1000),
             Err(ReceiveError::Malformed(_))
         ));
         assert!(matches!(
-            decompress(&headers("br"), &junk, 1000),
+            decompress("br", &junk, 1000),
             Err(ReceiveError::UnsupportedEncoding(_))
         ));
     }

@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod bench;
 mod copy;
+#[cfg(feature = "backtest")]
 pub mod history;
 pub mod notify;
 pub mod queries;
