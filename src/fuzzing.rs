@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::sync::LazyLock;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use prost::Message;
 use regex::Regex;
 
+use crate::config::Config;
 use crate::normalize::{self, Memory, Normalized, cardinality};
 use crate::receive::ReceiveError;
 use crate::receive::http::{Format, decode, decompress};
@@ -145,21 +147,28 @@ fn assert_client_error(e: &ReceiveError) {
     assert!(!e.is_retryable(), "bad input called retryable: {e}");
 }
 
+/// The service's defaults with redacted copies on; built once (compiling the patterns would
+/// dominate every run).
+static CONFIG: LazyLock<(Config, normalize::Options)> = LazyLock::new(|| {
+    let mut config = Config::default();
+    config.privacy.store_redacted_content = true;
+    let opts = config.normalize_options();
+    (config, opts)
+});
+
 /// The secret-shaped patterns every stored copy is checked against: the defaults.
-fn secret_patterns() -> Vec<Regex> {
+static SECRET_PATTERNS: LazyLock<Vec<Regex>> = LazyLock::new(|| {
     crate::config::DEFAULT_REDACT_PATTERNS
         .iter()
         .map(|p| Regex::new(p).expect("default patterns compile"))
         .collect()
-}
+});
 
 /// Normalizes `req` as the service does (redacted copies on, default patterns) with `now` at
 /// the request's latest span start, then applies a small cardinality guard; checks the
 /// invariants of the output.
 pub fn check_normalize(req: &ExportTraceServiceRequest) {
-    let mut config = crate::config::Config::default();
-    config.privacy.store_redacted_content = true;
-    let opts = config.normalize_options();
+    let (config, opts) = &*CONFIG;
     let now = req
         .resource_spans
         .iter()
@@ -170,7 +179,7 @@ pub fn check_normalize(req: &ExportTraceServiceRequest) {
         .max()
         .map_or(DEFAULT_NOW, |t| t as i64);
     let memory = Memory::new(2);
-    let mut n = normalize::normalize(req, now, &opts, &memory);
+    let mut n = normalize::normalize(req, now, opts, &memory);
 
     // Every span is accounted for exactly once.
     let spans: usize = req
@@ -197,7 +206,7 @@ pub fn check_normalize(req: &ExportTraceServiceRequest) {
         );
     }
 
-    let patterns = secret_patterns();
+    let patterns = &*SECRET_PATTERNS;
     let max_bytes = config.privacy.max_redacted_bytes;
     for c in &n.tool_calls {
         assert!(!c.tool.is_empty(), "empty tool name");
@@ -212,7 +221,7 @@ pub fn check_normalize(req: &ExportTraceServiceRequest) {
                 "stored copy of {} bytes",
                 stored.len()
             );
-            for p in &patterns {
+            for p in patterns {
                 assert!(
                     !p.is_match(stored),
                     "stored copy {stored:?} matches the secret pattern {p}"

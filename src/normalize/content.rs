@@ -331,25 +331,58 @@ pub struct Redactor {
 pub const REDACTED: &str = "[REDACTED]";
 
 impl Redactor {
-    /// A redacted, size-bounded JSON copy of `v`.
+    /// A redacted, size-bounded JSON copy of `v`. Values under secret-named keys are replaced;
+    /// patterns are replaced in string values, in numbers (a card number sent as a number) and in
+    /// object keys; and once more in the final text, where a cut can make a match that the whole
+    /// value did not have (a 22-digit run cut to 16 digits).
     pub fn redact(&self, v: &Value) -> String {
         let mut v = v.clone();
         self.redact_in_place(&mut v);
         let mut s = v.to_string();
-        if s.len() > self.max_bytes {
-            let mut cut = self.max_bytes;
-            while !s.is_char_boundary(cut) {
-                cut -= 1;
+        let cut = s.len() > self.max_bytes;
+        // Each round cuts to the bound and replaces what matches; a replacement can lengthen the
+        // text, so the cut is made again. Two rounds settle every input seen; beyond that the
+        // copy is dropped rather than risk keeping a secret.
+        for round in 0.. {
+            truncate(&mut s, self.max_bytes);
+            if !self.patterns.iter().any(|re| re.is_match(&s)) {
+                break;
             }
-            s.truncate(cut);
+            if round == 3 {
+                s = REDACTED.to_owned();
+                break;
+            }
+            for re in &self.patterns {
+                if let Cow::Owned(r) = re.replace_all(&s, REDACTED) {
+                    s = r;
+                }
+            }
+        }
+        if cut {
             s.push('…');
         }
         s
     }
 
+    fn matches(&self, s: &str) -> bool {
+        self.patterns.iter().any(|re| re.is_match(s))
+    }
+
     fn redact_in_place(&self, v: &mut Value) {
         match v {
             Value::Object(obj) => {
+                if obj.keys().any(|k| self.matches(k)) {
+                    *obj = std::mem::take(obj)
+                        .into_iter()
+                        .map(|(k, val)| {
+                            if self.matches(&k) {
+                                (REDACTED.to_owned(), val)
+                            } else {
+                                (k, val)
+                            }
+                        })
+                        .collect();
+                }
                 for (k, val) in obj.iter_mut() {
                     let lk = k.to_ascii_lowercase();
                     if self.keys.iter().any(|rk| lk.contains(rk.as_str())) {
@@ -367,8 +400,24 @@ impl Redactor {
                     }
                 }
             }
-            _ => {}
+            Value::Number(n) => {
+                if self.matches(&n.to_string()) {
+                    *v = Value::String(REDACTED.to_owned());
+                }
+            }
+            Value::Bool(_) | Value::Null => {}
         }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
     }
 }
 
@@ -456,5 +505,24 @@ mod tests {
         assert!(out.contains(REDACTED));
         let long = r.redact(&json!({"q": "x".repeat(500)}));
         assert!(long.len() <= 64, "{}", long.len());
+    }
+
+    #[test]
+    fn secrets_in_numbers_keys_and_at_the_cut_are_redacted() {
+        let r = Redactor {
+            keys: vec![],
+            patterns: vec![Regex::new(r"\b(?:\d[ -]?){13,19}\b").unwrap()],
+            max_bytes: 24,
+        };
+        // Found by the normalizer fuzz target: an integer attribute stored as a JSON number.
+        assert_eq!(r.redact(&json!(543258799679471615_i64)), "\"[REDACTED]\"");
+        assert_eq!(
+            r.redact(&json!({"4111111111111111": 1})),
+            "{\"[REDACTED]\":1}"
+        );
+        // 22 digits match nothing; cut to 16 after `{"q":"` they would.
+        let out = r.redact(&json!({"q": "4111111111111111111111"}));
+        assert!(!r.matches(out.trim_end_matches('…')), "{out}");
+        assert!(out.ends_with('…') && out.len() <= 24 + 3, "{out}");
     }
 }
