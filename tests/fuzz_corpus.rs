@@ -125,6 +125,24 @@ fn every_fixture_passes_every_decoding_target_whole_and_span_by_span() {
 }
 
 #[test]
+fn every_fuzz_target_is_replayed_here() {
+    let mut on_disk: Vec<String> = files(&root().join("fuzz/fuzz_targets"))
+        .iter()
+        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_owned()))
+        .collect();
+    on_disk.sort();
+    let mut here: Vec<String> = TARGETS.iter().map(|(t, _)| t.to_string()).collect();
+    here.sort();
+    assert_eq!(on_disk, here);
+    for t in here {
+        assert!(
+            !files(&root().join("fuzz/corpus").join(&t)).is_empty(),
+            "no corpus kept for {t}"
+        );
+    }
+}
+
+#[test]
 fn the_corpus_and_the_fixed_crashes_still_pass() {
     let mut total = 0;
     for (target, run) in TARGETS {

@@ -78,7 +78,7 @@ pub fn parse(span_attrs: &[KeyValue], end_unix_nanos: i64) -> RateLimit {
             rl.remaining = r;
         }
         if rl.reset_at_unix_nanos.is_none() {
-            rl.reset_at_unix_nanos = t.map(|s| end_unix_nanos + secs_to_nanos(s));
+            rl.reset_at_unix_nanos = t.map(|s| after(end_unix_nanos, s));
         }
         // The older draft put the limit first: `RateLimit: limit=100, remaining=50, reset=30`.
         if rl.limit.is_none() {
@@ -93,9 +93,15 @@ pub fn parse(span_attrs: &[KeyValue], end_unix_nanos: i64) -> RateLimit {
     if rl.reset_at_unix_nanos.is_none()
         && let Some(ra) = rl.retry_after_s
     {
-        rl.reset_at_unix_nanos = Some(end_unix_nanos + secs_to_nanos(ra));
+        rl.reset_at_unix_nanos = Some(after(end_unix_nanos, ra));
     }
     rl
+}
+
+/// `secs` after `end_unix_nanos`, saturating: a span may claim to end near the largest time
+/// OTLP can carry, and a reset after it must not wrap into the past.
+fn after(end_unix_nanos: i64, secs: f64) -> i64 {
+    end_unix_nanos.saturating_add(secs_to_nanos(secs))
 }
 
 fn secs_to_nanos(s: f64) -> i64 {
@@ -126,11 +132,11 @@ fn parse_reset(v: &str, end_unix_nanos: i64) -> Option<i64> {
         return Some(if n > 1e8 {
             secs_to_nanos(n)
         } else {
-            end_unix_nanos + secs_to_nanos(n)
+            after(end_unix_nanos, n)
         });
     }
     if let Some(s) = parse_go_duration(v) {
-        return Some(end_unix_nanos + secs_to_nanos(s));
+        return Some(after(end_unix_nanos, s));
     }
     chrono::DateTime::parse_from_rfc3339(v)
         .ok()
@@ -146,7 +152,8 @@ fn parse_retry_after(v: &str, end_unix_nanos: i64) -> Option<f64> {
     let at = chrono::DateTime::parse_from_rfc2822(v)
         .ok()?
         .timestamp_nanos_opt()?;
-    Some(((at - end_unix_nanos) as f64 / 1e9).max(0.0))
+    // In floating point: a date far in the past minus a far end would overflow i64.
+    Some(((at as f64 - end_unix_nanos as f64) / 1e9).max(0.0))
 }
 
 fn parse_go_duration(v: &str) -> Option<f64> {
@@ -268,5 +275,21 @@ mod tests {
         let only_retry = parse(&[kv("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")], END);
         assert_eq!(only_retry.retry_after_s, Some(0.0));
         assert!(parse(&[], END).is_empty());
+    }
+
+    #[test]
+    fn resets_after_a_far_end_saturate_instead_of_wrapping() {
+        // Found by the normalizer fuzz target: a span ending near i64::MAX with Retry-After.
+        let end = i64::MAX - 5;
+        let rl = parse(&[kv("retry-after", "60")], end);
+        assert_eq!(rl.reset_at_unix_nanos, Some(i64::MAX));
+        let rl = parse(&[kv("x-ratelimit-reset", "30")], end);
+        assert_eq!(rl.reset_at_unix_nanos, Some(i64::MAX));
+        let rl = parse(&[kv("ratelimit", "\"default\";r=1;t=30")], end);
+        assert_eq!(rl.reset_at_unix_nanos, Some(i64::MAX));
+        let rl = parse(&[kv("x-ratelimit-reset", "1m0s")], end);
+        assert_eq!(rl.reset_at_unix_nanos, Some(i64::MAX));
+        let rl = parse(&[kv("retry-after", "01 Jan 1700 00:00:00 +0000")], end);
+        assert_eq!(rl.retry_after_s, Some(0.0));
     }
 }
