@@ -41,29 +41,23 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn fixtures() -> Vec<(String, ExportTraceServiceRequest)> {
-    let mut out = Vec::new();
     let dir = root().join("tests/fixtures");
-    for folder in files(&dir).into_iter().chain(
-        fs::read_dir(&dir)
-            .expect("tests/fixtures")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.is_dir())
-            .flat_map(|d| files(&d)),
-    ) {
-        let name = folder
-            .strip_prefix(&dir)
-            .expect("under fixtures")
-            .to_string_lossy()
-            .replace('/', "-");
-        let bytes = fs::read(&folder).expect("fixture");
-        let req = match folder.extension().and_then(|e| e.to_str()) {
-            Some("pb") => ExportTraceServiceRequest::decode(bytes.as_slice()).expect("fixture pb"),
-            Some("json") if !name.ends_with("versions.json") => {
-                serde_json::from_slice(&bytes).expect("fixture json")
-            }
-            _ => continue,
-        };
-        out.push((name, req));
+    let mut out = Vec::new();
+    for folder in fs::read_dir(&dir).expect("tests/fixtures") {
+        let folder = folder.expect("entry").path();
+        for file in files(&folder) {
+            let name = file.strip_prefix(&dir).expect("under fixtures");
+            let name = name.to_string_lossy().replace('/', "-");
+            let bytes = fs::read(&file).expect("fixture");
+            let req = match file.extension().and_then(|e| e.to_str()) {
+                Some("pb") => ExportTraceServiceRequest::decode(bytes.as_slice()).expect("pb"),
+                Some("json") if !name.ends_with("versions.json") => {
+                    serde_json::from_slice(&bytes).expect("fixture json")
+                }
+                _ => continue,
+            };
+            out.push((name, req));
+        }
     }
     assert!(out.len() >= 10, "fixtures found: {}", out.len());
     out

@@ -81,6 +81,19 @@ fn admit(set: &mut HashSet<String>, key: &mut String, limit: usize, added: &mut 
     false
 }
 
+/// [`admit`] for a per-service key (tool, method, model, upstream), counting a fold.
+fn admit_key(
+    set: &mut HashSet<String>,
+    key: &mut String,
+    l: &Limits,
+    folded: &mut Folded,
+    added: &mut usize,
+) {
+    if !admit(set, key, l.max_keys_per_service, added) {
+        folded.keys += 1;
+    }
+}
+
 /// The keys of `name`'s service, folding the service into [`OVERFLOW`] when there is no room.
 /// Known services cost one lookup and no allocation.
 fn service_keys<'a>(
@@ -155,48 +168,31 @@ impl Guard {
         } = &mut *st;
         for c in &mut n.tool_calls {
             let keys = service_keys(services, &mut c.span.service, &l, &mut folded, added);
-            if !admit(&mut keys.tools, &mut c.tool, l.max_keys_per_service, added) {
-                folded.keys += 1;
-            }
+            admit_key(&mut keys.tools, &mut c.tool, &l, &mut folded, added);
             if c.session_source != SessionSource::TraceId {
                 session(sessions, &mut c.session_key, &l, &mut folded);
             }
         }
         for r in &mut n.mcp_requests {
             let keys = service_keys(services, &mut r.span.service, &l, &mut folded, added);
-            if !admit(
-                &mut keys.methods,
-                &mut r.method,
-                l.max_keys_per_service,
-                added,
-            ) {
-                folded.keys += 1;
-            }
+            admit_key(&mut keys.methods, &mut r.method, &l, &mut folded, added);
         }
         for c in &mut n.llm_calls {
             let keys = service_keys(services, &mut c.span.service, &l, &mut folded, added);
-            if !admit(
-                &mut keys.models,
-                &mut c.model,
-                l.max_keys_per_service,
-                added,
-            ) {
-                folded.keys += 1;
-            }
+            admit_key(&mut keys.models, &mut c.model, &l, &mut folded, added);
             if c.session_source != SessionSource::TraceId {
                 session(sessions, &mut c.session_key, &l, &mut folded);
             }
         }
         for u in &mut n.upstream_calls {
             let keys = service_keys(services, &mut u.span.service, &l, &mut folded, added);
-            if !admit(
+            admit_key(
                 &mut keys.upstreams,
                 &mut u.server_address,
-                l.max_keys_per_service,
+                &l,
+                &mut folded,
                 added,
-            ) {
-                folded.keys += 1;
-            }
+            );
         }
         folded
     }

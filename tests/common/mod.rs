@@ -97,7 +97,7 @@ pub fn output(cmd: &mut std::process::Command) -> String {
 
 /// `toolsight serve --config CONFIG` as a child process, with `env` added.
 pub fn serve(config: &std::path::Path, env: &[(&str, String)]) -> Process {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"));
+    let mut cmd = toolsight();
     cmd.args(["serve", "--config"])
         .arg(config)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
