@@ -19,6 +19,8 @@ pub struct AdminState {
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// Background tasks that died (see `app::supervise`): the service is not ready.
+    pub dead_tasks: DeadTasks,
     /// The loaded rule files, for `/api/v1/rules`.
     pub rules: Arc<std::sync::RwLock<Vec<(String, crate::evaluate::rules::RuleFile)>>>,
     /// Required on everything but `/healthz` and `/readyz` when set.
@@ -74,7 +76,22 @@ async fn require_admin_token(
     next.run(req).await
 }
 
+/// The names of the background tasks that died.
+pub type DeadTasks = Arc<std::sync::Mutex<Vec<&'static str>>>;
+
 async fn readyz(State(s): State<AdminState>) -> Response {
+    let dead = s
+        .dead_tasks
+        .lock()
+        .map(|d| d.join(", "))
+        .unwrap_or_default();
+    if !dead.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: background task died: {dead}\n"),
+        )
+            .into_response();
+    }
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n").into_response()
     } else {

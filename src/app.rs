@@ -89,7 +89,8 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(true));
     metrics.db_up.set(1);
 
-    let (writer, writer_tasks) = Writer::spawn(
+    let close_writer = CancellationToken::new();
+    let (writer, writer_task) = Writer::spawn(
         &opts,
         &WriterConfig {
             writers: config.ingest.writers,
@@ -97,11 +98,13 @@ pub async fn run(
             queue_rows: config.ingest.queue_rows,
         },
         metrics.clone(),
+        close_writer.clone(),
     );
     let auth = if config.auth.ingest_required() {
         let auth = crate::receive::auth::Auth::new(
             config.auth.tokens.clone(),
             config.auth.tokens_file.clone(),
+            config.auth.admin_token.clone(),
         )
         .map_err(anyhow::Error::msg)?;
         Arc::new(auth)
@@ -135,24 +138,39 @@ pub async fn run(
     let stop = CancellationToken::new();
     let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
 
-    let token_watch = tokio::spawn(auth.watch(stop.clone()));
-    let pruner = tokio::spawn(prune_periodically(
-        pool.clone(),
-        config.retention.clone(),
-        stop.clone(),
-    ));
-    let own_metrics = tokio::spawn(record_own_metrics(
-        pool.clone(),
-        metrics.clone(),
-        config.admin.record_metrics_every,
-        stop.clone(),
-    ));
-    let health = tokio::spawn(watch_database(
-        pool.clone(),
-        ready.clone(),
-        metrics.clone(),
-        stop.clone(),
-    ));
+    let dead_tasks = admin::DeadTasks::default();
+    let supervise =
+        |name: &'static str, task| supervise(name, task, dead_tasks.clone(), metrics.clone());
+    let token_watch = supervise(
+        "token_watch",
+        tokio::spawn(auth.watch(metrics.clone(), stop.clone())),
+    );
+    let pruner = supervise(
+        "pruner",
+        tokio::spawn(prune_periodically(
+            pool.clone(),
+            config.retention.clone(),
+            stop.clone(),
+        )),
+    );
+    let own_metrics = supervise(
+        "own_metrics",
+        tokio::spawn(record_own_metrics(
+            pool.clone(),
+            metrics.clone(),
+            config.admin.record_metrics_every,
+            stop.clone(),
+        )),
+    );
+    let health = supervise(
+        "database_probe",
+        tokio::spawn(watch_database(
+            pool.clone(),
+            ready.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )),
+    );
     let tls_files = config.tls.files();
     let grpc_tls = match &tls_files {
         Some(f) => {
@@ -183,6 +201,7 @@ pub async fn run(
         receive::http::Limits {
             max_body_bytes: config.otlp.max_request_bytes,
             max_decoded_bytes: config.otlp.max_decompressed_bytes,
+            body_timeout: config.otlp.body_timeout,
         },
     );
     let http = match &tls_files {
@@ -205,6 +224,7 @@ pub async fn run(
         pool: pool.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        dead_tasks: dead_tasks.clone(),
         rules: shared_rules.clone(),
         admin_token: config.auth.admin_token.clone(),
     });
@@ -214,22 +234,29 @@ pub async fn run(
             files: config.rules.files.clone(),
             shared: shared_rules.clone(),
         };
-        tokio::spawn(crate::evaluate::run::run(
-            ev,
-            opts.clone(),
-            source,
-            stop.clone(),
-        ))
+        supervise(
+            "evaluator",
+            tokio::spawn(crate::evaluate::run::run(
+                ev,
+                opts.clone(),
+                source,
+                metrics.clone(),
+                stop.clone(),
+            )),
+        )
     });
     // Notifications follow the rules: a replica that does not evaluate does not notify either.
     let notifier = config.rules.enabled.then(|| {
-        tokio::spawn(crate::notify::run::run(
-            Arc::new(config.notify.clone()),
-            pool.clone(),
-            opts.clone(),
-            metrics.clone(),
-            stop.clone(),
-        ))
+        supervise(
+            "notifier",
+            tokio::spawn(crate::notify::run::run(
+                Arc::new(config.notify.clone()),
+                pool.clone(),
+                opts.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )),
+        )
     });
     // The admin port verifies no client certificates: it has its own token, and probes must reach it.
     let admin = match tls_files.as_ref().filter(|_| !config.tls.plain_admin) {
@@ -255,14 +282,36 @@ pub async fn run(
         _ = stop.cancelled() => {}
     }
     stop.cancel();
-    let (g, h, a) = tokio::join!(grpc, http, admin);
-    g?.context("otlp/grpc server")?;
-    h?.context("otlp/http server")?;
-    a?.context("admin server")?;
-    // Every receiver is gone, so the writer's queue is closed: the writers drain it and stop.
-    for t in writer_tasks {
-        t.await?;
+    // Exports in progress get `drain_timeout` to finish; a client still sending after that
+    // (a slow body, a stream that never ends) is cut rather than holding the shutdown.
+    let (grpc_abort, http_abort, admin_abort) = (
+        grpc.abort_handle(),
+        http.abort_handle(),
+        admin.abort_handle(),
+    );
+    match tokio::time::timeout(config.otlp.drain_timeout, async {
+        tokio::join!(grpc, http, admin)
+    })
+    .await
+    {
+        Ok((g, h, a)) => {
+            g?.context("otlp/grpc server")?;
+            h?.context("otlp/http server")?;
+            a?.context("admin server")?;
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?config.otlp.drain_timeout,
+                "exports still in progress at the drain timeout; closing their connections"
+            );
+            grpc_abort.abort();
+            http_abort.abort();
+            admin_abort.abort();
+        }
     }
+    // The write queue takes no more exports; what it holds is written, then the writers stop.
+    close_writer.cancel();
+    writer_task.await?;
     health.await?;
     own_metrics.await?;
     token_watch.await?;
@@ -276,6 +325,37 @@ pub async fn run(
     pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Watches a background task: when it dies (panics), the death is logged at error, counted in
+/// `toolsight_background_task_failures_total{task}`, and `/readyz` answers 503 from then on,
+/// so an orchestrator replaces the replica instead of it running on without, say, pruning.
+pub fn supervise(
+    name: &'static str,
+    task: tokio::task::JoinHandle<()>,
+    dead: admin::DeadTasks,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            let panic = e.into_panic();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(task = name, panic = %message, "background task died; the service reports not ready");
+            metrics
+                .task_failures
+                .get_or_create(&crate::metrics::TaskLabel { task: name })
+                .inc();
+            if let Ok(mut d) = dead.lock() {
+                d.push(name);
+            }
+        }
+    })
 }
 
 /// Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
@@ -380,5 +460,36 @@ async fn watch_database(
                 tracing::warn!("database unreachable: refusing exports with retryable errors");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_background_task_is_logged_counted_and_reported() {
+        let dead = admin::DeadTasks::default();
+        let metrics = Arc::new(Metrics::new());
+        let fine = supervise(
+            "fine",
+            tokio::spawn(async {}),
+            dead.clone(),
+            metrics.clone(),
+        );
+        let dying = supervise(
+            "pruner",
+            tokio::spawn(async { panic!("DateTime - TimeDelta overflowed") }),
+            dead.clone(),
+            metrics.clone(),
+        );
+        fine.await.unwrap();
+        dying.await.unwrap();
+        assert_eq!(*dead.lock().unwrap(), ["pruner"]);
+        let text = metrics.encode();
+        assert!(
+            text.contains("toolsight_background_task_failures_total{task=\"pruner\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -122,6 +122,12 @@ pub struct Otlp {
     pub max_request_bytes: usize,
     pub max_decompressed_bytes: usize,
     pub max_concurrent_exports: usize,
+    /// Time an OTLP/HTTP client has to send a whole request body once its headers are in.
+    #[serde(with = "humantime_serde_compat")]
+    pub body_timeout: Duration,
+    /// On shutdown, how long exports in progress may take before their connections are cut.
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,6 +218,8 @@ impl Default for Config {
                 max_request_bytes: 16 << 20,
                 max_decompressed_bytes: 64 << 20,
                 max_concurrent_exports: 64,
+                body_timeout: Duration::from_secs(15),
+                drain_timeout: Duration::from_secs(20),
             },
             admin: Admin {
                 listen: "127.0.0.1:9464".parse().expect("valid default"),
@@ -278,6 +286,8 @@ impl ConfigError {
 }
 
 const ENV_PREFIX: &str = "TOOLSIGHT_";
+/// The longest retention accepted (longer ones are a typo, and overflow date arithmetic).
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 impl Config {
     /// Loads defaults, then `path` (if any), then the process environment.
@@ -341,6 +351,8 @@ impl Config {
                     .get("otlp.max_decompressed_bytes", d.otlp.max_decompressed_bytes),
                 max_concurrent_exports: l
                     .get("otlp.max_concurrent_exports", d.otlp.max_concurrent_exports),
+                body_timeout: l.duration("otlp.body_timeout", d.otlp.body_timeout),
+                drain_timeout: l.duration("otlp.drain_timeout", d.otlp.drain_timeout),
             },
             admin: Admin {
                 listen: l.get("admin.listen", d.admin.listen),
@@ -449,6 +461,9 @@ impl Config {
                 self.ingest.queue_rows, self.ingest.batch_rows
             ));
         }
+        if self.otlp.body_timeout.is_zero() {
+            p.push("otlp.body_timeout: must be more than 0s".into());
+        }
         if self.otlp.max_concurrent_exports == 0 {
             p.push("otlp.max_concurrent_exports: must be at least 1".into());
         }
@@ -491,6 +506,20 @@ impl Config {
                 }
             }
             _ => p.push("tls.cert_file and tls.key_file go together".into()),
+        }
+        for (key, d) in [
+            ("retention.raw", self.retention.raw),
+            ("retention.rollups", self.retention.rollups),
+            ("retention.notifications", self.retention.notifications),
+            ("retention.own_metrics", self.retention.own_metrics),
+            ("retention.every", self.retention.every),
+        ] {
+            if d > MAX_RETENTION {
+                p.push(format!(
+                    "{key}: {} is longer than the 100 years a retention may be",
+                    humantime::format_duration(d)
+                ));
+            }
         }
         if self.retention.batch_rows < 1 {
             p.push("retention.batch_rows: must be at least 1".into());
@@ -543,24 +572,22 @@ impl Config {
                 }
             }
         }
-        for (i, t) in a.tokens.iter().enumerate() {
-            if t.token.expose().len() < 16 {
-                p.push(format!(
-                    "auth.tokens[{i}] ({}): tokens must be at least 16 characters",
-                    t.name
-                ));
-            }
-        }
-        if let Some(admin) = &a.admin_token {
-            if admin.expose().len() < 16 {
-                p.push("auth.admin_token: must be at least 16 characters".into());
-            }
-            if a.tokens.iter().any(|t| t.token == *admin) {
-                p.push("auth.admin_token: must differ from every ingest token".into());
-            }
+        p.extend(crate::receive::auth::check_tokens(
+            &a.tokens,
+            "auth.tokens",
+            a.admin_token.as_ref(),
+        ));
+        if let Some(admin) = &a.admin_token
+            && admin.expose().chars().count() < crate::receive::auth::MIN_TOKEN_CHARS
+        {
+            p.push(format!(
+                "auth.admin_token: must be at least {} characters",
+                crate::receive::auth::MIN_TOKEN_CHARS
+            ));
         }
         if let Some(f) = &a.tokens_file
-            && let Err(e) = crate::receive::auth::Auth::new(Vec::new(), Some(f.clone()))
+            && let Err(e) =
+                crate::receive::auth::Auth::new(Vec::new(), Some(f.clone()), a.admin_token.clone())
         {
             p.push(format!("auth.tokens_file: {e}"));
         }
@@ -761,6 +788,52 @@ mod tests {
     }
 
     #[test]
+    fn token_file_entries_follow_the_inline_token_rules() {
+        let dir = std::env::temp_dir().join(format!("toolsight-cfg-tf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tokens = dir.join("tokens.toml");
+        std::fs::write(
+            &tokens,
+            "[[tokens]]\nname = \"short\"\ntoken = \"abc\"\n[[tokens]]\nname = \"admin\"\ntoken = \"same-token-0123456789\"\n",
+        )
+        .unwrap();
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_OTLP__HTTP_LISTEN", "0.0.0.0:4318"),
+                ("TOOLSIGHT_AUTH__TOKENS_FILE", tokens.to_str().unwrap()),
+                ("TOOLSIGHT_AUTH__ADMIN_TOKEN", "same-token-0123456789"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("(short): tokens must be at least 16 characters"),
+            "{err}"
+        );
+        assert!(
+            err.contains("(admin): must differ from auth.admin_token"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn retentions_beyond_the_calendar_are_refused() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_RETENTION__ROLLUPS", "300000years"),
+                ("TOOLSIGHT_RETENTION__NOTIFICATIONS", "200years"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("retention.rollups"), "{err}");
+        assert!(err.contains("retention.notifications"), "{err}");
+        assert!(!err.contains("retention.raw"), "{err}");
+    }
+
+    #[test]
     fn every_problem_is_listed() {
         let err = Config::load_from(
             None,
@@ -920,7 +993,7 @@ mod auth_tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("auth.admin_token: must differ from every ingest token"),
+            err.contains("auth.tokens[0] (a): must differ from auth.admin_token"),
             "{err}"
         );
         assert!(

@@ -40,6 +40,22 @@ pub struct DeliveryLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabel {
+    pub file: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    pub task: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReceiverLabel {
     pub receiver: String,
 }
@@ -67,9 +83,21 @@ pub struct Metrics {
     pub notify_outbox_pending: Gauge,
     pub cardinality_folded: Family<KindLabel, Counter>,
     pub cardinality_tracked: Gauge,
+    pub leader: Family<RoleLabel, Gauge>,
+    pub reloads: Family<ReloadLabel, Counter>,
+    pub keys_truncated: Counter,
+    pub task_failures: Family<TaskLabel, Counter>,
 }
 
 impl Metrics {
+    /// Counts one reload of `file` (`rules`, `tokens`).
+    pub fn reloaded(&self, file: &'static str, applied: bool) {
+        let result = if applied { "applied" } else { "invalid" };
+        self.reloads
+            .get_or_create(&ReloadLabel { file, result })
+            .inc();
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("toolsight");
         let m = Metrics {
@@ -93,6 +121,10 @@ impl Metrics {
             notify_outbox_pending: Gauge::default(),
             cardinality_folded: Family::default(),
             cardinality_tracked: Gauge::default(),
+            leader: Family::default(),
+            reloads: Family::default(),
+            keys_truncated: Counter::default(),
+            task_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -194,6 +226,26 @@ impl Metrics {
             "cardinality_tracked_keys",
             "keys the cardinality guard remembers",
             m.cardinality_tracked.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the role's lock (evaluator, notifier), 0 while it stands by; absent before its first try",
+            m.leader.clone(),
+        );
+        registry.register(
+            "reloads",
+            "changed rule and token files seen, by file (rules, tokens) and result (applied, invalid: the previous ones stay)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "keys_truncated",
+            "keys (service, tool, session, model, upstream, ...) longer than their bound, stored cut with a hash suffix",
+            m.keys_truncated.clone(),
+        );
+        registry.register(
+            "background_task_failures",
+            "background tasks (pruner, evaluator, notifier, ...) that died; /readyz answers 503 after one",
+            m.task_failures.clone(),
         );
         Metrics { registry, ..m }
     }

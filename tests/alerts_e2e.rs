@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, TimeZone, Utc};
 use common::spans::{Spans, attr, send};
-use common::{Service, eventually, serve};
+use common::{Service, eventually, serve_ready};
 use serde_json::{Value, json};
 use toolsight::evaluate::engine::Notice;
 use toolsight::evaluate::rules::parse;
@@ -442,26 +442,20 @@ async fn the_live_loop_fires_on_fresh_failures() {
         s.tool("flaky", now, 20, true, vec![]);
     }
     send(&svc, s).await;
-    let mut firing = None;
-    for _ in 0..100 {
+    let a = eventually("LiveErrors to fire", || async {
         let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
             .await
-            .unwrap()
+            .ok()?
             .json()
             .await
-            .unwrap();
-        if let Some(a) = api["alerts"]
-            .as_array()
-            .unwrap()
+            .ok()?;
+        api["alerts"]
+            .as_array()?
             .iter()
             .find(|a| a["alert"] == "LiveErrors" && a["state"] == "firing")
-        {
-            firing = Some(a.clone());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    let a = firing.expect("LiveErrors fires within 20 s");
+            .cloned()
+    })
+    .await;
     assert_eq!(a["labels"]["tool"], "flaky");
     assert_eq!(a["value"], 1.0);
     let rules: Value = reqwest::get(format!("http://{}/api/v1/rules", svc.admin))
@@ -513,12 +507,9 @@ async fn two_replicas_one_evaluator_and_takeover_when_killed() {
     .unwrap();
 
     // A starts alone, creates the database and becomes the evaluator.
-    let a = serve(&config, &[]);
-    let pool = eventually("A to create the database", 20, || async {
-        sqlx::PgPool::connect(&url).await.ok()
-    })
-    .await;
-    let a_lock = eventually("A to lead and evaluate", 20, || async {
+    let a = serve_ready(&config, &[]).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let a_lock = eventually("A to lead and evaluate", || async {
         match lock_holder(&pool).await {
             Some(pid) if last_evaluation(&pool).await.is_some() => Some(pid),
             _ => None,
@@ -527,8 +518,17 @@ async fn two_replicas_one_evaluator_and_takeover_when_killed() {
     .await;
 
     // B joins the same database and stands by: still one lock, still A's.
-    let _b = serve(&config, &[]);
-    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    let b = serve_ready(&config, &[]).await;
+    // B is up and has tried for the lock: it reports standing by.
+    eventually("B to stand by", || async {
+        let text = common::scrape(b.admin).await;
+        (common::sample(&text, "toolsight_leader{role=\"evaluator\"}")? == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        common::metric_value(a.admin, "toolsight_leader{role=\"evaluator\"}").await,
+        1.0
+    );
     let locks: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = hashtext('toolsight-evaluator')::oid
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -541,12 +541,12 @@ async fn two_replicas_one_evaluator_and_takeover_when_killed() {
 
     // A is killed outright; its connection dies with it and B takes over and evaluates.
     drop(a);
-    eventually("B to take over", 20, || async {
+    eventually("B to take over", || async {
         lock_holder(&pool).await.filter(|p| *p != a_lock)
     })
     .await;
     let before = last_evaluation(&pool).await.unwrap();
-    eventually("B to evaluate", 20, || async {
+    eventually("B to evaluate", || async {
         last_evaluation(&pool).await.filter(|t| *t > before)
     })
     .await;
@@ -576,13 +576,10 @@ async fn rule_names(svc: &Service) -> Vec<String> {
 }
 
 async fn wait_for_rules(svc: &Service, want: &[&str]) {
-    for _ in 0..100 {
-        if rule_names(svc).await == want {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("rules never became {want:?}: {:?}", rule_names(svc).await);
+    eventually(&format!("the rules to become {want:?}"), || async {
+        (rule_names(svc).await == want).then_some(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,32 +623,28 @@ async fn rule_files_reload_and_bad_files_keep_the_old_rules() {
             .map(|a| a["alert"].as_str().unwrap().to_owned())
             .collect::<Vec<_>>()
     };
-    for _ in 0..100 {
-        if firing().await == ["First"] {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(firing().await, ["First"]);
+    eventually("First to fire", || async {
+        (firing().await == ["First"]).then_some(())
+    })
+    .await;
 
     // A broken edit is refused: the old rules stay.
     std::fs::write(&path, "groups:\n  - name: r\n    rules: [\n").unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    eventually("the broken rule file to be seen", || async {
+        (svc.metric("toolsight_reloads_total{file=\"rules\",result=\"invalid\"}")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
     assert_eq!(rule_names(&svc).await, ["First"]);
 
     // A valid edit replaces them; the alert of the removed rule goes away.
     std::fs::write(&path, rule("Second")).unwrap();
     wait_for_rules(&svc, &["Second"]).await;
-    for _ in 0..50 {
-        if !firing().await.contains(&"First".to_string()) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(
-        !firing().await.contains(&"First".to_string()),
-        "{:?}",
-        firing().await
-    );
+    eventually("the alert of the removed rule to go away", || async {
+        (!firing().await.contains(&"First".to_string())).then_some(())
+    })
+    .await;
     svc.stop().await.unwrap();
 }

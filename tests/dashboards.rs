@@ -360,7 +360,7 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
     let now = Utc::now();
     seed(&svc, now).await;
     // The live evaluator fires, the notifier queues, delivery fails and retries.
-    common::eventually("a retried notification", 30, || async {
+    common::eventually("a retried notification", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notify_outbox WHERE attempts > 1")
             .fetch_one(&svc.pool)
             .await
@@ -369,7 +369,7 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
     })
     .await;
 
-    common::eventually("the collector's own metrics", 30, || async {
+    common::eventually("the collector's own metrics", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM collector_metrics WHERE metric IN ('toolsight_spans_rejected_total', 'toolsight_spans_dropped_total')",
         )

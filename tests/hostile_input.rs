@@ -285,3 +285,287 @@ async fn a_client_inventing_tool_names_folds_into_overflow() {
     );
     svc.stop().await.unwrap();
 }
+
+/// A tool span of service `service` named `tool`; `n` makes its ids unique.
+fn tool_span(n: u64, tool: &str) -> Span {
+    let mut s = span(n, vec![]);
+    s.attributes[1] = kv("gen_ai.tool.name", tool);
+    s
+}
+
+/// Posts a protobuf export in the background; resolves to its HTTP status.
+fn spawn_pb(svc: &Service, req: ExportTraceServiceRequest) -> tokio::task::JoinHandle<u16> {
+    let url = svc.http_url();
+    tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/x-protobuf")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+}
+
+/// Holds the raw table locked, so the writer stalls on its first batch and everything exported
+/// meanwhile queues up into the next one. Released by dropping or rolling back.
+async fn stall(svc: &Service) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let pool = sqlx::PgPool::connect(&svc.database_url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tool_calls IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+async fn queued(svc: &Service, rows: f64) {
+    common::eventually(&format!("{rows} rows queued"), || async {
+        (svc.metric("toolsight_queue_depth_rows").await == rows).then_some(())
+    })
+    .await
+}
+
+/// Bystanders' exports of 10 spans each, ids from `first`.
+fn bystanders(svc: &Service, first: u64, n: u64) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..n)
+        .map(|i| {
+            let spans = (0..10)
+                .map(|k| tool_span(first + i * 10 + k, "lookup"))
+                .collect();
+            spawn_pb(svc, request(spans))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_store_alike_share_a_rollup_row_in_one_batch_of_many_clients() {
+    let svc = Service::start_with("hostile_poison_keys", |c| c.ingest.writers = 1).await;
+    let lock = stall(&svc).await;
+    let blocker = spawn_pb(&svc, request(vec![tool_span(1, "lookup")]));
+    queued(&svc, 1.0).await;
+    // NUL is stored as U+FFFD, and two names sharing a long prefix are cut: before their stored
+    // form was decided in one place, the rollup merge failed for the whole batch (every client).
+    let long = "t".repeat(600);
+    let poison = spawn_pb(
+        &svc,
+        request(vec![
+            tool_span(2, "x\0"),
+            tool_span(3, "x\u{FFFD}"),
+            tool_span(4, &format!("{long}a")),
+            tool_span(5, &format!("{long}b")),
+        ]),
+    );
+    let others = bystanders(&svc, 100, 5);
+    queued(&svc, 55.0).await;
+    lock.rollback().await.unwrap();
+    assert_eq!(blocker.await.unwrap(), 200);
+    assert_eq!(poison.await.unwrap(), 200);
+    for b in others {
+        assert_eq!(b.await.unwrap(), 200, "a bystander's export");
+    }
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 55);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
+            .await,
+        55
+    );
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m WHERE tool = E'x\\uFFFD'")
+            .await,
+        2,
+        "x\\0 and x\\uFFFD are one tool"
+    );
+    let long_tools: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT tool FROM tool_calls WHERE tool LIKE 'ttt%' ORDER BY 1",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(long_tools.len(), 2, "cut, but still two tools");
+    assert!(long_tools.iter().all(|t| t.len() <= 256), "{long_tools:?}");
+    assert_eq!(svc.metric("toolsight_keys_truncated_total").await, 2.0);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_the_database_refuses_fails_alone() {
+    let svc = Service::start_with("hostile_poison_batch", |c| c.ingest.writers = 1).await;
+    // Content the database refuses (here a constraint standing for any data error): the batch it
+    // lands in holds five other clients' exports.
+    sqlx::query("ALTER TABLE tool_calls ADD CONSTRAINT no_poison CHECK (tool <> 'poison')")
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+    let lock = stall(&svc).await;
+    let blocker = spawn_pb(&svc, request(vec![tool_span(1, "lookup")]));
+    queued(&svc, 1.0).await;
+    let poison = spawn_pb(
+        &svc,
+        request(vec![tool_span(2, "poison"), tool_span(3, "ok")]),
+    );
+    let others = bystanders(&svc, 100, 5);
+    queued(&svc, 53.0).await;
+    lock.rollback().await.unwrap();
+    assert_eq!(blocker.await.unwrap(), 200);
+    assert_eq!(
+        poison.await.unwrap(),
+        400,
+        "the export at fault: permanent, not retried"
+    );
+    for b in others {
+        assert_eq!(b.await.unwrap(), 200, "a bystander's export is stored");
+    }
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 51);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
+            .await,
+        51
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_garbage_and_bombs_are_invalid_argument_and_counted() {
+    use std::io::Write;
+    let svc = Service::start_with("hostile_grpc_bad", |c| {
+        c.otlp.max_decompressed_bytes = 1 << 20;
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // A gRPC frame: compressed flag, big-endian length, message.
+    let frame = |compressed: bool, msg: &[u8]| {
+        let mut f = vec![u8::from(compressed)];
+        f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        f.extend_from_slice(msg);
+        f
+    };
+    let call = |body: Vec<u8>, gzip: bool| {
+        let mut r = client
+            .post(format!(
+                "http://{}/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                svc.grpc
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if gzip {
+            r = r.header("grpc-encoding", "gzip");
+        }
+        r.body(body).send()
+    };
+    let status = |r: &reqwest::Response| {
+        r.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    // Garbage: not a protobuf message.
+    let r = call(frame(false, &[0xff; 64]), false).await.unwrap();
+    assert_eq!(
+        status(&r).as_deref(),
+        Some("3"),
+        "INVALID_ARGUMENT, not INTERNAL"
+    );
+    // A gzip bomb: 64 MiB of zeros in a few KiB.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![0u8; 64 << 20]).unwrap();
+    let bomb = gz.finish().unwrap();
+    let r = call(frame(true, &bomb), true).await.unwrap();
+    assert_eq!(
+        status(&r).as_deref(),
+        Some("3"),
+        "INVALID_ARGUMENT, not RESOURCE_EXHAUSTED"
+    );
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"malformed\",transport=\"grpc\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"too_large\",transport=\"grpc\"}")
+            .await,
+        1.0
+    );
+    svc.stop().await.unwrap();
+}
+
+/// Sends raw bytes on a new connection to `addr`; returns the stream.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// Reads what the server sends until it closes the connection.
+async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(common::patience(), s.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_lose_their_slot_and_their_connection() {
+    let svc = Service::start_with("hostile_slow", |c| {
+        c.otlp.max_concurrent_exports = 4;
+        c.otlp.body_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    // Four clients declare a 10 MB body and send one byte of it.
+    let head = b"POST /v1/traces HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-protobuf\r\ncontent-length: 10000000\r\n\r\nx";
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(raw(svc.http, head).await);
+    }
+    common::eventually("the slow exports to hold every slot", || async {
+        (svc.metric("toolsight_exports_in_progress").await == 4.0).then_some(())
+    })
+    .await;
+    // Each is cut at the body timeout: 408, connection closed, counted; the slots are free.
+    for s in &mut slow {
+        let answer = read_to_close(s).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"body_timeout\",transport=\"http_protobuf\"}")
+            .await,
+        4.0
+    );
+    still_serving(&svc, 1).await;
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_http1_client_reads_the_status_not_a_broken_pipe() {
+    let svc = Service::start_with("hostile_refused_body", |c| {
+        c.auth.tokens = vec![toolsight::receive::auth::TokenConfig {
+            name: "t".into(),
+            token: toolsight::notify::config::Secret::new("a-token-0123456789"),
+            services: vec![],
+        }];
+    })
+    .await;
+    // A 4 MiB body sent whole without a token: refused before it is read (401), yet the client
+    // can send all of it and then read the answer.
+    let body = vec![0u8; 4 << 20];
+    let mut req = format!(
+        "POST /v1/traces HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    for _ in 0..5 {
+        let mut s = raw(svc.http, &req).await;
+        let answer = read_to_close(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+    svc.stop().await.unwrap();
+}

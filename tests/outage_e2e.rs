@@ -58,21 +58,24 @@ async fn every_acknowledged_span_survives_an_outage_under_load() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = acked.load(Ordering::Relaxed);
-    assert!(before > 0);
+    common::eventually("the first acknowledged exports", || async {
+        (acked.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
 
     // The database goes away for toolsight.
     common::database_outage("outage_load", true).await;
     svc.wait_readyz(503).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(refused.load(Ordering::Relaxed) > 0, "exports were refused");
+    common::eventually("exports to be refused", || async {
+        (refused.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
 
     // It returns; ingest resumes by itself.
     common::database_outage("outage_load", false).await;
     svc.wait_readyz(200).await;
     let resumed_from = acked.load(Ordering::Relaxed);
-    common::eventually("ingest to resume", 30, || async {
+    common::eventually("ingest to resume", || async {
         (acked.load(Ordering::Relaxed) > resumed_from + 100).then_some(())
     })
     .await;

@@ -126,6 +126,12 @@ async fn retried_exports_are_stored_once() {
     // 9 calls, counted once per side, stored once whatever the retries.
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 18);
     assert_eq!(
+        svc.metric("toolsight_records_written_total{kind=\"tool_call\"}")
+            .await,
+        18.0,
+        "what was stored, not what was sent four times"
+    );
+    assert_eq!(
         svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
             .await,
         18
@@ -320,13 +326,10 @@ async fn assert_refused_as_overloaded(svc: &Service, tag: u8) {
 }
 
 async fn wait_for_metric(svc: &Service, series: &str, value: f64) {
-    for _ in 0..200 {
-        if svc.metric(series).await == value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{series} never reached {value}");
+    common::eventually(&format!("{series} to reach {value}"), || async {
+        (svc.metric(series).await == value).then_some(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,8 +216,13 @@ pub async fn run(
     mut ev: Evaluator,
     opts: PgConnectOptions,
     source: RuleSource,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) {
+    let role = metrics
+        .leader
+        .get_or_create(&crate::metrics::RoleLabel { role: "evaluator" })
+        .clone();
     let mut leader: Option<sqlx::PgConnection> = None;
     let mut due: HashMap<usize, DateTime<Utc>> = HashMap::new();
     let mut seen = stamps(&source.files);
@@ -228,7 +233,9 @@ pub async fn run(
             let now_stamps = stamps(&source.files);
             if now_stamps != seen {
                 seen = now_stamps;
-                match load_rules(&source.files) {
+                let loaded = load_rules(&source.files);
+                metrics.reloaded("rules", loaded.is_ok());
+                match loaded {
                     Ok(files) => {
                         if let Ok(mut shared) = source.shared.write() {
                             *shared = files.clone();
@@ -248,7 +255,9 @@ pub async fn run(
             }
         }
         if leader.is_none() {
-            if let Some(conn) = alerts::become_leader(&opts, "toolsight-evaluator").await {
+            let conn = alerts::become_leader(&opts, "toolsight-evaluator").await;
+            role.set(i64::from(conn.is_some()));
+            if let Some(conn) = conn {
                 match ev.restore().await {
                     Ok(n) => tracing::info!(alerts = n, "evaluating alert rules (leader)"),
                     Err(e) => tracing::warn!(error = %e, "restoring alert state failed"),
@@ -260,6 +269,7 @@ pub async fn run(
             // The lock lives with this connection: if it is gone, so is the leadership.
             if !alerts::connection_alive(conn).await {
                 tracing::warn!("lost the evaluator lock connection; standing by");
+                role.set(0);
                 leader = None;
                 continue;
             }

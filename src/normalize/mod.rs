@@ -7,6 +7,7 @@
 pub mod attrs;
 pub mod cardinality;
 pub mod content;
+pub mod keys;
 pub mod ratelimit;
 mod sources;
 
@@ -238,6 +239,8 @@ pub struct Normalized {
     pub dropped: Vec<(DropReason, u64)>,
     /// The first rejection, worded for `partial_success.error_message`.
     pub first_rejection: Option<String>,
+    /// Keys cut to their bound (see [`keys`]).
+    pub keys_cut: u64,
 }
 
 impl Normalized {
@@ -406,6 +409,7 @@ pub fn normalize(
             }
         }
     }
+    out.keys_cut = keys::canonicalize_records(&mut out);
     out
 }
 

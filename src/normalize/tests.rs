@@ -589,3 +589,54 @@ mod synthetic {
         assert_eq!(n.tool_calls[0].tool, "t");
     }
 }
+
+/// Keys enter bounded: a 256 KiB tool name, service name and session id cost their bound, not
+/// their size, in the cardinality guard, the rollups and the database.
+#[test]
+fn huge_keys_are_bounded_where_they_enter() {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+    let kv = |k: &str, v: String| KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v)),
+        }),
+        ..Default::default()
+    };
+    let big = |c: &str| c.repeat(256 << 10);
+    let span = Span {
+        trace_id: vec![1; 16],
+        span_id: vec![2; 8],
+        name: "tools/call x".into(),
+        kind: SpanKind::Server as i32,
+        start_time_unix_nano: 1_700_000_000_000_000_000,
+        end_time_unix_nano: 1_700_000_000_005_000_000,
+        attributes: vec![
+            kv("mcp.method.name", "tools/call".into()),
+            kv("gen_ai.tool.name", big("t")),
+            kv("gen_ai.conversation.id", big("s")),
+        ],
+        ..Default::default()
+    };
+    let req = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", big("v"))],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![span],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let n = run(&req);
+    let call = &n.tool_calls[0];
+    assert!(call.tool.len() <= keys::MAX_NAME_BYTES && call.tool.starts_with("ttt"));
+    assert!(call.span.service.len() <= keys::MAX_NAME_BYTES);
+    assert!(call.session_key.len() <= keys::MAX_SESSION_BYTES);
+    assert_eq!(call.session_source, SessionSource::ConversationId);
+    assert_eq!(n.keys_cut, 3);
+}

@@ -215,10 +215,16 @@ pub async fn run(
     let mut notifier = Notifier::new(pool.clone(), &settings);
     let wake = Arc::new(tokio::sync::Notify::new());
     let mut leader: Option<(sqlx::PgConnection, CancellationToken)> = None;
+    let role = metrics
+        .leader
+        .get_or_create(&crate::metrics::RoleLabel { role: "notifier" })
+        .clone();
     loop {
         match leader.as_mut() {
             None => {
-                if let Some(conn) = alerts::become_leader(&opts, "toolsight-notifier").await {
+                let conn = alerts::become_leader(&opts, "toolsight-notifier").await;
+                role.set(i64::from(conn.is_some()));
+                if let Some(conn) = conn {
                     match notifier.restore().await {
                         Ok(n) => tracing::info!(
                             groups = n,
@@ -253,6 +259,7 @@ pub async fn run(
             Some((conn, deliver)) => {
                 if !alerts::connection_alive(conn).await {
                     tracing::warn!("lost the notifier lock connection; standing by");
+                    role.set(0);
                     deliver.cancel();
                     leader = None;
                     continue;

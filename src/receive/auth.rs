@@ -59,6 +59,31 @@ pub fn same_token(presented: &str, secret: &str) -> bool {
     constant_time_eq::constant_time_eq_32(&digest(presented), &digest(secret))
 }
 
+/// Shortest token accepted.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// The rules every ingest token follows, wherever it is configured (inline, the token file, on
+/// every reload): at least [`MIN_TOKEN_CHARS`] characters, and never the admin token. `origin`
+/// names where the tokens come from in the messages (`auth.tokens`, the file's path).
+pub fn check_tokens(tokens: &[TokenConfig], origin: &str, admin: Option<&Secret>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.token.expose().chars().count() < MIN_TOKEN_CHARS {
+            problems.push(format!(
+                "{origin}[{i}] ({}): tokens must be at least {MIN_TOKEN_CHARS} characters",
+                t.name
+            ));
+        }
+        if admin.is_some_and(|a| *a == t.token) {
+            problems.push(format!(
+                "{origin}[{i}] ({}): must differ from auth.admin_token",
+                t.name
+            ));
+        }
+    }
+    problems
+}
+
 fn pattern(p: &str) -> regex::Regex {
     let re = format!("^{}$", regex::escape(p).replace(r"\*", ".*"));
     regex::Regex::new(&re).unwrap_or_else(|_| regex::Regex::new("^$").expect("valid"))
@@ -136,6 +161,7 @@ pub enum AuthFailure {
 pub struct Auth {
     required: bool,
     configured: Vec<TokenConfig>,
+    admin: Option<Secret>,
     file: Option<PathBuf>,
     entries: RwLock<Arc<Vec<Entry>>>,
 }
@@ -146,17 +172,24 @@ impl Auth {
         Auth {
             required: false,
             configured: Vec::new(),
+            admin: None,
             file: None,
             entries: RwLock::new(Arc::new(Vec::new())),
         }
     }
 
     /// Tokens from the configuration and, if given, a token file. Authentication is required
-    /// as soon as either is configured.
-    pub fn new(configured: Vec<TokenConfig>, file: Option<PathBuf>) -> Result<Auth, String> {
+    /// as soon as either is configured. Every token follows [`check_tokens`] (`admin` is the
+    /// admin token, which no ingest token may equal).
+    pub fn new(
+        configured: Vec<TokenConfig>,
+        file: Option<PathBuf>,
+        admin: Option<Secret>,
+    ) -> Result<Auth, String> {
         let auth = Auth {
             required: !configured.is_empty() || file.is_some(),
             configured,
+            admin,
             file,
             entries: RwLock::new(Arc::new(Vec::new())),
         };
@@ -164,11 +197,8 @@ impl Auth {
         Ok(auth)
     }
 
-    pub fn is_required(&self) -> bool {
-        self.required
-    }
-
-    /// Reads the token file again (and the configured tokens); on error the tokens in force stay.
+    /// Reads the token file again (and the configured tokens); on error (unreadable, not
+    /// parsable, or a token breaking [`check_tokens`]) the tokens in force stay.
     pub fn reload(&self) -> Result<usize, String> {
         let mut all = self.configured.clone();
         if let Some(path) = &self.file {
@@ -176,6 +206,14 @@ impl Auth {
                 .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
             let f: TokenFile = toml::from_str(&text)
                 .map_err(|e| format!("token file {}: {}", path.display(), e.message()))?;
+            let problems = check_tokens(
+                &f.tokens,
+                &format!("token file {}: tokens", path.display()),
+                self.admin.as_ref(),
+            );
+            if !problems.is_empty() {
+                return Err(problems.join("; "));
+            }
             all.extend(f.tokens);
         }
         let list = entries(&all);
@@ -208,7 +246,11 @@ impl Auth {
     }
 
     /// Re-reads the token file when it changes (checked every 2 s) until `stop`.
-    pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self: Arc<Self>,
+        metrics: Arc<crate::metrics::Metrics>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let Some(path) = self.file.clone() else {
             return;
         };
@@ -224,7 +266,9 @@ impl Auth {
             let now = stamp(&path);
             if now != seen {
                 seen = now;
-                match self.reload() {
+                let result = self.reload();
+                metrics.reloaded("tokens", result.is_ok());
+                match result {
                     Ok(n) => tracing::info!(tokens = n, "ingest tokens reloaded"),
                     Err(e) => {
                         tracing::warn!(error = %e, "token file changed but cannot be used; keeping the previous tokens")
@@ -255,6 +299,7 @@ mod tests {
                 token("ops", "s3cret-ops", &[]),
             ],
             None,
+            None,
         )
         .unwrap();
         assert_eq!(auth.authenticate(None).unwrap_err(), AuthFailure::Missing);
@@ -281,15 +326,48 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("toolsight-tokens-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokens.toml");
-        std::fs::write(&path, "[[tokens]]\nname = \"a\"\ntoken = \"tok-a\"\n").unwrap();
-        let auth = Auth::new(Vec::new(), Some(path.clone())).unwrap();
-        assert!(auth.authenticate(Some("Bearer tok-a")).is_ok());
-        std::fs::write(&path, "[[tokens]]\nname = \"b\"\ntoken = \"tok-b\"\n").unwrap();
+        let (a, b) = ("tok-a-0123456789", "tok-b-0123456789");
+        std::fs::write(
+            &path,
+            format!("[[tokens]]\nname = \"a\"\ntoken = \"{a}\"\n"),
+        )
+        .unwrap();
+        let admin = Some(Secret::new("admin-token-0123456789"));
+        let auth = Auth::new(Vec::new(), Some(path.clone()), admin.clone()).unwrap();
+        assert!(auth.authenticate(Some(&format!("Bearer {a}"))).is_ok());
+        std::fs::write(
+            &path,
+            format!("[[tokens]]\nname = \"b\"\ntoken = \"{b}\"\n"),
+        )
+        .unwrap();
         auth.reload().unwrap();
-        assert!(auth.authenticate(Some("Bearer tok-a")).is_err());
-        assert!(auth.authenticate(Some("Bearer tok-b")).is_ok());
+        assert!(auth.authenticate(Some(&format!("Bearer {a}"))).is_err());
+        assert!(auth.authenticate(Some(&format!("Bearer {b}"))).is_ok());
         std::fs::write(&path, "[[tokens]]\nnome = \"c\"\n").unwrap();
         assert!(auth.reload().is_err());
-        assert!(auth.authenticate(Some("Bearer tok-b")).is_ok(), "kept");
+        assert!(
+            auth.authenticate(Some(&format!("Bearer {b}"))).is_ok(),
+            "kept"
+        );
+        // The token rules hold for the file as for inline tokens, on every reload.
+        for bad in ["abc", "admin-token-0123456789"] {
+            std::fs::write(
+                &path,
+                format!("[[tokens]]\nname = \"c\"\ntoken = \"{bad}\"\n"),
+            )
+            .unwrap();
+            let err = auth.reload().unwrap_err();
+            assert!(
+                err.contains("at least 16 characters")
+                    || err.contains("must differ from auth.admin_token"),
+                "{err}"
+            );
+            assert!(auth.authenticate(Some(&format!("Bearer {bad}"))).is_err());
+            assert!(
+                auth.authenticate(Some(&format!("Bearer {b}"))).is_ok(),
+                "kept"
+            );
+            assert!(Auth::new(Vec::new(), Some(path.clone()), admin.clone()).is_err());
+        }
     }
 }

@@ -69,20 +69,33 @@ impl TraceService for Receiver {
     }
 }
 
-/// tonic refuses a message over the decoding limit with OUT_OF_RANGE, which OTLP lists as
-/// retryable: the exporter would send the same oversized request again and again. It is a
-/// permanent error, INVALID_ARGUMENT, like the HTTP receiver's 413.
-fn out_of_range_is_permanent<B>(mut resp: http::Response<B>) -> http::Response<B> {
-    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
-    if resp
+/// tonic answers a request it cannot decode itself, before the handler runs: INTERNAL for a
+/// garbage or truncated message or a broken compressed body, OUT_OF_RANGE for a message over the
+/// decoding limit, RESOURCE_EXHAUSTED for a compressed one that decodes over it. OTLP exporters
+/// retry OUT_OF_RANGE and RESOURCE_EXHAUSTED (the same bad request again and again) and the
+/// handler never answers any of the three, so each is the client's permanent error here:
+/// INVALID_ARGUMENT, counted like the HTTP receiver's 400 and 413.
+fn decode_errors_are_permanent<B>(
+    ingest: &Ingest,
+    mut resp: http::Response<B>,
+) -> http::Response<B> {
+    let Some(code) = resp
         .headers()
         .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
-    {
-        let code = (tonic::Code::InvalidArgument as i32).to_string();
-        if let Ok(v) = http::HeaderValue::from_str(&code) {
-            resp.headers_mut().insert("grpc-status", v);
-        }
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return resp;
+    };
+    let result = match tonic::Code::from_i32(code) {
+        tonic::Code::Internal => "malformed",
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
+        _ => return resp,
+    };
+    ingest.count_export(TRANSPORT, result);
+    let code = (tonic::Code::InvalidArgument as i32).to_string();
+    if let Ok(v) = http::HeaderValue::from_str(&code) {
+        resp.headers_mut().insert("grpc-status", v);
     }
     resp
 }
@@ -96,6 +109,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let gate = ingest.clone();
+    let counted = ingest.clone();
     let service = TraceServiceServer::new(Receiver { ingest })
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
@@ -127,9 +141,9 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     builder
-        .layer(tower::util::MapResponseLayer::new(
-            out_of_range_is_permanent,
-        ))
+        .layer(tower::util::MapResponseLayer::new(move |resp| {
+            decode_errors_are_permanent(&counted, resp)
+        }))
         // OTLP exports are large (a 1000-span request is hundreds of KiB): with HTTP/2's default
         // 64 KiB windows a client waits for a window update every 64 KiB.
         .initial_stream_window_size(Some(4 << 20))

@@ -26,7 +26,15 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest request body after decompression.
     pub max_decoded_bytes: usize,
+    /// Time to receive a whole body once the headers are in.
+    pub body_timeout: std::time::Duration,
 }
+
+/// A refused request's body is read and thrown away (at most this much, for at most
+/// [`DISCARD_TIME`]) before the answer, so an HTTP/1.1 client still sending it reads the 503
+/// instead of a broken pipe.
+const DISCARD_BYTES: usize = 64 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The body format of an OTLP/HTTP export.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -78,34 +86,100 @@ pub fn router(ingest: Arc<Ingest>, limits: Limits) -> Router {
 
 async fn admit(
     State(state): State<AppState>,
-    mut req: axum::extract::Request,
+    req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if req.method() != axum::http::Method::POST {
         return next.run(req).await; // 405 from the router
     }
-    let format = match format_of(req.headers()) {
+    let (mut parts, body) = req.into_parts();
+    let format = match format_of(&parts.headers) {
         Ok(f) => f,
         // Answered in protobuf, the OTLP default, when the client's type is not ours.
-        Err(e) => return error_response(&state, Format::Protobuf, e),
+        Err(e) => return refuse(&state, Format::Protobuf, e, body).await,
     };
-    let authorization = req
-        .headers()
+    let authorization = parts
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let principal = match state.ingest.authenticate(authorization) {
         Ok(p) => p,
-        Err(e) => return error_response(&state, format, e),
+        Err(e) => return refuse(&state, format, e, body).await,
     };
-    match state.ingest.admit() {
-        // Held until the response is ready.
-        Ok(_permit) => {
-            req.extensions_mut().insert(format);
-            req.extensions_mut().insert(principal);
-            next.run(req).await
+    // Held until the response is ready.
+    let _permit = match state.ingest.admit() {
+        Ok(p) => p,
+        Err(e) => return refuse(&state, format, e, body).await,
+    };
+    // The whole body within the time allowed: a client trickling bytes (or sending none) loses
+    // its export slot and its connection instead of holding them.
+    let limit = state.limits.max_body_bytes;
+    let bytes =
+        match tokio::time::timeout(state.limits.body_timeout, axum::body::to_bytes(body, limit))
+            .await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                let e = if too_large {
+                    ReceiveError::TooLarge { limit }
+                } else {
+                    ReceiveError::Malformed(format!("reading the request body: {e}"))
+                };
+                return error_response(&state, format, e);
+            }
+            Err(_) => {
+                let mut resp = error_response(
+                    &state,
+                    format,
+                    ReceiveError::BodyTimeout(state.limits.body_timeout),
+                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        };
+    parts.extensions.insert(format);
+    parts.extensions.insert(principal);
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
+/// Answers a request refused before its body was read, after reading (and dropping) what the
+/// client sends of it, bounded in bytes and time; past the bound the connection is closed.
+async fn refuse(
+    state: &AppState,
+    format: Format,
+    e: ReceiveError,
+    body: axum::body::Body,
+) -> Response {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut read = 0usize;
+    let drained = tokio::time::timeout(DISCARD_TIME, async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                read += data.len();
+                if read > DISCARD_BYTES {
+                    return false;
+                }
+            }
         }
-        Err(e) => error_response(&state, format, e),
+        true
+    })
+    .await
+    .unwrap_or(false);
+    let mut resp = error_response(state, format, e);
+    if !drained {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    resp
 }
 
 fn format_of(headers: &HeaderMap) -> Result<Format, ReceiveError> {

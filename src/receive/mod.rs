@@ -26,14 +26,14 @@ pub enum ReceiveError {
     TooLarge { limit: usize },
     #[error("malformed export request: {0}")]
     Malformed(String),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error(
         "toolsight is overloaded (write queue full or too many exports in progress), retry later"
     )]
     Overloaded,
     #[error("storage unavailable, retry later: {0}")]
     Unavailable(String),
-    #[error("storing the export failed: {0}")]
-    Internal(String),
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("this token may not send spans for service {0:?}")]
@@ -54,8 +54,8 @@ impl ReceiveError {
             ReceiveError::UnsupportedMediaType(_) | ReceiveError::UnsupportedEncoding(_) => 415,
             ReceiveError::TooLarge { .. } => 413,
             ReceiveError::Malformed(_) => 400,
+            ReceiveError::BodyTimeout(_) => 408,
             ReceiveError::Overloaded | ReceiveError::Unavailable(_) => 503,
-            ReceiveError::Internal(_) => 500,
             ReceiveError::Unauthenticated(_) => 401,
             ReceiveError::PermissionDenied(_) => 403,
         }
@@ -67,8 +67,8 @@ impl ReceiveError {
             | ReceiveError::UnsupportedEncoding(_)
             | ReceiveError::Malformed(_) => tonic::Code::InvalidArgument,
             ReceiveError::TooLarge { .. } => tonic::Code::InvalidArgument,
+            ReceiveError::BodyTimeout(_) => tonic::Code::DeadlineExceeded,
             ReceiveError::Overloaded | ReceiveError::Unavailable(_) => tonic::Code::Unavailable,
-            ReceiveError::Internal(_) => tonic::Code::Internal,
             ReceiveError::Unauthenticated(_) => tonic::Code::Unauthenticated,
             ReceiveError::PermissionDenied(_) => tonic::Code::PermissionDenied,
         }
@@ -90,9 +90,9 @@ impl ReceiveError {
             ReceiveError::UnsupportedEncoding(_) => "unsupported_encoding",
             ReceiveError::TooLarge { .. } => "too_large",
             ReceiveError::Malformed(_) => "malformed",
+            ReceiveError::BodyTimeout(_) => "body_timeout",
             ReceiveError::Overloaded => "overloaded",
             ReceiveError::Unavailable(_) => "unavailable",
-            ReceiveError::Internal(_) => "internal_error",
             ReceiveError::Unauthenticated(_) => "unauthenticated",
             ReceiveError::PermissionDenied(_) => "permission_denied",
         }
@@ -227,6 +227,9 @@ impl Ingest {
             .unwrap_or(0);
         let mut records = normalize::normalize(&req, now, &self.options, &self.memory);
         drop(req);
+        if records.keys_cut > 0 {
+            self.metrics.keys_truncated.inc_by(records.keys_cut);
+        }
         let folded = self.guard.apply(&mut records, now);
         for (kind, n) in [
             ("service", folded.services),
@@ -264,13 +267,10 @@ impl Ingest {
         if records.records() > 0 {
             self.writer.submit(records).await.map_err(|e| match e {
                 SubmitError::QueueFull => ReceiveError::Overloaded,
-                e @ (SubmitError::Closed
-                | SubmitError::Store {
-                    retryable: true, ..
-                }) => ReceiveError::Unavailable(e.to_string()),
-                e @ SubmitError::Store {
-                    retryable: false, ..
-                } => ReceiveError::Internal(e.to_string()),
+                e @ (SubmitError::Closed | SubmitError::Unavailable(_)) => {
+                    ReceiveError::Unavailable(e.to_string())
+                }
+                e @ SubmitError::Rejected(_) => ReceiveError::Malformed(e.to_string()),
             })?;
         }
         for (reason, n) in dropped {

@@ -9,6 +9,22 @@ const MAX_NAME_BYTES: usize = 512;
 /// Longest free text stored (redacted copies are already bounded by their own setting).
 const MAX_TEXT_BYTES: usize = 64 * 1024;
 
+/// The text PostgreSQL stores for `s` in a column bounded by `max` bytes: cut at a char boundary,
+/// NUL (which PostgreSQL text cannot hold) as U+FFFD. Keys arrive already in their stored form
+/// (`normalize::keys`), which this leaves unchanged.
+fn stored_text(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let s = &s[..end];
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}").into()
+    } else {
+        s.into()
+    }
+}
+
 /// One COPY ... FROM STDIN (FORMAT binary) payload.
 pub struct CopyBuf {
     buf: Vec<u8>,
@@ -57,16 +73,7 @@ impl CopyBuf {
     /// Text, cut at a char boundary to `max` bytes; NUL (which PostgreSQL text cannot hold)
     /// becomes U+FFFD so one bad string cannot fail a whole batch.
     fn text_max(&mut self, s: &str, max: usize) {
-        let mut end = s.len().min(max);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        let s = &s[..end];
-        if s.contains('\0') {
-            self.bytes(s.replace('\0', "\u{FFFD}").as_bytes());
-        } else {
-            self.bytes(s.as_bytes());
-        }
+        self.bytes(stored_text(s, max).as_bytes());
     }
 
     fn name(&mut self, s: &str) {
@@ -342,4 +349,41 @@ pub fn encode_records<'a>(
             .for_each(|c| bufs[3].upstream_call(c));
     }
     bufs
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::normalize::keys;
+
+    /// The rollups key on the normalized strings and PostgreSQL stores the COPY's text: the two
+    /// agree on every input, so two spans whose keys are stored equal always share one rollup
+    /// row (and one batch can never hold two deltas for the same stored row).
+    #[test]
+    fn a_normalized_key_is_stored_as_it_is() {
+        let parts = ["x", "\0", "\u{FFFD}", "é", "ツ", "a", "_", &"p".repeat(100)];
+        let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut seen: std::collections::HashMap<String, String> = Default::default();
+        for _ in 0..20_000 {
+            let len = (next() % 12) as usize;
+            let raw: String = (0..len)
+                .map(|_| parts[(next() % parts.len() as u64) as usize])
+                .collect();
+            for max in [keys::MAX_NAME_BYTES, keys::MAX_SESSION_BYTES] {
+                let key = keys::canonical(&raw, max);
+                let stored = stored_text(&key, MAX_NAME_BYTES).into_owned();
+                assert_eq!(stored, key, "stored unchanged: {raw:?}");
+                // Equal stored text means equal keys: one rollup row.
+                if let Some(other) = seen.insert(stored.clone(), key.clone()) {
+                    assert_eq!(other, key);
+                }
+            }
+        }
+    }
 }

@@ -42,6 +42,17 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+
+    /// Whether the database refused the data itself (SQLSTATE class 22, data exception, or 23,
+    /// integrity constraint violation) rather than the statement or the connection.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Query(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -100,8 +100,13 @@ impl Policy {
     }
 
     /// The cut-off of a table at `now`.
+    /// Saturates at the earliest representable time: a retention longer than the calendar
+    /// keeps everything rather than failing.
     pub fn before(&self, class: Class, now: DateTime<Utc>) -> DateTime<Utc> {
-        now - chrono::Duration::from_std(self.keep(class)).unwrap_or(chrono::Duration::MAX)
+        chrono::Duration::from_std(self.keep(class))
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
     }
 }
 
@@ -137,4 +142,28 @@ pub async fn prune(
         total += deleted;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retention_longer_than_the_calendar_keeps_everything() {
+        let year = std::time::Duration::from_secs(365 * 86_400);
+        let policy = Policy {
+            raw: year,
+            rollups: year * 300_000,
+            notifications: std::time::Duration::MAX,
+            own_metrics: year,
+            batch_rows: 1,
+        };
+        let now = Utc::now();
+        assert_eq!(policy.before(Class::Rollup, now), DateTime::<Utc>::MIN_UTC);
+        assert_eq!(
+            policy.before(Class::Delivered, now),
+            DateTime::<Utc>::MIN_UTC
+        );
+        assert!(policy.before(Class::Raw, now) < now);
+    }
 }

@@ -48,16 +48,18 @@ pub enum SubmitError {
     QueueFull,
     #[error("writer is shutting down")]
     Closed,
-    #[error("storing failed: {message}")]
-    Store { retryable: bool, message: String },
+    /// The database cannot store it now; the same export may be stored later.
+    #[error("storing failed, retry later: {0}")]
+    Unavailable(String),
+    /// The database refused this export's own content (written alone, it still fails with a
+    /// data error): sending it again cannot succeed.
+    #[error("the database refused the export's content: {0}")]
+    Rejected(String),
 }
 
 impl SubmitError {
     pub fn is_retryable(&self) -> bool {
-        match self {
-            SubmitError::QueueFull | SubmitError::Closed => true,
-            SubmitError::Store { retryable, .. } => *retryable,
-        }
+        !matches!(self, SubmitError::Rejected(_))
     }
 }
 
@@ -143,11 +145,16 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
 
 impl Writer {
     /// Starts the writer tasks on their own pool (`config.writers` connections).
+    /// Returns the handle and one task that ends when every writer has drained the queue and
+    /// stopped (then the writers' pool is closed). The queue ends when every handle is dropped,
+    /// or when `close` is cancelled: from then on submits fail as `Closed` and what is already
+    /// queued is written.
     pub fn spawn(
         opts: &PgConnectOptions,
         config: &WriterConfig,
         metrics: Arc<Metrics>,
-    ) -> (Writer, Vec<JoinHandle<()>>) {
+        close: tokio_util::sync::CancellationToken,
+    ) -> (Writer, JoinHandle<()>) {
         let pool = PgPoolOptions::new()
             .max_connections(config.writers as u32)
             .acquire_timeout(Duration::from_secs(2))
@@ -159,21 +166,33 @@ impl Writer {
         let (tx, rx) = mpsc::channel::<Job>(queue_rows.min(65_536));
         let rx = Arc::new(Mutex::new(rx));
         metrics.queue_capacity_rows.set(queue_rows as i64);
-        let handles = (0..config.writers.max(1))
+        let handles: Vec<JoinHandle<()>> = (0..config.writers.max(1))
             .map(|w| {
                 let (rx, pool, metrics) = (rx.clone(), pool.clone(), metrics.clone());
+                let close = close.clone();
                 let shard = w as i16;
                 let batch_rows = config.batch_rows.max(1);
-                tokio::spawn(async move { run_writer(rx, pool, batch_rows, metrics, shard).await })
+                tokio::spawn(async move {
+                    run_writer(rx, pool, batch_rows, metrics, shard, close).await
+                })
             })
             .collect();
+        // The pool is shared: closed once, after the last writer is done with it.
+        let all = tokio::spawn(async move {
+            for h in handles {
+                if let Err(e) = h.await {
+                    tracing::error!(error = %e, "writer task failed");
+                }
+            }
+            pool.close().await;
+        });
         let writer = Writer {
             tx,
             permits: Arc::new(Semaphore::new(queue_rows)),
             queue_rows,
             metrics,
         };
-        (writer, handles)
+        (writer, all)
     }
 
     /// True when the queue has no room left: new exports can be refused before decoding.
@@ -212,12 +231,22 @@ async fn run_writer(
     batch_rows: usize,
     metrics: Arc<Metrics>,
     shard: i16,
+    close: tokio_util::sync::CancellationToken,
 ) {
     loop {
         let mut jobs = Vec::new();
         {
             let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
+            let next = tokio::select! {
+                biased;
+                job = rx.recv() => job,
+                _ = close.cancelled() => {
+                    // No new exports; what is queued is still written.
+                    rx.close();
+                    rx.recv().await
+                }
+            };
+            let Some(first) = next else {
                 break;
             };
             let mut rows = first.rows;
@@ -239,55 +268,100 @@ async fn run_writer(
             .write_seconds
             .observe(started.elapsed().as_secs_f64());
         metrics.batch_rows.observe(rows as f64);
-        metrics.queue_depth_rows.dec_by(rows as i64);
-        let ack = match result {
-            Ok(()) => {
-                for (kind, n) in kind_counts(&jobs) {
-                    metrics
-                        .records_written
-                        .get_or_create(&KindLabel { kind })
-                        .inc_by(n as u64);
+        let acks: Vec<Result<(), SubmitError>> = match result {
+            Ok(written) => {
+                count_written(&metrics, written);
+                jobs.iter().map(|_| Ok(())).collect()
+            }
+            Err(e) if !e.is_retryable() && jobs.len() > 1 => {
+                // One export's content can fail a whole batch of several clients' exports:
+                // each is written alone, so only the export at fault fails.
+                count_db_error(&metrics, &e);
+                tracing::warn!(error = %e, exports = jobs.len(), rows, "batch write failed; writing its exports one by one");
+                let mut acks = Vec::with_capacity(jobs.len());
+                for job in &jobs {
+                    let alone = std::slice::from_ref(job);
+                    acks.push(match write_with_retry(&pool, alone, shard).await {
+                        Ok(written) => {
+                            count_written(&metrics, written);
+                            Ok(())
+                        }
+                        Err(e) => Err(failed(&metrics, e, job.rows)),
+                    });
                 }
-                Ok(())
+                acks
             }
             Err(e) => {
-                let retryable = e.is_retryable();
-                metrics
-                    .db_errors
-                    .get_or_create(&RetryableLabel {
-                        retryable: if retryable { "true" } else { "false" },
-                    })
-                    .inc();
-                if retryable {
-                    metrics.db_up.set(0);
-                }
-                tracing::warn!(error = %e, retryable, rows, "batch write failed");
-                Err(SubmitError::Store {
-                    retryable,
-                    message: e.to_string(),
-                })
+                let err = failed(&metrics, e, rows);
+                jobs.iter().map(|_| Err(err.clone())).collect()
             }
         };
-        for job in jobs {
+        metrics.queue_depth_rows.dec_by(rows as i64);
+        for (job, ack) in jobs.into_iter().zip(acks) {
             // The exporter may have gone away; its records are committed all the same.
-            let _ = job.ack.send(ack.clone());
+            let _ = job.ack.send(ack);
         }
     }
-    pool.close().await;
 }
 
-fn kind_counts(jobs: &[Job]) -> [(&'static str, usize); 4] {
+const KINDS: [&str; 4] = ["tool_call", "mcp_request", "llm_call", "upstream_call"];
+
+fn count_written(metrics: &Metrics, written: Written) {
+    for (kind, n) in KINDS.into_iter().zip(written) {
+        metrics
+            .records_written
+            .get_or_create(&KindLabel { kind })
+            .inc_by(n as u64);
+    }
+}
+
+fn count_db_error(metrics: &Metrics, e: &StoreError) {
+    let retryable = e.is_retryable();
+    metrics
+        .db_errors
+        .get_or_create(&RetryableLabel {
+            retryable: if retryable { "true" } else { "false" },
+        })
+        .inc();
+    if retryable {
+        metrics.db_up.set(0);
+    }
+}
+
+/// The answer to the exports of a failed write. Only a data error of an export written alone is
+/// the export's fault; anything else (the database down, a schema another replica is migrating)
+/// is answered as retryable, so no exporter drops its data for a fault that is not its own.
+fn failed(metrics: &Metrics, e: StoreError, rows: usize) -> SubmitError {
+    count_db_error(metrics, &e);
+    if e.is_retryable() {
+        tracing::warn!(error = %e, rows, "batch write failed; the exporters will retry");
+        return SubmitError::Unavailable(e.to_string());
+    }
+    if e.is_data_error() {
+        tracing::warn!(error = %e, rows, "an export's content was refused by the database");
+        SubmitError::Rejected(e.to_string())
+    } else {
+        tracing::error!(error = %e, rows, "batch write failed; answering retryable");
+        SubmitError::Unavailable(e.to_string())
+    }
+}
+
+fn kind_counts(jobs: &[Job]) -> Written {
     let sum = |f: fn(&Normalized) -> usize| jobs.iter().map(|j| f(&j.records)).sum();
     [
-        ("tool_call", sum(|r| r.tool_calls.len())),
-        ("mcp_request", sum(|r| r.mcp_requests.len())),
-        ("llm_call", sum(|r| r.llm_calls.len())),
-        ("upstream_call", sum(|r| r.upstream_calls.len())),
+        sum(|r| r.tool_calls.len()),
+        sum(|r| r.mcp_requests.len()),
+        sum(|r| r.llm_calls.len()),
+        sum(|r| r.upstream_calls.len()),
     ]
 }
 
+/// Records written per kind (tool call, MCP request, LLM call, upstream call): the rows a
+/// batch added, not counting spans a retried export had already stored.
+type Written = [usize; 4];
+
 /// Writes a batch; a lost deadlock or serialization conflict is retried twice.
-async fn write_with_retry(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<(), StoreError> {
+async fn write_with_retry(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<Written, StoreError> {
     let mut attempt = 0;
     loop {
         match write_batch(pool, jobs, shard).await {
@@ -321,9 +395,9 @@ async fn copy_in(
 /// when a batch holds a span already stored (a retried export), the unique key refuses the COPY
 /// and the batch is written again through staging tables with `ON CONFLICT DO NOTHING`, counting
 /// in the rollups only the rows that were new.
-async fn write_batch(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<(), StoreError> {
+async fn write_batch(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<Written, StoreError> {
     if jobs.iter().all(|j| j.records.records() == 0) {
-        return Ok(());
+        return Ok([0; 4]);
     }
     let mut conn = pool.acquire().await?;
     match write_fast(&mut conn, jobs, shard).await {
@@ -340,7 +414,7 @@ async fn write_fast(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
     shard: i16,
-) -> Result<(), StoreError> {
+) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
     for (buf, table) in encode_records(jobs).into_iter().zip(RAW_TABLES) {
         if buf.rows() > 0 {
@@ -354,14 +428,14 @@ async fn write_fast(
     }
     merge_rollups(&mut tx, jobs, &mut Inserted::default(), shard).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(kind_counts(jobs))
 }
 
 async fn write_dedup(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
     shard: i16,
-) -> Result<(), StoreError> {
+) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
     let mut sets: [Option<HashSet<Key>>; 4] = Default::default();
     for ((buf, table), set) in encode_records(jobs)
@@ -389,6 +463,9 @@ async fn write_dedup(
                 .collect(),
         );
     }
+    let written = sets
+        .each_ref()
+        .map(|set| set.as_ref().map_or(0, HashSet::len));
     let [tool_calls, mcp_requests, llm_calls, upstream_calls] = sets;
     let mut inserted = Inserted {
         tool_calls,
@@ -398,7 +475,7 @@ async fn write_dedup(
     };
     merge_rollups(&mut tx, jobs, &mut inserted, shard).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(written)
 }
 
 async fn merge_rollups(

@@ -54,19 +54,33 @@ pub async fn database_outage(name: &str, down: bool) {
     admin.close().await;
 }
 
-/// Polls `f` every 100 ms until it returns something; fails the test after `secs` seconds.
+/// How long a test waits for something that should happen. Generous on purpose: on a loaded
+/// machine (a parallel build, the rest of the suite, a Python environment being created) what
+/// usually takes a second can take many. A wait returns as soon as its condition holds, so the
+/// bound costs nothing when things go well. `TOOLSIGHT_TEST_PATIENCE` (seconds) overrides it.
+pub fn patience() -> Duration {
+    std::env::var("TOOLSIGHT_TEST_PATIENCE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(120))
+}
+
+/// Polls `f` every 100 ms until it returns something; fails the test after [`patience`].
 pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
-    secs: u64,
     mut f: impl FnMut() -> F,
 ) -> T {
-    for _ in 0..secs * 10 {
+    let deadline = tokio::time::Instant::now() + patience();
+    loop {
         if let Some(v) = f().await {
             return v;
         }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {:?} waiting for {what}", patience());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("timed out waiting for {what}");
 }
 
 /// A child process, killed (SIGKILL: no graceful shutdown) when dropped.
@@ -95,15 +109,103 @@ pub fn output(cmd: &mut std::process::Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// `toolsight serve --config CONFIG` as a child process, with `env` added.
-pub fn serve(config: &std::path::Path, env: &[(&str, String)]) -> Process {
-    let mut cmd = toolsight();
-    cmd.args(["serve", "--config"])
-        .arg(config)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    Process(cmd.spawn().unwrap())
+/// A port nobody listens on right now (the kernel picks it; released before returning).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `toolsight serve --config CONFIG` running as a child process, ready: its `/readyz` answered
+/// 200, so its database exists and is migrated. Killed (SIGKILL) when dropped.
+pub struct Child {
+    pub process: Process,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    /// The child's stderr (its log).
+    pub log: std::path::PathBuf,
+}
+
+impl Child {
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/traces", self.http)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Starts `toolsight serve --config CONFIG` (with `env` added) on free loopback ports and waits
+/// until it is ready: never a port alone, since the listeners are bound before the database is
+/// created and migrated. Fails the test with the child's log when it exits or is not ready within
+/// [`patience`].
+pub async fn serve_ready(config: &std::path::Path, env: &[(&str, String)]) -> Child {
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    // A free port can be taken by someone else before the child binds it: then try new ones.
+    for _ in 0..3 {
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("serve-{}-{n}.log", std::process::id()));
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let (grpc, http, admin) = (addr(free_port()), addr(free_port()), addr(free_port()));
+        let mut cmd = toolsight();
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("TOOLSIGHT_OTLP__GRPC_LISTEN", grpc.to_string())
+            .env("TOOLSIGHT_OTLP__HTTP_LISTEN", http.to_string())
+            .env("TOOLSIGHT_ADMIN__LISTEN", admin.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = Child {
+            process: Process(cmd.spawn().unwrap()),
+            grpc,
+            http,
+            admin,
+            log,
+        };
+        match child.wait_ready().await {
+            Ok(()) => return child,
+            Err(tail) if tail.contains("cannot listen") => continue,
+            Err(tail) => panic!("toolsight serve did not become ready:\n{tail}"),
+        }
+    }
+    panic!("toolsight serve found no free ports in three tries");
+}
+
+impl Child {
+    /// Polls `/readyz` until it answers 200; the log tail if the child exits or time runs out.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + patience();
+        loop {
+            if let Ok(r) = client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.process.0.try_wait() {
+                return Err(format!("exited ({status}):\n{}", self.log_tail()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "/readyz not 200 after {:?}:\n{}",
+                    patience(),
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 pub struct Service {
@@ -161,7 +263,8 @@ impl Service {
         self.wait_readyz(200).await;
     }
 
-    /// Waits until `/readyz` answers `want` (200 ready, 503 database unreachable), up to 30 s.
+    /// Waits until `/readyz` answers `want` (200 ready, 503 database unreachable), up to
+    /// [`patience`].
     pub async fn wait_readyz(&self, want: u16) {
         toolsight::install_crypto_provider();
         // The admin port may serve TLS (with a test CA): readiness is all this checks.
@@ -169,7 +272,8 @@ impl Service {
             .danger_accept_invalid_certs(true)
             .build()
             .unwrap();
-        for _ in 0..300 {
+        let deadline = tokio::time::Instant::now() + patience();
+        while tokio::time::Instant::now() < deadline {
             for scheme in ["http", "https"] {
                 if let Ok(r) = client
                     .get(format!("{scheme}://{}/readyz", self.admin))
@@ -182,7 +286,7 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("/readyz never answered {want}");
+        panic!("/readyz never answered {want} within {:?}", patience());
     }
 
     pub fn http_url(&self) -> String {
@@ -190,26 +294,12 @@ impl Service {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(self.admin).await
     }
 
     /// The value of one sample line of `/metrics`, e.g. `toolsight_exports_total{result="malformed",transport="http_json"}`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self.metrics().await;
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                labels_match(name, series)
-                    .then(|| value.parse().ok())
-                    .flatten()
-            })
-            .unwrap_or(0.0)
+        metric_value(self.admin, series).await
     }
 
     /// Stops the service (graceful shutdown) and returns its result.
@@ -224,6 +314,31 @@ impl Service {
             .await
             .unwrap()
     }
+}
+
+/// The `/metrics` text of the admin port at `admin` (plain HTTP).
+pub async fn scrape(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one sample of `/metrics` at `admin` (0 when absent); see [`sample`].
+pub async fn metric_value(admin: SocketAddr, series: &str) -> f64 {
+    sample(&scrape(admin).await, series).unwrap_or(0.0)
+}
+
+/// The value of the sample `series` in a `/metrics` text, when present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        labels_match(name, series)
+            .then(|| value.parse().ok())
+            .flatten()
+    })
 }
 
 /// `name{a="1",b="2"}` matches `name{b="2",a="1"}`: label order is not significant.
