@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -132,7 +131,8 @@ pub async fn run(
             ready.clone(),
         )
         .with_auth(auth.clone())
-        .with_cardinality(config.cardinality()),
+        .with_cardinality(config.cardinality())
+        .with_decode_budget(config.otlp.decode_budget_bytes),
     );
 
     let stop = CancellationToken::new();
@@ -172,28 +172,30 @@ pub async fn run(
         )),
     );
     let tls_files = config.tls.files();
-    let grpc_tls = match &tls_files {
-        Some(f) => {
-            let mut t = tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(
-                    crate::tls::read_pem(&f.cert)?,
-                    crate::tls::read_pem(&f.key)?,
-                ),
-            );
-            if let Some(ca) = &f.client_ca {
-                t = t.client_ca_root(tonic::transport::Certificate::from_pem(
-                    crate::tls::read_pem(ca)?,
-                ));
-            }
-            Some(t)
-        }
-        None => None,
+    let acceptor = |verify_clients: bool| -> anyhow::Result<_> {
+        Ok(match &tls_files {
+            Some(f) => Some(tokio_rustls::TlsAcceptor::from(
+                f.server_config(verify_clients)?,
+            )),
+            None => None,
+        })
+    };
+    let connections = crate::listener::fit_descriptors(&config);
+    let otlp_limits = crate::listener::Limits {
+        max_connections: connections,
+        idle_timeout: config.otlp.idle_timeout,
+        handshake_timeout: config.otlp.idle_timeout.min(Duration::from_secs(10)),
+    };
+    let accept = |listener, name, tls, limits| {
+        crate::listener::accept(listener, name, tls, limits, metrics.clone(), stop.clone())
     };
     let grpc = tokio::spawn(receive::grpc::serve(
-        listeners.grpc,
+        accept(listeners.grpc, "grpc", acceptor(true)?, otlp_limits),
         ingest.clone(),
-        config.otlp.max_decompressed_bytes,
-        grpc_tls,
+        receive::grpc::Limits {
+            max_decoded_bytes: config.otlp.max_decompressed_bytes,
+            request_timeout: config.otlp.body_timeout * 2,
+        },
         stop.clone().cancelled_owned(),
     ));
     let http_router = receive::http::router(
@@ -204,21 +206,12 @@ pub async fn run(
             body_timeout: config.otlp.body_timeout,
         },
     );
-    let http = match &tls_files {
-        Some(f) => tokio::spawn(
-            axum::serve(
-                crate::tls::TlsListener::new(listeners.http, f.server_config(true)?)?,
-                http_router,
-            )
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-        ),
-        None => tokio::spawn(
-            axum::serve(listeners.http.tap_io(nodelay), http_router)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        ),
-    };
+    let http = tokio::spawn(crate::listener::serve_http(
+        accept(listeners.http, "http", acceptor(true)?, otlp_limits),
+        http_router,
+        config.otlp.idle_timeout,
+        stop.clone(),
+    ));
     let shared_rules = Arc::new(std::sync::RwLock::new(rule_files.clone()));
     let admin_router = admin::router(AdminState {
         pool: pool.clone(),
@@ -258,22 +251,24 @@ pub async fn run(
             )),
         )
     });
-    // The admin port verifies no client certificates: it has its own token, and probes must reach it.
-    let admin = match tls_files.as_ref().filter(|_| !config.tls.plain_admin) {
-        Some(f) => tokio::spawn(
-            axum::serve(
-                crate::tls::TlsListener::new(listeners.admin, f.server_config(false)?)?,
-                admin_router,
-            )
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-        ),
-        None => tokio::spawn(
-            axum::serve(listeners.admin.tap_io(nodelay), admin_router)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        ),
+    // The admin port verifies no client certificates: it has its own token, and probes must
+    // reach it. Its connections are bounded apart from the OTLP ports', so a flood there leaves
+    // probes and metrics reachable.
+    let admin_tls = if config.tls.plain_admin {
+        None
+    } else {
+        acceptor(false)?
     };
+    let admin_limits = crate::listener::Limits {
+        max_connections: crate::listener::ADMIN_CONNECTIONS,
+        ..otlp_limits
+    };
+    let admin = tokio::spawn(crate::listener::serve_http(
+        accept(listeners.admin, "admin", admin_tls, admin_limits),
+        admin_router,
+        config.otlp.idle_timeout,
+        stop.clone(),
+    ));
     drop(ingest);
     tracing::info!(grpc = %grpc_addr, http = %http_addr, admin = %admin_addr, "toolsight is listening");
 
@@ -296,8 +291,8 @@ pub async fn run(
     {
         Ok((g, h, a)) => {
             g?.context("otlp/grpc server")?;
-            h?.context("otlp/http server")?;
-            a?.context("admin server")?;
+            h?;
+            a?;
         }
         Err(_) => {
             tracing::warn!(
@@ -356,13 +351,6 @@ pub fn supervise(
             }
         }
     })
-}
-
-/// Small responses must not wait for Nagle's algorithm (40 ms with delayed ACKs).
-fn nodelay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
 }
 
 /// Samples the service's own metrics into PostgreSQL (the collector health dashboard reads

@@ -128,6 +128,14 @@ pub struct Otlp {
     /// On shutdown, how long exports in progress may take before their connections are cut.
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
+    /// Estimated decoded memory of all exports in progress, at most; one export may take half.
+    pub decode_budget_bytes: usize,
+    /// Connections open at most on each OTLP port; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// A connection with no byte either way and no export in progress for this long is closed
+    /// (also bounds an HTTP/1.1 client's time to send its headers, and a TLS handshake).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -220,6 +228,9 @@ impl Default for Config {
                 max_concurrent_exports: 64,
                 body_timeout: Duration::from_secs(15),
                 drain_timeout: Duration::from_secs(20),
+                decode_budget_bytes: 512 << 20,
+                max_connections: 4096,
+                idle_timeout: Duration::from_secs(60),
             },
             admin: Admin {
                 listen: "127.0.0.1:9464".parse().expect("valid default"),
@@ -353,6 +364,9 @@ impl Config {
                     .get("otlp.max_concurrent_exports", d.otlp.max_concurrent_exports),
                 body_timeout: l.duration("otlp.body_timeout", d.otlp.body_timeout),
                 drain_timeout: l.duration("otlp.drain_timeout", d.otlp.drain_timeout),
+                decode_budget_bytes: l.get("otlp.decode_budget_bytes", d.otlp.decode_budget_bytes),
+                max_connections: l.get("otlp.max_connections", d.otlp.max_connections),
+                idle_timeout: l.duration("otlp.idle_timeout", d.otlp.idle_timeout),
             },
             admin: Admin {
                 listen: l.get("admin.listen", d.admin.listen),
@@ -460,6 +474,15 @@ impl Config {
                 "ingest.queue_rows: {} is smaller than ingest.batch_rows ({})",
                 self.ingest.queue_rows, self.ingest.batch_rows
             ));
+        }
+        if self.otlp.decode_budget_bytes < 1 << 20 {
+            p.push("otlp.decode_budget_bytes: must be at least 1 MiB (1048576)".into());
+        }
+        if self.otlp.max_connections == 0 {
+            p.push("otlp.max_connections: must be at least 1".into());
+        }
+        if self.otlp.idle_timeout.is_zero() {
+            p.push("otlp.idle_timeout: must be more than 0s".into());
         }
         if self.otlp.body_timeout.is_zero() {
             p.push("otlp.body_timeout: must be more than 0s".into());

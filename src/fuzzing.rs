@@ -251,7 +251,7 @@ fn spans_of(n: &Normalized) -> impl Iterator<Item = &normalize::SpanRef> {
 fn check_guard(n: &mut Normalized, now: i64) {
     let guard = cardinality::Guard::new(LIMITS);
     let before = n.records();
-    guard.apply(n, now);
+    guard.apply(n, now, "anyone");
     assert_eq!(n.records(), before, "the guard removed records");
 
     let services: HashSet<&str> = spans_of(n).map(|s| s.service.as_str()).collect();

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod evaluate;
 pub mod fuzzing;
+pub mod listener;
 pub mod loadgen;
 pub mod metrics;
 pub mod normalize;

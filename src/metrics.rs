@@ -51,6 +51,17 @@ pub struct TaskLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabel {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabel {
     pub role: &'static str,
 }
@@ -87,6 +98,8 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabel, Counter>,
     pub keys_truncated: Counter,
     pub task_failures: Family<TaskLabel, Counter>,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub connections_closed: Family<ConnLabel, Counter>,
 }
 
 impl Metrics {
@@ -125,6 +138,8 @@ impl Metrics {
             reloads: Family::default(),
             keys_truncated: Counter::default(),
             task_failures: Family::default(),
+            connections_open: Family::default(),
+            connections_closed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -246,6 +261,16 @@ impl Metrics {
             "background_task_failures",
             "background tasks (pruner, evaluator, notifier, ...) that died; /readyz answers 503 after one",
             m.task_failures.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "connections open, by listener (grpc, http, admin)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "connections closed by toolsight, by listener and reason (limit, idle, handshake_timeout, handshake_failed)",
+            m.connections_closed.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -309,12 +309,13 @@ fn spawn_pb(svc: &Service, req: ExportTraceServiceRequest) -> tokio::task::JoinH
     })
 }
 
-/// Holds the raw table locked, so the writer stalls on its first batch and everything exported
-/// meanwhile queues up into the next one. Released by dropping or rolling back.
+/// Holds the raw table locked against writes (reads go on: the evaluator and the readiness probe
+/// keep working), so the writer stalls on its first batch and everything exported meanwhile
+/// queues up into the next one. Released by dropping or rolling back.
 async fn stall(svc: &Service) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let pool = sqlx::PgPool::connect(&svc.database_url).await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE tool_calls IN ACCESS EXCLUSIVE MODE")
+    sqlx::query("LOCK TABLE tool_calls IN SHARE MODE")
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -567,5 +568,174 @@ async fn a_refused_http1_client_reads_the_status_not_a_broken_pipe() {
         let answer = read_to_close(&mut s).await;
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     }
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_on_every_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let svc = Service::start_with("hostile_idle", |c| {
+        c.otlp.idle_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let mut conns = Vec::new();
+    // Nothing sent, on each port.
+    for addr in [svc.http, svc.grpc, svc.admin] {
+        for _ in 0..20 {
+            conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+    }
+    // The HTTP/2 preface and nothing more, on the gRPC port.
+    for _ in 0..20 {
+        conns.push(raw(svc.grpc, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await);
+    }
+    // A finished HTTP/1.1 request on a kept-alive connection.
+    let mut kept = raw(svc.admin, b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    let mut first = [0u8; 12];
+    kept.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    conns.push(kept);
+    for c in &mut conns {
+        let _ = read_to_close(c).await;
+    }
+    for (listener, n) in [("http", 20.0), ("grpc", 40.0), ("admin", 21.0)] {
+        assert_eq!(
+            svc.metric(&format!(
+                "toolsight_connections_closed_total{{listener=\"{listener}\",reason=\"idle\"}}"
+            ))
+            .await,
+            n,
+            "{listener}"
+        );
+    }
+    // An export in progress is not idle: a request whose answer takes longer than the idle
+    // timeout (the writer is stalled) still gets it.
+    let lock = stall(&svc).await;
+    let slow = spawn_pb(&svc, request(vec![span(1, vec![])]));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    lock.rollback().await.unwrap();
+    assert_eq!(slow.await.unwrap(), 200);
+    let mut s = raw(svc.http, b"").await;
+    s.shutdown().await.ok();
+    still_serving(&svc, 2).await;
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_bound_keeps_the_admin_port_and_recovers() {
+    let svc = Service::start_with("hostile_conn_limit", |c| {
+        c.otlp.max_connections = 10;
+        c.otlp.idle_timeout = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(tokio::net::TcpStream::connect(svc.http).await.unwrap());
+    }
+    common::eventually("10 open connections", || async {
+        (svc.metric("toolsight_connections_open{listener=\"http\"}")
+            .await
+            == 10.0)
+            .then_some(())
+    })
+    .await;
+    // The 11th is closed at once and counted; the admin port answers all the same.
+    let mut extra = tokio::net::TcpStream::connect(svc.http).await.unwrap();
+    assert_eq!(read_to_close(&mut extra).await, "");
+    assert_eq!(
+        svc.metric("toolsight_connections_closed_total{listener=\"http\",reason=\"limit\"}")
+            .await,
+        1.0
+    );
+    let ready = reqwest::get(format!("http://{}/readyz", svc.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    // The held connections go idle and are closed; exports are served again.
+    for c in &mut held {
+        let _ = read_to_close(c).await;
+    }
+    still_serving(&svc, 3).await;
+    svc.stop().await.unwrap();
+}
+
+/// The resident memory of this process (the service runs in it), in MiB.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+/// An export of `n` empty spans: 2 bytes each on the wire.
+fn empty_spans(n: usize) -> Vec<u8> {
+    let mut scope = Vec::with_capacity(n * 2);
+    for _ in 0..n {
+        scope.extend_from_slice(&[0x12, 0x00]); // ScopeSpans.spans: an empty Span
+    }
+    let nest = |tag: u8, inner: Vec<u8>| {
+        let mut out = vec![tag];
+        prost::encoding::encode_varint(inner.len() as u64, &mut out);
+        out.extend(inner);
+        out
+    };
+    // ExportTraceServiceRequest.resource_spans(1) → ResourceSpans.scope_spans(2) → spans.
+    nest(0x0a, nest(0x12, scope))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_that_decode_huge_are_refused_before_decoding() {
+    use std::io::Write;
+    let svc = Service::start_with("hostile_amplification", |c| {
+        c.otlp.max_request_bytes = 8 << 20;
+        c.otlp.max_decompressed_bytes = 16 << 20;
+        // One export may take 32 MiB decoded.
+        c.otlp.decode_budget_bytes = 64 << 20;
+    })
+    .await;
+    // 200,000 empty spans (400 KB on the wire) for gRPC: over the 32 MiB once decoded.
+    let grpc_req = ExportTraceServiceRequest::decode(empty_spans(200_000).as_slice()).unwrap();
+    let before = rss_mib();
+    // 8 MiB of empty spans (4 million), gzipped to a few KiB: gigabytes once decoded.
+    let body = empty_spans(4 << 20);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&body).unwrap();
+    let gz = gz.finish().unwrap();
+    assert!(gz.len() < 64 << 10, "{}", gz.len());
+    let send = || {
+        reqwest::Client::new()
+            .post(svc.http_url())
+            .header("content-type", "application/x-protobuf")
+            .header("content-encoding", "gzip")
+            .body(gz.clone())
+            .send()
+    };
+    let (a, b) = tokio::join!(send(), send());
+    for r in [a.unwrap(), b.unwrap()] {
+        assert_eq!(r.status(), 413, "{:?}", r.text().await);
+    }
+    // The same over gRPC, gzip-compressed.
+    let mut client = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_encoding_message_size(64 << 20);
+    let err = client.export(grpc_req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let after = rss_mib();
+    // Before the budget, one such export took the process past 800 MiB.
+    assert!(
+        after < before + 200,
+        "RSS grew from {before} MiB to {after} MiB"
+    );
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"too_large\",transport=\"http_protobuf\"}")
+            .await,
+        2.0
+    );
+    still_serving(&svc, 5).await;
     svc.stop().await.unwrap();
 }

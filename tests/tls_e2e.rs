@@ -22,8 +22,8 @@ struct Pki {
 }
 
 /// A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, as PEM files.
-fn pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!("toolsight-tls-{}", std::process::id()));
+fn pki(name: &str) -> Pki {
+    let dir = std::env::temp_dir().join(format!("toolsight-tls-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -63,7 +63,7 @@ fn body() -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_over_tls_with_client_certificates() {
     toolsight::install_crypto_provider();
-    let p = pki();
+    let p = pki("mtls");
     let dir = p.dir.clone();
     let svc = Service::start_with("tls", move |c| {
         c.tls.cert_file = Some(dir.join("server.pem"));
@@ -132,5 +132,61 @@ async fn otlp_over_tls_with_client_certificates() {
         .await
         .unwrap();
     assert_eq!(admin.status(), 200);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_handshake_stall_nobody_and_are_closed() {
+    toolsight::install_crypto_provider();
+    let p = pki("stall");
+    let dir = p.dir.clone();
+    let svc = Service::start_with("tls_stall", move |c| {
+        c.tls.cert_file = Some(dir.join("server.pem"));
+        c.tls.key_file = Some(dir.join("server.key"));
+        c.tls.client_ca_file = Some(dir.join("ca.pem"));
+        c.otlp.idle_timeout = std::time::Duration::from_secs(60);
+        // Metrics read in plain text.
+        c.tls.plain_admin = true;
+    })
+    .await;
+    // 300 TCP connections on each OTLP port that never start a handshake.
+    let mut idle = Vec::new();
+    for port in [svc.http, svc.grpc] {
+        for _ in 0..300 {
+            idle.push(tokio::net::TcpStream::connect(port).await.unwrap());
+        }
+    }
+    let ca = reqwest::Certificate::from_pem(p.ca.as_bytes()).unwrap();
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", p.client_cert, p.client_key).as_bytes())
+            .unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .identity(identity)
+        .build()
+        .unwrap();
+    let r = client
+        .post(format!("https://localhost:{}/v1/traces", svc.http.port()))
+        .header("content-type", "application/json")
+        .body(body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The export did not wait for the stalled handshakes to time out: none has yet.
+    let timed_out = |listener: &str| {
+        format!(
+            "toolsight_connections_closed_total{{listener=\"{listener}\",reason=\"handshake_timeout\"}}"
+        )
+    };
+    assert_eq!(svc.metric(&timed_out("http")).await, 0.0);
+    // Each stalled handshake is closed at its deadline, on both ports.
+    for (listener, n) in [("http", 300.0), ("grpc", 300.0)] {
+        common::eventually(&format!("{listener} handshakes to time out"), || async {
+            (svc.metric(&timed_out(listener)).await == n).then_some(())
+        })
+        .await;
+    }
+    drop(idle);
     svc.stop().await.unwrap();
 }

@@ -1,5 +1,7 @@
 //! The cardinality guard: a bound on the distinct services, the distinct tools (and methods,
-//! models, upstreams) per service, and the sessions tracked per hour. Session keys that are a
+//! models, upstreams) per service, and the sessions tracked per hour. The service and session
+//! budgets are per scope (the ingest token that sent the export), so one tenant exhausting its
+//! budget folds only its own keys. Session keys that are a
 //! trace id (no session attribute was sent) are one per trace by construction and pass freely:
 //! they are never tracked, and folding them would merge unrelated traces into one "session".
 //! New keys beyond a bound fold into [`OVERFLOW`] and are counted, so a misbehaving client (a
@@ -18,10 +20,11 @@ const HOUR_NANOS: i64 = 3_600_000_000_000;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Per scope (ingest token).
     pub max_services: usize,
     /// Per service, for each of tools, MCP methods, models and upstreams.
     pub max_keys_per_service: usize,
-    /// Distinct session keys per hour, across services.
+    /// Distinct session keys per hour, per scope (ingest token), across its services.
     pub max_sessions_per_hour: usize,
 }
 
@@ -54,11 +57,17 @@ struct ServiceKeys {
 #[derive(Default)]
 struct State {
     services: HashMap<String, ServiceKeys>,
-    /// Sessions of this hour and the previous one.
-    sessions: [HashSet<String>; 2],
+    /// Per scope: the services it brought in, and its sessions of this hour and the previous one.
+    scopes: HashMap<String, Scope>,
     hour: i64,
     /// Services plus their keys, kept as they are added (the gauge is read on every export).
     keys: usize,
+}
+
+#[derive(Default)]
+struct Scope {
+    services: usize,
+    sessions: [HashSet<String>; 2],
 }
 
 pub struct Guard {
@@ -94,22 +103,26 @@ fn admit_key(
     }
 }
 
-/// The keys of `name`'s service, folding the service into [`OVERFLOW`] when there is no room.
-/// Known services cost one lookup and no allocation.
+/// The keys of `name`'s service, folding the service into [`OVERFLOW`] when the scope that
+/// sends it has no room left. Known services cost one lookup and no allocation.
 fn service_keys<'a>(
     services: &'a mut HashMap<String, ServiceKeys>,
+    scope: &mut Scope,
     name: &mut String,
     l: &Limits,
     folded: &mut Folded,
     added: &mut usize,
 ) -> &'a mut ServiceKeys {
     if !services.contains_key(name.as_str()) {
-        if services.len() >= l.max_services {
+        if scope.services >= l.max_services {
             *name = OVERFLOW.to_owned();
             folded.services += 1;
         }
         if !services.contains_key(name.as_str()) {
             *added += 1;
+            if name != OVERFLOW {
+                scope.services += 1;
+            }
             services.insert(name.clone(), ServiceKeys::default());
         }
     }
@@ -139,12 +152,17 @@ impl Guard {
 
     /// Keys tracked now (services, per-service keys, sessions), for a gauge.
     pub fn tracked(&self) -> usize {
-        self.state
-            .lock()
-            .map_or(0, |s| s.keys + s.sessions[0].len() + s.sessions[1].len())
+        self.state.lock().map_or(0, |s| {
+            s.keys
+                + s.scopes
+                    .values()
+                    .map(|c| c.sessions[0].len() + c.sessions[1].len())
+                    .sum::<usize>()
+        })
     }
 
-    pub fn apply(&self, n: &mut Normalized, now_nanos: i64) -> Folded {
+    /// Folds the keys of `n`, sent under `scope` (the ingest token's name), beyond the bounds.
+    pub fn apply(&self, n: &mut Normalized, now_nanos: i64, scope: &str) -> Folded {
         let l = self.limits;
         let mut folded = Folded::default();
         let Ok(mut st) = self.state.lock() else {
@@ -152,40 +170,44 @@ impl Guard {
         };
         let hour = now_nanos.div_euclid(HOUR_NANOS);
         if hour != st.hour {
-            let current = std::mem::take(&mut st.sessions[0]);
-            st.sessions[1] = if hour == st.hour + 1 {
-                current
-            } else {
-                HashSet::new()
-            };
+            let next = hour == st.hour + 1;
+            for s in st.scopes.values_mut() {
+                let current = std::mem::take(&mut s.sessions[0]);
+                s.sessions[1] = if next { current } else { HashSet::new() };
+            }
             st.hour = hour;
         }
         let State {
             services,
-            sessions,
+            scopes,
             keys: added,
             ..
         } = &mut *st;
+        // Scopes are the configured tokens (or "anyone"): a bounded set.
+        if !scopes.contains_key(scope) {
+            scopes.insert(scope.to_owned(), Scope::default());
+        }
+        let scope = scopes.get_mut(scope).expect("inserted above");
         for c in &mut n.tool_calls {
-            let keys = service_keys(services, &mut c.span.service, &l, &mut folded, added);
+            let keys = service_keys(services, scope, &mut c.span.service, &l, &mut folded, added);
             admit_key(&mut keys.tools, &mut c.tool, &l, &mut folded, added);
             if c.session_source != SessionSource::TraceId {
-                session(sessions, &mut c.session_key, &l, &mut folded);
+                session(&mut scope.sessions, &mut c.session_key, &l, &mut folded);
             }
         }
         for r in &mut n.mcp_requests {
-            let keys = service_keys(services, &mut r.span.service, &l, &mut folded, added);
+            let keys = service_keys(services, scope, &mut r.span.service, &l, &mut folded, added);
             admit_key(&mut keys.methods, &mut r.method, &l, &mut folded, added);
         }
         for c in &mut n.llm_calls {
-            let keys = service_keys(services, &mut c.span.service, &l, &mut folded, added);
+            let keys = service_keys(services, scope, &mut c.span.service, &l, &mut folded, added);
             admit_key(&mut keys.models, &mut c.model, &l, &mut folded, added);
             if c.session_source != SessionSource::TraceId {
-                session(sessions, &mut c.session_key, &l, &mut folded);
+                session(&mut scope.sessions, &mut c.session_key, &l, &mut folded);
             }
         }
         for u in &mut n.upstream_calls {
-            let keys = service_keys(services, &mut u.span.service, &l, &mut folded, added);
+            let keys = service_keys(services, scope, &mut u.span.service, &l, &mut folded, added);
             admit_key(
                 &mut keys.upstreams,
                 &mut u.server_address,
@@ -260,7 +282,7 @@ mod tests {
         ] {
             n.tool_calls.push(call(svc, tool, sess));
         }
-        let folded = g.apply(&mut n, 0);
+        let folded = g.apply(&mut n, 0, "anyone");
         assert_eq!(
             keys(&n),
             [
@@ -294,7 +316,7 @@ mod tests {
             c.session_source = SessionSource::TraceId;
             n.tool_calls.push(c);
         }
-        assert_eq!(g.apply(&mut n, 0).sessions, 0);
+        assert_eq!(g.apply(&mut n, 0, "anyone").sessions, 0);
         assert_eq!(keys(&n)[2].2, "trace-c");
         assert_eq!(g.tracked(), 2, "the service and its tool only");
     }
@@ -310,7 +332,7 @@ mod tests {
                 tool_calls: sessions.iter().map(|s| call("a", "t", s)).collect(),
                 ..Default::default()
             };
-            let f = g.apply(&mut n, at_hours * HOUR_NANOS);
+            let f = g.apply(&mut n, at_hours * HOUR_NANOS, "anyone");
             (
                 keys(&n).into_iter().map(|k| k.2).collect::<Vec<_>>(),
                 f.sessions,
@@ -324,5 +346,33 @@ mod tests {
         // Two hours on, memory holds two hours at most.
         run(&[], 3);
         assert!(g.tracked() <= 2 + 2 + 2, "{}", g.tracked());
+    }
+
+    #[test]
+    fn one_scope_exhausting_its_service_budget_folds_only_its_own() {
+        let g = Guard::new(Limits {
+            max_services: 3,
+            max_sessions_per_hour: 2,
+            ..Limits::default()
+        });
+        let mut billing = Normalized {
+            tool_calls: (0..5)
+                .map(|i| call(&format!("billing-{i}"), "t", &format!("s{i}")))
+                .collect(),
+            ..Default::default()
+        };
+        let f = g.apply(&mut billing, 0, "billing");
+        assert_eq!((f.services, f.sessions), (2, 3));
+        let mut search = Normalized {
+            tool_calls: vec![call("search-mcp", "t", "s9"), call("search-mcp", "t", "s8")],
+            ..Default::default()
+        };
+        let f = g.apply(&mut search, 0, "search");
+        assert_eq!(f, Folded::default(), "another tenant's budget is its own");
+        assert_eq!(
+            keys(&search)[0],
+            ("search-mcp".into(), "t".into(), "s9".into())
+        );
+        assert_eq!(keys(&search)[1].2, "s8");
     }
 }

@@ -1,24 +1,27 @@
 //! OTLP/gRPC: `opentelemetry.proto.collector.trace.v1.TraceService/Export`.
+//!
+//! The service is routed here rather than through the generated server so that its messages are
+//! decoded by [`BoundedCodec`]: each export's decoded size is estimated from its bytes and
+//! reserved from the shared budget before prost allocates anything.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
+use bytes::Buf;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use tokio::net::TcpListener;
-use tonic::codec::CompressionEncoding;
+use prost::Message;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
+use super::budget::Reserved;
 use super::{Ingest, ReceiveError, span_count};
 
 const TRANSPORT: &str = "grpc";
-
-struct Receiver {
-    ingest: Arc<Ingest>,
-}
+const SERVICE: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
+const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 fn to_status(e: &ReceiveError) -> Status {
     let mut status = Status::new(e.grpc_code(), e.to_string());
@@ -31,50 +34,167 @@ fn to_status(e: &ReceiveError) -> Status {
     status
 }
 
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        // The admission permit rides in the extensions until the export is answered.
-        let (_meta, extensions, req) = request.into_parts();
-        let principal = extensions
-            .get::<super::auth::Principal>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("no credentials"))?;
-        self.ingest.count_received(TRANSPORT, span_count(&req));
-        match self.ingest.export(req, &principal).await {
-            Ok(acc) => {
-                let result = if acc.rejected_spans > 0 {
-                    "partial"
-                } else {
-                    "ok"
-                };
-                self.ingest.count_export(TRANSPORT, result);
-                Ok(Response::new(ExportTraceServiceResponse {
-                    partial_success: (acc.rejected_spans > 0).then_some(
-                        ExportTracePartialSuccess {
-                            rejected_spans: acc.rejected_spans,
-                            error_message: acc.error_message,
-                        },
-                    ),
-                }))
-            }
-            Err(e) => {
-                self.ingest.count_export(TRANSPORT, e.metric_label());
-                Err(to_status(&e))
-            }
-        }
+/// A decoded export and the decoded memory it holds from the budget.
+pub struct Bounded {
+    req: ExportTraceServiceRequest,
+    reserved: Reserved,
+}
+
+/// prost, with the decoded size estimated and reserved before decoding.
+#[derive(Clone)]
+struct BoundedCodec {
+    ingest: Arc<Ingest>,
+}
+
+impl Codec for BoundedCodec {
+    type Encode = ExportTraceServiceResponse;
+    type Decode = Bounded;
+    type Encoder = ResponseEncoder;
+    type Decoder = BoundedCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ResponseEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        self.clone()
     }
 }
 
-/// tonic answers a request it cannot decode itself, before the handler runs: INTERNAL for a
-/// garbage or truncated message or a broken compressed body, OUT_OF_RANGE for a message over the
+struct ResponseEncoder;
+
+impl Encoder for ResponseEncoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(buf)
+            .map_err(|e| Status::internal(format!("encoding the response: {e}")))
+    }
+}
+
+impl Decoder for BoundedCodec {
+    type Item = Bounded;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bounded>, Status> {
+        let refuse = |e: ReceiveError| {
+            self.ingest.count_export(TRANSPORT, e.metric_label());
+            to_status(&e)
+        };
+        // The message is one contiguous buffer (tonic reads it whole before decoding).
+        let len = buf.remaining();
+        let chunk = buf.chunk();
+        let estimate = if chunk.len() == len {
+            super::budget::estimate_protobuf(chunk)
+        } else {
+            super::budget::estimate_protobuf(&buf.copy_to_bytes(len))
+        }
+        .map_err(refuse)?;
+        let reserved = self.ingest.reserve(estimate).map_err(refuse)?;
+        let req = ExportTraceServiceRequest::decode(buf)
+            .map_err(|e| refuse(ReceiveError::Malformed(format!("protobuf: {e}"))))?;
+        Ok(Some(Bounded { req, reserved }))
+    }
+}
+
+#[derive(Clone)]
+struct Export {
+    ingest: Arc<Ingest>,
+}
+
+impl tonic::server::UnaryService<Bounded> for Export {
+    type Response = ExportTraceServiceResponse;
+    type Future =
+        futures_util::future::BoxFuture<'static, Result<Response<Self::Response>, Status>>;
+
+    fn call(&mut self, request: Request<Bounded>) -> Self::Future {
+        let ingest = self.ingest.clone();
+        Box::pin(async move {
+            // The admission permit rides in the extensions until the export is answered.
+            let (_meta, extensions, bounded) = request.into_parts();
+            let Bounded { req, reserved } = bounded;
+            let principal = extensions
+                .get::<super::auth::Principal>()
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("no credentials"))?;
+            ingest.count_received(TRANSPORT, span_count(&req));
+            let result = ingest.export(req, &principal).await;
+            drop(reserved);
+            match result {
+                Ok(acc) => {
+                    let result = if acc.rejected_spans > 0 {
+                        "partial"
+                    } else {
+                        "ok"
+                    };
+                    ingest.count_export(TRANSPORT, result);
+                    Ok(Response::new(ExportTraceServiceResponse {
+                        partial_success: (acc.rejected_spans > 0).then_some(
+                            ExportTracePartialSuccess {
+                                rejected_spans: acc.rejected_spans,
+                                error_message: acc.error_message,
+                            },
+                        ),
+                    }))
+                }
+                Err(e) => {
+                    ingest.count_export(TRANSPORT, e.metric_label());
+                    Err(to_status(&e))
+                }
+            }
+        })
+    }
+}
+
+/// The trace service: `Export`, decoded within the budget; any other method is UNIMPLEMENTED.
+#[derive(Clone)]
+struct TraceServer {
+    ingest: Arc<Ingest>,
+    max_decoded_bytes: usize,
+}
+
+impl tonic::server::NamedService for TraceServer {
+    const NAME: &'static str = SERVICE;
+}
+
+impl<B> tower::Service<http::Request<B>> for TraceServer
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != EXPORT {
+            let status = Status::unimplemented(format!("{} is not served", req.uri().path()));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let (ingest, limit) = (self.ingest.clone(), self.max_decoded_bytes);
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(BoundedCodec {
+                ingest: ingest.clone(),
+            })
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .max_decoding_message_size(limit);
+            Ok(grpc.unary(Export { ingest }, req).await)
+        })
+    }
+}
+
+/// tonic answers a request it cannot read itself, before the codec or the handler run: INTERNAL
+/// for a truncated message or a broken compressed body, OUT_OF_RANGE for a message over the
 /// decoding limit, RESOURCE_EXHAUSTED for a compressed one that decodes over it. OTLP exporters
-/// retry OUT_OF_RANGE and RESOURCE_EXHAUSTED (the same bad request again and again) and the
-/// handler never answers any of the three, so each is the client's permanent error here:
-/// INVALID_ARGUMENT, counted like the HTTP receiver's 400 and 413.
+/// retry OUT_OF_RANGE and RESOURCE_EXHAUSTED (the same bad request again and again) and nothing
+/// here answers any of the three, so each is the client's permanent error: INVALID_ARGUMENT,
+/// counted like the HTTP receiver's 400 and 413.
 fn decode_errors_are_permanent<B>(
     ingest: &Ingest,
     mut resp: http::Response<B>,
@@ -100,20 +220,30 @@ fn decode_errors_are_permanent<B>(
     resp
 }
 
-/// Serves OTLP/gRPC on `listener` until `shutdown` resolves.
+/// Limits of the gRPC receiver.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest message, decompressed.
+    pub max_decoded_bytes: usize,
+    /// Time one export may take, from its headers to its answer: a stream that sends its headers
+    /// and nothing more gives its export slot back after it (DEADLINE_EXCEEDED, which exporters
+    /// retry).
+    pub request_timeout: std::time::Duration,
+}
+
+/// Serves OTLP/gRPC on the connections of `conns` until `shutdown` resolves.
 pub async fn serve(
-    listener: TcpListener,
+    conns: tokio::sync::mpsc::Receiver<crate::listener::Conn>,
     ingest: Arc<Ingest>,
-    max_decoded_bytes: usize,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let gate = ingest.clone();
     let counted = ingest.clone();
-    let service = TraceServiceServer::new(Receiver { ingest })
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(max_decoded_bytes);
+    let service = TraceServer {
+        ingest,
+        max_decoded_bytes: limits.max_decoded_bytes,
+    };
     // Runs on the request headers, before the body is decoded: an overloaded or disconnected
     // toolsight refuses early and cheaply.
     let admit = move |mut req: Request<()>| {
@@ -126,6 +256,14 @@ pub async fn serve(
             .and_then(|principal| Ok((principal, gate.admit()?)));
         match checked {
             Ok((principal, permit)) => {
+                // The export is in progress on its connection until it is answered.
+                let in_flight = req
+                    .extensions()
+                    .get::<Arc<crate::listener::ConnState>>()
+                    .map(|c| Arc::new(c.begin()));
+                if let Some(f) = in_flight {
+                    req.extensions_mut().insert(f);
+                }
                 req.extensions_mut().insert(permit);
                 req.extensions_mut().insert(principal);
                 Ok(req)
@@ -136,11 +274,13 @@ pub async fn serve(
             }
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    builder
+    let incoming = futures_util::stream::unfold(conns, |mut conns| async move {
+        let conn = conns.recv().await?;
+        Some((Ok::<_, std::io::Error>(conn), conns))
+    });
+    tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .max_concurrent_streams(Some(crate::listener::MAX_CONCURRENT_STREAMS))
         .layer(tower::util::MapResponseLayer::new(move |resp| {
             decode_errors_are_permanent(&counted, resp)
         }))
@@ -151,9 +291,6 @@ pub async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             service, admit,
         ))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -231,9 +231,17 @@ async fn export(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let req = match decompress(encoding, &body, state.limits.max_decoded_bytes)
-        .and_then(|b| decode(format, &b))
-    {
+    // The decoded size is estimated and reserved before anything is decoded.
+    let decoded = decompress(encoding, &body, state.limits.max_decoded_bytes).and_then(|b| {
+        let estimate = match format {
+            Format::Protobuf => super::budget::estimate_protobuf(&b)?,
+            Format::Json => super::budget::estimate_json(&b),
+        };
+        let reserved = state.ingest.reserve(estimate)?;
+        Ok((decode(format, &b)?, reserved))
+    });
+    drop(body);
+    let (req, _reserved) = match decoded {
         Ok(r) => r,
         Err(e) => return error_response(&state, format, e),
     };

@@ -1,6 +1,7 @@
 //! OTLP receivers (gRPC and HTTP) and the one place their errors map to protocol statuses.
 
 pub mod auth;
+pub mod budget;
 pub mod grpc;
 pub mod http;
 
@@ -24,6 +25,10 @@ pub enum ReceiveError {
     UnsupportedEncoding(String),
     #[error("request body larger than {limit} bytes")]
     TooLarge { limit: usize },
+    #[error(
+        "the export would take about {estimate} bytes once decoded, more than the {limit} one export may take: send fewer spans per request"
+    )]
+    TooLargeDecoded { estimate: usize, limit: usize },
     #[error("malformed export request: {0}")]
     Malformed(String),
     #[error("the request body did not arrive within {0:?}")]
@@ -52,7 +57,7 @@ impl ReceiveError {
     pub fn http_status(&self) -> u16 {
         match self {
             ReceiveError::UnsupportedMediaType(_) | ReceiveError::UnsupportedEncoding(_) => 415,
-            ReceiveError::TooLarge { .. } => 413,
+            ReceiveError::TooLarge { .. } | ReceiveError::TooLargeDecoded { .. } => 413,
             ReceiveError::Malformed(_) => 400,
             ReceiveError::BodyTimeout(_) => 408,
             ReceiveError::Overloaded | ReceiveError::Unavailable(_) => 503,
@@ -66,7 +71,9 @@ impl ReceiveError {
             ReceiveError::UnsupportedMediaType(_)
             | ReceiveError::UnsupportedEncoding(_)
             | ReceiveError::Malformed(_) => tonic::Code::InvalidArgument,
-            ReceiveError::TooLarge { .. } => tonic::Code::InvalidArgument,
+            ReceiveError::TooLarge { .. } | ReceiveError::TooLargeDecoded { .. } => {
+                tonic::Code::InvalidArgument
+            }
             ReceiveError::BodyTimeout(_) => tonic::Code::DeadlineExceeded,
             ReceiveError::Overloaded | ReceiveError::Unavailable(_) => tonic::Code::Unavailable,
             ReceiveError::Unauthenticated(_) => tonic::Code::Unauthenticated,
@@ -88,7 +95,7 @@ impl ReceiveError {
         match self {
             ReceiveError::UnsupportedMediaType(_) => "unsupported_media_type",
             ReceiveError::UnsupportedEncoding(_) => "unsupported_encoding",
-            ReceiveError::TooLarge { .. } => "too_large",
+            ReceiveError::TooLarge { .. } | ReceiveError::TooLargeDecoded { .. } => "too_large",
             ReceiveError::Malformed(_) => "malformed",
             ReceiveError::BodyTimeout(_) => "body_timeout",
             ReceiveError::Overloaded => "overloaded",
@@ -133,6 +140,7 @@ pub struct Ingest {
     ready: Arc<AtomicBool>,
     auth: Arc<auth::Auth>,
     guard: normalize::cardinality::Guard,
+    budget: budget::Budget,
 }
 
 impl Ingest {
@@ -152,7 +160,19 @@ impl Ingest {
             ready,
             auth: Arc::new(auth::Auth::open()),
             guard: normalize::cardinality::Guard::new(Default::default()),
+            budget: budget::Budget::new(512 << 20),
         }
+    }
+
+    /// Bounds the decoded memory of the exports in progress (see `budget`).
+    pub fn with_decode_budget(mut self, bytes: usize) -> Self {
+        self.budget = budget::Budget::new(bytes);
+        self
+    }
+
+    /// Reserves an export's estimated decoded size from the budget, before it is decoded.
+    pub fn reserve(&self, estimate: usize) -> Result<budget::Reserved, ReceiveError> {
+        self.budget.reserve(estimate)
     }
 
     /// Bounds the distinct services, keys and sessions (see `normalize::cardinality`).
@@ -230,7 +250,7 @@ impl Ingest {
         if records.keys_cut > 0 {
             self.metrics.keys_truncated.inc_by(records.keys_cut);
         }
-        let folded = self.guard.apply(&mut records, now);
+        let folded = self.guard.apply(&mut records, now, principal.name());
         for (kind, n) in [
             ("service", folded.services),
             ("key", folded.keys),
