@@ -739,3 +739,60 @@ async fn small_bodies_that_decode_huge_are_refused_before_decoding() {
     still_serving(&svc, 5).await;
     svc.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_slow_clients_connected_drains_within_the_bound() {
+    let url = common::fresh_database("hostile_sigterm").await;
+    let dir = std::env::temp_dir().join(format!("toolsight-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("toolsight.toml");
+    std::fs::write(
+        &config,
+        format!("[database]\nurl = \"{url}\"\n[otlp]\ndrain_timeout = \"2s\"\nbody_timeout = \"10m\"\n"),
+    )
+    .unwrap();
+    let mut child = common::serve_ready(&config, &[]).await;
+    // Three clients in the middle of a slow body, and one export that completes.
+    let head = b"POST /v1/traces HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-protobuf\r\ncontent-length: 10000000\r\n\r\nx";
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        slow.push(raw(child.http, head).await);
+    }
+    common::eventually("the slow exports in progress", || async {
+        (common::metric_value(child.admin, "toolsight_exports_in_progress").await == 3.0)
+            .then_some(())
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(child.http_url())
+        .header("content-type", "application/x-protobuf")
+        .body(request(vec![span(1, vec![])]).encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let pid = child.process.0.id().to_string();
+    common::output(std::process::Command::new("kill").args(["-TERM", &pid]));
+    let status = common::eventually("the service to exit", || {
+        let exited = child.process.0.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "{status}");
+    // The slow clients were cut at the drain bound, not answered at their 10-minute body timeout.
+    for s in &mut slow {
+        let answer = read_to_close(s).await;
+        assert!(!answer.contains("408"), "{answer}");
+    }
+    let log = std::fs::read_to_string(&child.log).unwrap();
+    assert!(log.contains("at the drain timeout"), "{log}");
+    assert!(!log.contains("closed pool"), "{log}");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tool_calls")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "the acknowledged export");
+    pool.close().await;
+}

@@ -146,6 +146,7 @@ impl Child {
 /// created and migrated. Fails the test with the child's log when it exits or is not ready within
 /// [`patience`].
 pub async fn serve_ready(config: &std::path::Path, env: &[(&str, String)]) -> Child {
+    toolsight::install_crypto_provider();
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     // A free port can be taken by someone else before the child binds it: then try new ones.
     for _ in 0..3 {
@@ -318,6 +319,7 @@ impl Service {
 
 /// The `/metrics` text of the admin port at `admin` (plain HTTP).
 pub async fn scrape(admin: SocketAddr) -> String {
+    toolsight::install_crypto_provider();
     reqwest::get(format!("http://{admin}/metrics"))
         .await
         .unwrap()
