@@ -45,10 +45,18 @@ const DEFAULT_NOW: i64 = 1_793_491_200_000_000_000;
 
 /// An OTLP/HTTP protobuf body (or a gRPC message: the same bytes).
 pub fn otlp_protobuf(data: &[u8]) {
+    // The decoded-size estimate never panics; refusing is the client's error.
+    let estimate = crate::receive::budget::estimate_protobuf(data);
+    if let Err(e) = &estimate {
+        assert_client_error(e);
+    }
     let req = match decode(Format::Protobuf, data) {
         Ok(r) => r,
         Err(e) => return assert_client_error(&e),
     };
+    if let Ok(estimate) = estimate {
+        assert_bounds_spans(estimate, &req);
+    }
     // What decodes re-encodes to bytes that decode to the same message.
     let bytes = req.encode_to_vec();
     let again =
@@ -67,7 +75,23 @@ pub fn otlp_json(data: &[u8]) {
         Ok(r) => r,
         Err(e) => return assert_client_error(&e),
     };
+    assert_bounds_spans(crate::receive::budget::estimate_json(data), &req);
     check_normalize(&req);
+}
+
+/// The decoded-size estimate covers at least the span structs the decoder allocated.
+fn assert_bounds_spans(estimate: usize, req: &ExportTraceServiceRequest) {
+    let spans: usize = req
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len())
+        .sum();
+    let structs = spans * std::mem::size_of::<opentelemetry_proto::tonic::trace::v1::Span>();
+    assert!(
+        estimate >= structs,
+        "estimate {estimate} below the {structs} bytes of {spans} spans"
+    );
 }
 
 /// A compressed body: the first byte picks the `Content-Encoding`, the rest is the body.

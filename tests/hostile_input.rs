@@ -748,7 +748,9 @@ async fn sigterm_with_slow_clients_connected_drains_within_the_bound() {
     let config = dir.join("toolsight.toml");
     std::fs::write(
         &config,
-        format!("[database]\nurl = \"{url}\"\n[otlp]\ndrain_timeout = \"2s\"\nbody_timeout = \"10m\"\n"),
+        format!(
+            "[database]\nurl = \"{url}\"\n[otlp]\ndrain_timeout = \"2s\"\nbody_timeout = \"10m\"\n"
+        ),
     )
     .unwrap();
     let mut child = common::serve_ready(&config, &[]).await;
