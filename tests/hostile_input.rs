@@ -798,3 +798,59 @@ async fn sigterm_with_slow_clients_connected_drains_within_the_bound() {
     assert_eq!(stored, 1, "the acknowledged export");
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_sending_headers_only_give_their_slots_back() {
+    let svc = Service::start_with("hostile_grpc_headers", |c| {
+        c.otlp.max_concurrent_exports = 8;
+        // gRPC exports get twice this from headers to answer.
+        c.otlp.body_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // Eight gRPC exports on one HTTP/2 connection whose bodies never come.
+    let mut hanging = Vec::new();
+    for _ in 0..8 {
+        let never = futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+        let send = client
+            .post(format!(
+                "http://{}/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                svc.grpc
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(reqwest::Body::wrap_stream(never))
+            .send();
+        hanging.push(tokio::spawn(send));
+    }
+    common::eventually("the eight exports to hold every slot", || async {
+        (svc.metric("toolsight_exports_in_progress").await == 8.0).then_some(())
+    })
+    .await;
+    // Each is answered DEADLINE_EXCEEDED (retryable) at its deadline, counted, and the slots
+    // come back.
+    for h in hanging {
+        let r = h.await.unwrap().unwrap();
+        assert_eq!(
+            r.headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            Some("4".to_string()),
+            "DEADLINE_EXCEEDED"
+        );
+    }
+    assert_eq!(
+        svc.metric("toolsight_exports_total{result=\"timeout\",transport=\"grpc\"}")
+            .await,
+        8.0
+    );
+    assert_eq!(svc.metric("toolsight_exports_in_progress").await, 0.0);
+    let mut grpc = TraceServiceClient::connect(format!("http://{}", svc.grpc))
+        .await
+        .unwrap();
+    grpc.export(request(vec![span(1, vec![])])).await.unwrap();
+    svc.stop().await.unwrap();
+}

@@ -152,6 +152,7 @@ impl tonic::server::UnaryService<Bounded> for Export {
 struct TraceServer {
     ingest: Arc<Ingest>,
     max_decoded_bytes: usize,
+    request_timeout: std::time::Duration,
 }
 
 impl tonic::server::NamedService for TraceServer {
@@ -176,7 +177,11 @@ where
             let status = Status::unimplemented(format!("{} is not served", req.uri().path()));
             return Box::pin(async move { Ok(status.into_http()) });
         }
-        let (ingest, limit) = (self.ingest.clone(), self.max_decoded_bytes);
+        let (ingest, limit, timeout) = (
+            self.ingest.clone(),
+            self.max_decoded_bytes,
+            self.request_timeout,
+        );
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(BoundedCodec {
                 ingest: ingest.clone(),
@@ -184,7 +189,20 @@ where
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
             .max_decoding_message_size(limit);
-            Ok(grpc.unary(Export { ingest }, req).await)
+            let export = Export {
+                ingest: ingest.clone(),
+            };
+            // Dropping the export at its deadline drops its admission permit with it.
+            match tokio::time::timeout(timeout, grpc.unary(export, req)).await {
+                Ok(resp) => Ok(resp),
+                Err(_) => {
+                    ingest.count_export(TRANSPORT, "timeout");
+                    Ok(Status::deadline_exceeded(format!(
+                        "the export did not complete within {timeout:?}"
+                    ))
+                    .into_http())
+                }
+            }
         })
     }
 }
@@ -227,7 +245,7 @@ pub struct Limits {
     pub max_decoded_bytes: usize,
     /// Time one export may take, from its headers to its answer: a stream that sends its headers
     /// and nothing more gives its export slot back after it (DEADLINE_EXCEEDED, which exporters
-    /// retry).
+    /// retry; counted as `result="timeout"`).
     pub request_timeout: std::time::Duration,
 }
 
@@ -243,6 +261,7 @@ pub async fn serve(
     let service = TraceServer {
         ingest,
         max_decoded_bytes: limits.max_decoded_bytes,
+        request_timeout: limits.request_timeout,
     };
     // Runs on the request headers, before the body is decoded: an overloaded or disconnected
     // toolsight refuses early and cheaply.
@@ -279,7 +298,6 @@ pub async fn serve(
         Some((Ok::<_, std::io::Error>(conn), conns))
     });
     tonic::transport::Server::builder()
-        .timeout(limits.request_timeout)
         .max_concurrent_streams(Some(crate::listener::MAX_CONCURRENT_STREAMS))
         .layer(tower::util::MapResponseLayer::new(move |resp| {
             decode_errors_are_permanent(&counted, resp)
