@@ -171,11 +171,15 @@ async fn alerts(State(s): State<AdminState>) -> Response {
     };
     match store::alerts::load_alerts(&s.pool).await {
         Ok(rows) => {
+            let rules = s.rules.read().map(|r| r.clone()).unwrap_or_default();
             let active: Vec<_> = rows
                 .into_iter()
                 .filter(|a| a.phase == "pending" || a.phase == "firing")
                 .map(|a| {
+                    // The labels its notifications carry: the key's, the rule's own
+                    // (`severity`), `alertname`; silences match against these.
                     let mut labels = a.labels.0.clone();
+                    labels.extend(rule_labels(&rules, &a.group_name, &a.alert));
                     labels.insert("alertname".into(), a.alert.clone());
                     let silenced_by = silenced.by(&labels);
                     serde_json::json!({
@@ -189,6 +193,22 @@ async fn alerts(State(s): State<AdminState>) -> Response {
         }
         Err(e) => store_error(e),
     }
+}
+
+/// The static labels of rule `alert` in group `group` (none when the rule is gone).
+fn rule_labels(
+    files: &[(String, crate::evaluate::rules::RuleFile)],
+    group: &str,
+    alert: &str,
+) -> std::collections::BTreeMap<String, String> {
+    files
+        .iter()
+        .flat_map(|(_, f)| &f.groups)
+        .filter(|g| g.name == group)
+        .flat_map(|g| &g.rules)
+        .find(|r| r.alert == alert)
+        .map(|r| r.labels.clone())
+        .unwrap_or_default()
 }
 
 fn error(code: StatusCode, message: String) -> Response {

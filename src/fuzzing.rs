@@ -236,7 +236,7 @@ pub fn check_normalize(req: &ExportTraceServiceRequest) {
         assert!(!c.tool.is_empty(), "empty tool name");
         assert!(!c.session_key.is_empty(), "empty session key");
         if let Some(r) = &c.result {
-            assert!(r.bytes >= 0);
+            assert!(r.bytes.is_none_or(|b| b >= 0));
             assert_eq!(r.empty, r.items == Some(0), "empty vs items: {r:?}");
         }
         for stored in [&c.args_redacted, &c.result_redacted].into_iter().flatten() {

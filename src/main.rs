@@ -308,10 +308,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rules {
             command: RulesCommand::Check { files },
         } => {
-            let loaded = toolsight::evaluate::rules::load(&files)?;
-            for (file, f) in loaded {
-                let rules: usize = f.groups.iter().map(|g| g.rules.len()).sum();
-                println!("{file}: ok ({} groups, {rules} rules)", f.groups.len());
+            use toolsight::evaluate::rules::{RulesError, is_test_file, load};
+            // Like `promtool check rules`: every file on its own line, every problem at its
+            // own line; rule unit-test files (`alerts/*.yaml` matches them) are named, not failed.
+            let (tests, files): (Vec<PathBuf>, Vec<PathBuf>) =
+                files.into_iter().partition(|f| is_test_file(f));
+            for t in &tests {
+                println!(
+                    "{}: rule unit tests, not rules (run them with `toolsight rules test {}`)",
+                    t.display(),
+                    t.display()
+                );
+            }
+            let mut problems = 0;
+            for file in &files {
+                match load(std::slice::from_ref(file)) {
+                    Ok(loaded) => {
+                        for (file, f) in loaded {
+                            let rules: usize = f.groups.iter().map(|g| g.rules.len()).sum();
+                            println!("{file}: ok ({} groups, {rules} rules)", f.groups.len());
+                        }
+                    }
+                    Err(RulesError::Invalid(p)) => {
+                        problems += p.len();
+                        p.iter().for_each(|p| println!("{p}"));
+                    }
+                }
+            }
+            // Names that clash across files.
+            if problems == 0
+                && let Err(RulesError::Invalid(p)) = load(&files)
+            {
+                problems += p.len();
+                p.iter().for_each(|p| println!("{p}"));
+            }
+            if problems > 0 {
+                anyhow::bail!("{problems} problem(s) in rule files");
             }
             Ok(())
         }

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub leader: Family<RoleLabel, Gauge>,
     pub reloads: Family<ReloadLabel, Counter>,
     pub keys_truncated: Counter,
+    pub scrubbed_fields: Counter,
     pub task_failures: Family<TaskLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
     pub connections_closed: Family<ConnLabel, Counter>,
@@ -137,6 +138,7 @@ impl Metrics {
             leader: Family::default(),
             reloads: Family::default(),
             keys_truncated: Counter::default(),
+            scrubbed_fields: Counter::default(),
             task_failures: Family::default(),
             connections_open: Family::default(),
             connections_closed: Family::default(),
@@ -256,6 +258,11 @@ impl Metrics {
             "keys_truncated",
             "keys (service, tool, session, model, upstream, ...) longer than their bound, stored cut with a hash suffix",
             m.keys_truncated.clone(),
+        );
+        registry.register(
+            "spans_scrubbed_fields",
+            "values an instrumentation scrubbed ([Scrubbed due to ...]) skipped where they would have become a tool name, a session key or an arguments hash",
+            m.scrubbed_fields.clone(),
         );
         registry.register(
             "background_task_failures",

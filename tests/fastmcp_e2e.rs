@@ -1,5 +1,6 @@
 //! End to end with a real MCP server: FastMCP 4.x with its native OpenTelemetry tracing, called
-//! by a FastMCP client, exporting over OTLP/HTTP to the running service.
+//! by a FastMCP client, exporting to the running service with the official Python exporter of
+//! each protocol (gRPC, HTTP/protobuf, HTTP/JSON), set up as the README shows.
 //!
 //! The Python environment is created on first use under the cargo target directory (or taken
 //! from `TOOLSIGHT_TEST_PYTHON`): `python3 -m venv` and pip, from PyPI.
@@ -25,7 +26,8 @@ fn python() -> PathBuf {
     }
     common::python::venv(
         "fastmcp-venv",
-        "import fastmcp, opentelemetry.exporter.otlp.proto.http",
+        "import fastmcp, opentelemetry.exporter.otlp.proto.http, \
+         opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.json.http",
         |pip| {
             run(pip().args(["-r", REQUIREMENTS]));
             run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
@@ -36,25 +38,52 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fastmcp_server_and_client_traced_into_postgres() {
     let python = tokio::task::spawn_blocking(python).await.unwrap();
-    let svc = Service::start("fastmcp").await;
-    let url = svc.http_url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(DEMO)
-            .arg(url)
-            .arg("fastmcp-e2e")
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "demo failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for protocol in ["grpc", "http/protobuf", "http/json"] {
+        let svc = Service::start("fastmcp").await;
+        // The README's environment: a base endpoint, the exporter picked by the protocol.
+        let endpoint = match protocol {
+            "grpc" => format!("http://{}", svc.grpc),
+            _ => format!("http://{}", svc.http),
+        };
+        let python = python.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(python)
+                .arg(DEMO)
+                .arg("fastmcp-e2e")
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+                .output()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{protocol}: demo failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Each exporter speaks its own encoding (the JSON one must not send protobuf).
+        let transport = match protocol {
+            "grpc" => "grpc",
+            "http/json" => "http_json",
+            _ => "http_protobuf",
+        };
+        assert!(
+            svc.metric(&format!(
+                "toolsight_spans_received_total{{transport=\"{transport}\"}}"
+            ))
+            .await
+                > 0.0,
+            "{protocol}: spans arrive over {transport}"
+        );
+        check_demo_rows(&svc, protocol).await;
+        svc.stop().await.unwrap();
+    }
+}
 
+/// The demo's calls, each counted once per side with its outcome.
+async fn check_demo_rows(svc: &Service, protocol: &str) {
     let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
         "SELECT tool, side, count(*), count(*) FILTER (WHERE outcome = 'error')
          FROM tool_calls WHERE service = 'fastmcp-e2e' GROUP BY 1, 2 ORDER BY 1, 2",
@@ -74,7 +103,7 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
     .map(|(t, s, n, e)| (t.to_owned(), s.to_owned(), n, e))
     .collect();
     // One call counted once per side, although FastMCP emits three spans per call.
-    assert_eq!(rows, expected);
+    assert_eq!(rows, expected, "{protocol}");
     assert_eq!(
         svc.count(
             "SELECT count(*) FROM tool_calls WHERE tool = 'fail_tool' AND error_type = 'tool_error'"
@@ -114,5 +143,4 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
             .await
             >= 4.0
     );
-    svc.stop().await.unwrap();
 }

@@ -344,6 +344,92 @@ async fn webhook_grouped_signed_silenced_and_delivered_once_after_the_receiver_w
     svc.stop().await.unwrap();
 }
 
+/// A silence on a rule's own label (`severity`) silences the alert in the API too, and when it
+/// expires while the alert fires, the alert goes out at the next group_interval (1 s here),
+/// as Alertmanager sends it, not after repeat_interval (4 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_on_a_rule_label_holds_and_its_expiry_sends_at_the_next_group_interval() {
+    let hook = Hook::default();
+    let addr = hook.start().await;
+    let svc = notifying(
+        "notify_silence_expiry",
+        &format!("name = \"hook\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook\"\n"),
+    )
+    .await;
+    let admin = format!("http://{}", svc.admin);
+    let added = output(toolsight().args([
+        "silence",
+        "add",
+        "severity=warning",
+        "--comment",
+        "deploy",
+        "--author",
+        "tester",
+        "--duration",
+        "1h",
+        "--url",
+        &admin,
+    ]));
+    assert!(added.starts_with("silence 1 until"), "{added}");
+
+    // The loop goes on (fresh calls every 2 s) so the alert keeps firing throughout.
+    let looping = {
+        let url = svc.http_url();
+        tokio::spawn(async move {
+            loop {
+                let _ = reqwest::Client::new()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(loops(&["search"]).body())
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let firing = eventually("the alert firing in the API", || async {
+        let api: Value = reqwest::get(format!("{admin}/api/v1/alerts"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        api["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["state"] == "firing")
+            .cloned()
+    })
+    .await;
+    assert_eq!(firing["labels"]["severity"], "warning");
+    assert_eq!(firing["silenced"], true, "{firing}");
+    assert_eq!(firing["silencedBy"], json!([1]));
+
+    // The group was due and sent nothing: its next look is saved, group_interval ahead.
+    eventually("the silenced group's next flush, saved", || async {
+        let soon: Option<bool> =
+            sqlx::query_scalar("SELECT flush_at < now() + interval '1 minute' FROM notify_groups")
+                .fetch_optional(&svc.pool)
+                .await
+                .ok()?;
+        soon.filter(|s| *s)
+    })
+    .await;
+    assert!(hook.hits().is_empty(), "silenced: nothing sent");
+
+    output(toolsight().args(["silence", "expire", "1", "--url", &admin]));
+    let sent = eventually(
+        "the firing notification after the silence expired",
+        || async { hook.delivered_with_status("firing") },
+    )
+    .await;
+    looping.abort();
+    let p = sent.json();
+    assert_eq!(p["alerts"][0]["labels"]["tool"], "search");
+    assert_eq!(p["alerts"][0]["labels"]["severity"], "warning");
+    svc.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_rejecting_with_4xx_is_not_retried() {
     // A receiver answering 400: logged and counted, never retried.

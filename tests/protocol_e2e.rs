@@ -469,3 +469,109 @@ async fn exports_beyond_the_concurrency_bound_are_refused() {
     assert_eq!(r.status(), 200);
     svc.stop().await.unwrap();
 }
+
+/// Every committed capture, through the running service: the rollups the rules and dashboards
+/// read equal the raw rows, per tool and side, and a result of which only a part was captured
+/// (OpenLLMetry's client keeps the first content part) has an unknown size and item count that
+/// no mean divides by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_equal_the_raw_rows_of_every_capture() {
+    let svc = Service::start_with("rollups_equal_raw", any_age).await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let mut posted = 0;
+    for source in std::fs::read_dir(dir).unwrap() {
+        let source = source.unwrap().path();
+        if !source.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&source).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_none_or(|e| e != "json") || f.ends_with("versions.json") {
+                continue;
+            }
+            let body = std::fs::read(&f).unwrap();
+            let r = post(&svc, "application/json", None, body).await;
+            assert_eq!(r.status(), 200, "{}", f.display());
+            posted += 1;
+        }
+    }
+    assert!(posted >= 10, "{posted} captures");
+    assert!(svc.count("SELECT count(*) FROM tool_calls").await > 40);
+
+    let mismatches: Vec<(String, String, String)> = sqlx::query_as(
+        "WITH raw AS (
+            SELECT service, tool, side, count(*) AS calls,
+                   count(*) FILTER (WHERE outcome = 'error') AS errors,
+                   count(*) FILTER (WHERE outcome = 'cancelled') AS cancellations,
+                   count(result_empty) AS with_result,
+                   count(*) FILTER (WHERE result_empty) AS empty_results,
+                   coalesce(sum(result_bytes), 0) AS result_bytes,
+                   coalesce(sum(result_items), 0) AS result_items,
+                   count(result_bytes) AS sized_results,
+                   count(result_items) AS counted_results
+            FROM tool_calls GROUP BY 1, 2, 3),
+         rolled AS (
+            SELECT service, tool, side, sum(calls) AS calls, sum(errors) AS errors,
+                   sum(cancellations) AS cancellations, sum(with_result) AS with_result,
+                   sum(empty_results) AS empty_results, sum(result_bytes) AS result_bytes,
+                   sum(result_items) AS result_items, sum(sized_results) AS sized_results,
+                   sum(counted_results) AS counted_results
+            FROM tool_rollup_1m GROUP BY 1, 2, 3)
+         SELECT service, tool, side FROM raw FULL JOIN rolled USING (service, tool, side)
+         WHERE (raw.calls, raw.errors, raw.cancellations, raw.with_result, raw.empty_results,
+                raw.result_bytes, raw.result_items, raw.sized_results, raw.counted_results)
+               IS DISTINCT FROM
+               (rolled.calls, rolled.errors, rolled.cancellations, rolled.with_result,
+                rolled.empty_results, rolled.result_bytes, rolled.result_items,
+                rolled.sized_results, rolled.counted_results)",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(mismatches, vec![], "rollups differ from the raw rows");
+
+    // OpenLLMetry's client: content captured, size and items unknown, emptiness known.
+    assert_eq!(
+        svc.count(
+            "SELECT count(*) FROM tool_calls WHERE source = 'traceloop' AND side = 'client'
+             AND NOT result_empty AND (result_bytes IS NOT NULL OR result_items IS NOT NULL)"
+        )
+        .await,
+        0
+    );
+    assert!(
+        svc.count(
+            "SELECT count(*) FROM tool_calls WHERE source = 'traceloop' AND side = 'client'
+             AND result_empty = false AND result_bytes IS NULL"
+        )
+        .await
+            >= 5
+    );
+    // The mean result size divides by the results whose size was known.
+    let summary = toolsight::store::queries::tool_summary(&svc.pool, 100 * 365 * 86_400)
+        .await
+        .unwrap();
+    assert!(!summary.is_empty());
+    for t in &summary {
+        let (raw_mean,): (Option<f64>,) = sqlx::query_as(
+            "SELECT avg(result_bytes)::float8 FROM tool_calls
+             WHERE service = $1 AND tool = $2 AND side = $3",
+        )
+        .bind(&t.service)
+        .bind(&t.tool)
+        .bind(&t.side)
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+        let same = match (raw_mean, t.mean_result_bytes) {
+            (Some(a), Some(b)) => (a - b).abs() < 1e-6 * a.max(1.0),
+            (a, b) => a == b,
+        };
+        assert!(
+            same,
+            "{}/{}/{}: mean {:?}, raw {raw_mean:?}",
+            t.service, t.tool, t.side, t.mean_result_bytes
+        );
+    }
+    svc.stop().await.unwrap();
+}

@@ -82,3 +82,109 @@ fn rule_unit_tests_pass_and_fail() {
         "{out}"
     );
 }
+
+/// `toolsight rules check alerts/*.yaml`, as the README says: the shipped directory passes
+/// (its unit-test file is named as such, not failed), and every valid file says so.
+#[test]
+fn the_shipped_directory_passes_with_its_test_file() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts");
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    let (ok, out) = check(&refs);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("default.yaml: ok (3 groups, 7 rules)"),
+        "{out}"
+    );
+    assert!(out.contains("demo.yaml: ok"), "{out}");
+    assert!(
+        out.contains("default.test.yaml: rule unit tests, not rules"),
+        "{out}"
+    );
+}
+
+/// Structural problems (unknown key, misspelled kind, wrong type, missing field) are each
+/// reported at their own rule's line, all of them; a duplicate is blamed on the duplicate.
+#[test]
+fn structural_problems_are_each_reported_at_their_own_line() {
+    let dir =
+        std::env::temp_dir().join(format!("toolsight-rules-structure-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "groups:
+  - name: g
+    interval: 1m
+    rules:
+      - alert: Typo
+        kind: eror_rate
+        window: 5m
+      - alert: Unknown
+        kind: error_rate
+        window: 5m
+        fire_above: 0.1
+        severity: high
+      - alert: WrongType
+        kind: error_rate
+        window: 5m
+        fire_above: lots
+      - alert: NoWindow
+        kind: error_rate
+        fire_above: 0.1
+  - name: h
+    colour: blue
+    rules:
+      - alert: Fine
+        kind: error_rate
+        window: 5m
+        fire_above: 0.1
+",
+    )
+    .unwrap();
+    let (ok, out) = check(&[bad.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    for (line, what) in [
+        (5, "eror_rate"),
+        (8, "severity"),
+        (13, "lots"),
+        (17, "window"),
+        (20, "colour"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("bad.yaml:{line}:")) && l.contains(what)),
+            "line {line} ({what}):\n{out}"
+        );
+    }
+    assert!(out.contains("5 problem(s)"), "{out}");
+
+    let dup = dir.join("dup.yaml");
+    std::fs::write(
+        &dup,
+        "groups:
+  - name: g
+    rules:
+      - alert: Same
+        kind: error_rate
+        window: 5m
+        fire_above: 0.1
+      - alert: Same
+        kind: error_rate
+        window: 5m
+        fire_above: 0.2
+",
+    )
+    .unwrap();
+    let (ok, out) = check(&[dup.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("dup.yaml:8: rule \"Same\" is defined twice"),
+        "{out}"
+    );
+}

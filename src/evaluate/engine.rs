@@ -145,6 +145,83 @@ pub fn signal(rule: &Rule, o: &Observation, firing: bool) -> (Signal, f64) {
     }
 }
 
+/// An observation judged: its signal, and the value and threshold that decided it, worded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub signal: Signal,
+    pub value: f64,
+    pub threshold: f64,
+    /// What fired and why, for `{{ $reason }}`.
+    pub reason: String,
+}
+
+/// [`signal`], with the value and threshold of the condition that decided it. A rule with two
+/// conditions (rate-limit headroom, or the share of 429s) reports the one that fired: a 429
+/// storm without rate-limit headers is "answered 429 to 30% of calls (pages above 5%)", not
+/// "NaN of its rate limit left".
+pub fn judge(rule: &Rule, o: &Observation, firing: bool) -> Judged {
+    let (sig, threshold) = signal(rule, o, firing);
+    if let Kind::RateLimitHeadroom(h) = &rule.kind {
+        let n = o.samples.max(0) as u64;
+        let headroom = state::below(
+            o.value,
+            n,
+            rule.min_samples,
+            h.remaining_below,
+            h.clear_at.unwrap_or(h.remaining_below),
+            firing,
+        );
+        let decided_by_429s = !matches!(headroom, Signal::Fire | Signal::Hold)
+            && matches!(sig, Signal::Fire | Signal::Hold);
+        if let (true, Some(limit), Some(share)) = (decided_by_429s, h.rate_limited_above, o.extra) {
+            return Judged {
+                signal: sig,
+                value: share,
+                threshold: limit,
+                reason: format!(
+                    "answered 429 to {} of calls (pages above {})",
+                    percent(share),
+                    percent(limit)
+                ),
+            };
+        }
+        let reason = if o.value.is_finite() {
+            format!(
+                "has {} of its rate limit left (pages below {})",
+                percent(o.value),
+                percent(threshold)
+            )
+        } else {
+            "sends no rate-limit headers".to_owned()
+        };
+        return Judged {
+            signal: sig,
+            value: o.value,
+            threshold,
+            reason,
+        };
+    }
+    Judged {
+        signal: sig,
+        value: o.value,
+        threshold,
+        reason: format!(
+            "{} (threshold {})",
+            rules::format_value(o.value),
+            rules::format_value(threshold)
+        ),
+    }
+}
+
+fn percent(ratio: f64) -> String {
+    let p = ratio * 100.0;
+    if p.fract() == 0.0 || p >= 10.0 {
+        format!("{p:.0}%")
+    } else {
+        format!("{p:.1}%")
+    }
+}
+
 fn strongest(a: Signal, b: Signal) -> Signal {
     use Signal::*;
     match (a, b) {
@@ -200,9 +277,10 @@ pub fn apply(
                 labels: o.labels.clone(),
                 state: AlertState::default(),
             });
-        let (sig, threshold) = signal(rule, o, entry.state.phase == Phase::Firing);
+        let judged = judge(rule, o, entry.state.phase == Phase::Firing);
+        let value = Some(judged.value).filter(|v| v.is_finite());
         let before = entry.state.clone();
-        let event = entry.state.step(sig, Some(o.value), now_ms, timing);
+        let event = entry.state.step(judged.signal, value, now_ms, timing);
         if entry.state != before {
             changed.push((rule.alert.clone(), key.clone()));
         }
@@ -212,8 +290,9 @@ pub fn apply(
                 &key,
                 &entry.labels,
                 event,
-                Some(o.value),
-                Some(threshold),
+                value,
+                Some(judged.threshold),
+                &judged.reason,
             ));
         }
     }
@@ -234,7 +313,15 @@ pub fn apply(
         }
         if let Some(event) = event {
             let value = entry.state.value;
-            notices.push(notice(rule, &key, &entry.labels, event, value, None));
+            notices.push(notice(
+                rule,
+                &key,
+                &entry.labels,
+                event,
+                value,
+                None,
+                "stopped reporting",
+            ));
         }
         // Forget keys that are long resolved and quiet: memory does not grow with key churn.
         if entry.state.phase == Phase::Inactive
@@ -258,6 +345,7 @@ fn notice(
     event: Event,
     value: Option<f64>,
     threshold: Option<f64>,
+    reason: &str,
 ) -> Notice {
     let mut labels = key_labels.clone();
     labels.extend(rule.labels.clone());
@@ -273,6 +361,7 @@ fn notice(
                     &labels,
                     value.unwrap_or(f64::NAN),
                     threshold.unwrap_or(0.0),
+                    reason,
                 ),
             )
         })
@@ -317,6 +406,60 @@ mod tests {
     }
 
     const MIN: i64 = 60_000;
+
+    /// 429s from an upstream that sends no rate-limit headers: the alert says it fired on the
+    /// 429 share, with that share and its threshold, never "NaN of its rate limit left".
+    #[test]
+    fn rate_limit_alerts_say_which_condition_fired() {
+        let r = rule(
+            "      - alert: RL\n        kind: rate_limit_headroom\n        window: 5m\n        remaining_below: 0.1\n        clear_at: 0.2\n        rate_limited_above: 0.05\n        min_samples: 5\n        annotations: {summary: '{{ $labels.upstream }} {{ $reason }}: {{ $value }} vs {{ $threshold }}'}\n",
+        );
+        let upstream = |headroom: f64, share: f64| Observation {
+            labels: [("service", "s"), ("upstream", "api.example.com")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value: headroom,
+            samples: 50,
+            baseline: None,
+            extra: Some(share),
+        };
+        let mut alerts = Alerts::default();
+        let mut changed = Vec::new();
+        let fired = apply(
+            &r,
+            "g",
+            &[upstream(f64::NAN, 0.3)],
+            &mut alerts,
+            0,
+            &mut changed,
+        );
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].value, Some(0.3));
+        assert_eq!(fired[0].threshold, Some(0.05));
+        assert_eq!(
+            fired[0].annotations["summary"],
+            "api.example.com answered 429 to 30% of calls (pages above 5%): 0.300 vs 0.050"
+        );
+        // Fired by headroom: the headroom and its threshold.
+        let mut alerts = Alerts::default();
+        let fired = apply(
+            &r,
+            "g",
+            &[upstream(0.04, 0.0)],
+            &mut alerts,
+            0,
+            &mut changed,
+        );
+        assert_eq!(
+            (fired[0].value, fired[0].threshold),
+            (Some(0.04), Some(0.1))
+        );
+        assert_eq!(
+            fired[0].annotations["summary"],
+            "api.example.com has 4% of its rate limit left (pages below 10%): 0.040 vs 0.100"
+        );
+    }
 
     #[test]
     fn error_rate_fires_after_for_and_resolves_with_hysteresis() {

@@ -304,24 +304,39 @@ impl RulesError {
 
 /// Parses and validates one rule file's text. `file` names it in problems.
 pub fn parse(file: &str, text: &str) -> Result<RuleFile, Vec<Problem>> {
-    let parsed: RuleFile = serde_yaml_ng::from_str(text).map_err(|e| {
-        vec![Problem {
-            file: file.to_owned(),
-            line: e.location().map(|l| l.line()),
-            message: e
-                .to_string()
-                .split(" at line ")
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-        }]
-    })?;
+    let yaml_problem = |e: serde_yaml_ng::Error, line: Option<usize>| Problem {
+        file: file.to_owned(),
+        line: e.location().map(|l| l.line()).or(line),
+        message: e
+            .to_string()
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| vec![yaml_problem(e, None)])?;
+    let structural = structure(file, text, &doc);
+    if !structural.is_empty() {
+        return Err(structural);
+    }
+    let parsed: RuleFile =
+        serde_yaml_ng::from_value(doc).map_err(|e| vec![yaml_problem(e, Some(1))])?;
     let problems = validate(file, text, &parsed);
     if problems.is_empty() {
         Ok(parsed)
     } else {
         Err(problems)
     }
+}
+
+/// Whether `path` holds rule unit tests (`rule_files:` / `tests:`) rather than rules.
+pub fn is_test_file(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&t).ok())
+        .and_then(|v| v.as_mapping().cloned())
+        .is_some_and(|m| m.contains_key("tests") && !m.contains_key("groups"))
 }
 
 /// Loads every file, reporting the problems of all of them.
@@ -365,6 +380,85 @@ pub fn load(paths: &[impl AsRef<Path>]) -> Result<Vec<(String, RuleFile)>, Rules
 }
 
 /// The 1-based line of the first line containing `needle` after `from_line`.
+/// Every structural problem (unknown key, wrong type, unknown kind, missing field), each at the
+/// line of its own group or rule: every rule is read on its own, so one bad rule hides nothing.
+fn structure(file: &str, text: &str, doc: &serde_yaml_ng::Value) -> Vec<Problem> {
+    use serde_yaml_ng::Value;
+    let mut problems = Vec::new();
+    let mut push = |line: Option<usize>, message: String| {
+        problems.push(Problem {
+            file: file.to_owned(),
+            line,
+            message,
+        })
+    };
+    let Some(top) = doc.as_mapping() else {
+        push(Some(1), "a rule file is a mapping with `groups:`".into());
+        return problems;
+    };
+    for k in top.keys() {
+        if k.as_str() != Some("groups") {
+            let name = k.as_str().unwrap_or("?");
+            push(
+                line_of(text, &format!("{name}:")),
+                format!("unknown key {name:?} (a rule file has only `groups:`)"),
+            );
+        }
+    }
+    let Some(groups) = top.get("groups") else {
+        push(Some(1), "missing `groups:`".into());
+        return problems;
+    };
+    let Some(groups) = groups.as_sequence() else {
+        push(line_of(text, "groups:"), "`groups` must be a list".into());
+        return problems;
+    };
+    let mut cursor = 0;
+    for g in groups {
+        let name = g.get("name").and_then(Value::as_str).unwrap_or("");
+        let gline = if name.is_empty() {
+            line_of_from(text, "- ", cursor + 1)
+        } else {
+            line_of_from(text, name, cursor + 1)
+        };
+        cursor = gline.unwrap_or(cursor);
+        // The group without its rules, then each rule on its own.
+        let mut shell = g.clone();
+        let rules = shell
+            .as_mapping_mut()
+            .and_then(|m| m.insert("rules".into(), Value::Sequence(Vec::new())));
+        if let Err(e) = serde_yaml_ng::from_value::<Group>(shell) {
+            push(gline, format!("group {name:?}: {e}"));
+        }
+        let rules = match rules {
+            Some(Value::Sequence(rules)) => rules,
+            Some(_) => {
+                push(gline, format!("group {name:?}: `rules` must be a list"));
+                continue;
+            }
+            None => {
+                push(gline, format!("group {name:?}: missing field `rules`"));
+                continue;
+            }
+        };
+        for r in rules {
+            let alert = r.get("alert").and_then(Value::as_str).unwrap_or("");
+            let rline = if alert.is_empty() {
+                line_of_from(text, "- ", cursor + 1)
+            } else {
+                line_of_from(text, &format!("alert: {alert}"), cursor + 1)
+            };
+            cursor = rline.unwrap_or(cursor);
+            if let Err(e) = serde_yaml_ng::from_value::<Rule>(r) {
+                let message = e.to_string();
+                let message = message.split(" at line ").next().unwrap_or_default();
+                push(rline, format!("group {name:?}: {message}"));
+            }
+        }
+    }
+    problems
+}
+
 fn line_of_from(text: &str, needle: &str, from_line: usize) -> Option<usize> {
     text.lines()
         .enumerate()
@@ -380,9 +474,11 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
 fn validate(file: &str, text: &str, f: &RuleFile) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut groups = HashSet::new();
-    let mut cursor = 1;
+    // The line of the last group or rule found: the next one is searched after it, so a
+    // duplicate is blamed on its own line.
+    let mut cursor = 0;
     for g in &f.groups {
-        let gline = line_of_from(text, &g.name, cursor);
+        let gline = line_of_from(text, &g.name, cursor + 1);
         cursor = gline.unwrap_or(cursor);
         let mut push = |line: Option<usize>, message: String| {
             problems.push(Problem {
@@ -405,7 +501,7 @@ fn validate(file: &str, text: &str, f: &RuleFile) -> Vec<Problem> {
         }
         let mut alerts = HashSet::new();
         for r in &g.rules {
-            let rline = line_of_from(text, &format!("alert: {}", r.alert), cursor);
+            let rline = line_of_from(text, &format!("alert: {}", r.alert), cursor + 1);
             cursor = rline.unwrap_or(cursor);
             let ctx = format!("rule {:?}", r.alert);
             if r.alert.is_empty()
@@ -457,6 +553,7 @@ fn validate(file: &str, text: &str, f: &RuleFile) -> Vec<Problem> {
                 for var in template_vars(tmpl) {
                     let ok = var == "$value"
                         || var == "$threshold"
+                        || var == "$reason"
                         || var.strip_prefix("$labels.").is_some_and(|l| {
                             key_labels(&r.kind).contains(&l) || r.labels.contains_key(l)
                         });
@@ -605,6 +702,7 @@ pub fn render(
     labels: &BTreeMap<String, String>,
     value: f64,
     threshold: f64,
+    reason: &str,
 ) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
@@ -618,6 +716,7 @@ pub fn render(
         match var {
             "$value" => out.push_str(&format_value(value)),
             "$threshold" => out.push_str(&format_value(threshold)),
+            "$reason" => out.push_str(reason),
             v => out.push_str(
                 v.strip_prefix("$labels.")
                     .and_then(|l| labels.get(l))
@@ -630,7 +729,7 @@ pub fn render(
     out
 }
 
-fn format_value(v: f64) -> String {
+pub fn format_value(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
     } else {
@@ -728,13 +827,24 @@ groups:
                 "{{ $labels.tool }}: {{$value}} > {{ $threshold }}",
                 &labels,
                 0.0712,
-                0.05
+                0.05,
+                ""
             ),
             "search: 0.071 > 0.050"
         );
         assert_eq!(
-            render("{{ $labels.missing }}x {{ $value }}", &labels, 3.0, 0.0),
+            render("{{ $labels.missing }}x {{ $value }}", &labels, 3.0, 0.0, ""),
             "x 3"
+        );
+        assert_eq!(
+            render(
+                "{{ $labels.tool }} {{ $reason }}",
+                &labels,
+                0.3,
+                0.05,
+                "answered 429"
+            ),
+            "search answered 429"
         );
     }
 }

@@ -68,6 +68,23 @@ fn scalar_str(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
+/// Logfire's placeholder for a value it judged sensitive: `[Scrubbed due to 'auth']`. Such a
+/// value is not data: it must never become a name, a key or part of a hash.
+pub fn is_scrubbed(s: &str) -> bool {
+    s.trim_start().starts_with("[Scrubbed due to ")
+}
+
+/// Whether any string inside `v` (keys included) is a scrubbed placeholder.
+pub fn holds_scrubbed(v: &serde_json::Value) -> bool {
+    use serde_json::Value as J;
+    match v {
+        J::String(s) => is_scrubbed(s),
+        J::Array(a) => a.iter().any(holds_scrubbed),
+        J::Object(o) => o.iter().any(|(k, v)| is_scrubbed(k) || holds_scrubbed(v)),
+        _ => false,
+    }
+}
+
 /// Converts an attribute value into JSON, for attributes that carry structured content as
 /// OTLP maps instead of JSON strings (`gen_ai.tool.call.arguments` may be either).
 pub fn to_json(v: &Value) -> serde_json::Value {

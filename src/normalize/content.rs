@@ -10,15 +10,27 @@ use sha2::{Digest, Sha256};
 /// What toolsight keeps of a captured tool result: its size and shape, never its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResultShape {
-    /// Byte length of the captured result attribute.
-    pub bytes: i64,
+    /// Byte length of the result. `None` when only part of it was captured.
+    pub bytes: Option<i64>,
     /// Items in the result: rows of a returned list, keys of a returned object, content parts.
-    /// `None` when the captured value was cut and cannot be parsed.
+    /// `None` when the captured value was cut and cannot be parsed, or is only part of the result.
     pub items: Option<i32>,
     /// No content: an empty content list, empty text, `[]`, `{}` or null.
     pub empty: bool,
     /// `isError` / `is_error` read from the result payload, when it says.
     pub is_error: Option<bool>,
+}
+
+impl ResultShape {
+    /// The shape of a result of which only a part was captured: emptiness and the error flag
+    /// stand, the size and the item count are unknown.
+    pub fn partial(self) -> ResultShape {
+        ResultShape {
+            bytes: None,
+            items: None,
+            ..self
+        }
+    }
 }
 
 /// Measures a captured result value (a JSON string in every source seen so far). Parses only
@@ -30,7 +42,7 @@ pub fn measure_result(raw: &str) -> ResultShape {
         Some(node) => {
             let items = count_node(&node);
             ResultShape {
-                bytes,
+                bytes: Some(bytes),
                 items: Some(items.min(i32::MAX as u64) as i32),
                 empty: items == 0,
                 is_error: match &node {
@@ -46,7 +58,7 @@ pub fn measure_result(raw: &str) -> ResultShape {
         None => {
             let t = raw.trim();
             ResultShape {
-                bytes,
+                bytes: Some(bytes),
                 items: if looks_truncated_json(t) {
                     None
                 } else {
@@ -452,7 +464,7 @@ mod tests {
         assert_eq!(s.items, Some(3));
         assert!(!s.empty);
         assert_eq!(s.is_error, Some(false));
-        assert_eq!(s.bytes, raw.len() as i64);
+        assert_eq!(s.bytes, Some(raw.len() as i64));
         let s = measure_result(r#"{"result": "same", "is_error": true}"#);
         assert_eq!((s.items, s.is_error), (Some(1), Some(true)));
         let s =

@@ -241,6 +241,9 @@ pub struct Normalized {
     pub first_rejection: Option<String>,
     /// Keys cut to their bound (see [`keys`]).
     pub keys_cut: u64,
+    /// Values an instrumentation scrubbed (Logfire's `[Scrubbed due to …]`) that were skipped
+    /// where they would have become a tool name, a session key or an arguments hash.
+    pub scrubbed: u64,
 }
 
 impl Normalized {

@@ -3,6 +3,8 @@
 //! Providers disagree on names and units; everything is folded into remaining / limit and an
 //! absolute reset time. Header attributes follow the HTTP semantic conventions:
 //! `http.response.header.<lowercase name>`, a string array (a plain string is accepted too).
+//! The Python HTTP instrumentations (opentelemetry-util-http) write the name with its dashes
+//! turned into underscores (`http.response.header.x_ratelimit_remaining`); both are read.
 
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 
@@ -59,7 +61,10 @@ const RESET: &[&str] = &[
 
 /// Reads the rate-limit headers of a span that ended at `end_unix_nanos`.
 pub fn parse(span_attrs: &[KeyValue], end_unix_nanos: i64) -> RateLimit {
-    let h = |name: &str| attrs::header(span_attrs, &format!("{PREFIX}{name}"));
+    let h = |name: &str| {
+        attrs::header(span_attrs, &format!("{PREFIX}{name}"))
+            .or_else(|| attrs::header(span_attrs, &format!("{PREFIX}{}", name.replace('-', "_"))))
+    };
     let first = |names: &[&str]| names.iter().find_map(|n| h(n));
 
     let mut rl = RateLimit {
@@ -275,6 +280,121 @@ mod tests {
         let only_retry = parse(&[kv("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")], END);
         assert_eq!(only_retry.retry_after_s, Some(0.0));
         assert!(parse(&[], END).is_empty());
+    }
+
+    fn kv_plain(k: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key_strindex: 0,
+            key: format!("{PREFIX}{k}"),
+            value: Some(AnyValue {
+                value: Some(Value::StringValue(v.into())),
+            }),
+        }
+    }
+
+    /// opentelemetry-util-http (the `requests` / `httpx` instrumentations) turns the dashes of a
+    /// captured header name into underscores; every family must be read under that spelling,
+    /// as a string array and as a plain string.
+    #[test]
+    fn underscore_spellings_of_every_family() {
+        let families: &[(&[(&str, &str)], RateLimit)] = &[
+            (
+                &[
+                    ("x_ratelimit_remaining", "4"),
+                    ("x_ratelimit_limit", "5000"),
+                    ("x_ratelimit_reset", "1800000060"),
+                ],
+                RateLimit {
+                    remaining: Some(4.0),
+                    limit: Some(5000.0),
+                    reset_at_unix_nanos: Some(END + 60_000_000_000),
+                    retry_after_s: None,
+                },
+            ),
+            (
+                &[
+                    ("x_ratelimit_remaining_requests", "59"),
+                    ("x_ratelimit_limit_requests", "60"),
+                    ("x_ratelimit_reset_requests", "1m30s"),
+                ],
+                RateLimit {
+                    remaining: Some(59.0),
+                    limit: Some(60.0),
+                    reset_at_unix_nanos: Some(END + 90_000_000_000),
+                    retry_after_s: None,
+                },
+            ),
+            (
+                &[
+                    ("anthropic_ratelimit_requests_remaining", "10"),
+                    ("anthropic_ratelimit_requests_limit", "50"),
+                    ("anthropic_ratelimit_requests_reset", "2027-01-15T08:00:00Z"),
+                ],
+                RateLimit {
+                    remaining: Some(10.0),
+                    limit: Some(50.0),
+                    reset_at_unix_nanos: chrono::DateTime::parse_from_rfc3339(
+                        "2027-01-15T08:00:00Z",
+                    )
+                    .unwrap()
+                    .timestamp_nanos_opt(),
+                    retry_after_s: None,
+                },
+            ),
+            (
+                &[
+                    ("x_rate_limit_remaining", "7"),
+                    ("x_rate_limit_limit", "900"),
+                    ("x_rate_limit_reset", "30"),
+                ],
+                RateLimit {
+                    remaining: Some(7.0),
+                    limit: Some(900.0),
+                    reset_at_unix_nanos: Some(END + 30_000_000_000),
+                    retry_after_s: None,
+                },
+            ),
+            (
+                &[
+                    ("ratelimit_remaining", "3"),
+                    ("ratelimit_limit", "10"),
+                    ("ratelimit_reset", "5"),
+                ],
+                RateLimit {
+                    remaining: Some(3.0),
+                    limit: Some(10.0),
+                    reset_at_unix_nanos: Some(END + 5_000_000_000),
+                    retry_after_s: None,
+                },
+            ),
+            (
+                &[
+                    ("ratelimit", "\"default\";r=5;t=30"),
+                    ("ratelimit_policy", "\"default\";q=100;w=60"),
+                ],
+                RateLimit {
+                    remaining: Some(5.0),
+                    limit: Some(100.0),
+                    reset_at_unix_nanos: Some(END + 30_000_000_000),
+                    retry_after_s: None,
+                },
+            ),
+            (
+                &[("retry_after", "12")],
+                RateLimit {
+                    remaining: None,
+                    limit: None,
+                    reset_at_unix_nanos: Some(END + 12_000_000_000),
+                    retry_after_s: Some(12.0),
+                },
+            ),
+        ];
+        for (headers, want) in families {
+            let arrays: Vec<_> = headers.iter().map(|(k, v)| kv(k, v)).collect();
+            assert_eq!(&parse(&arrays, END), want, "string arrays: {headers:?}");
+            let plain: Vec<_> = headers.iter().map(|(k, v)| kv_plain(k, v)).collect();
+            assert_eq!(&parse(&plain, END), want, "plain strings: {headers:?}");
+        }
     }
 
     #[test]

@@ -77,13 +77,24 @@ pub(super) fn classify(ctx: SpanCtx<'_>, out: &mut Normalized) {
             span: ctx.span_ref,
         });
     }
-    if let Some(llm) = llm_call(&ctx) {
+    if let Some(llm) = llm_call(&ctx, &mut out.scrubbed) {
         return out.llm_calls.push(llm);
     }
     if let Some(up) = upstream_call(&ctx) {
         return out.upstream_calls.push(up);
     }
     out.drop_span(DropReason::NotModelled);
+}
+
+/// `v`, unless it is a scrubbed placeholder: then none, and the skip is counted.
+fn data<S: AsRef<str>>(v: Option<S>, scrubbed: &mut u64) -> Option<S> {
+    match v {
+        Some(s) if attrs::is_scrubbed(s.as_ref()) => {
+            *scrubbed += 1;
+            None
+        }
+        other => other,
+    }
 }
 
 fn side_of_kind(kind: i32) -> Side {
@@ -126,9 +137,9 @@ fn semconv(ctx: &SpanCtx<'_>, method: &str, out: &mut Normalized) {
     {
         return out.drop_span(DropReason::NestedClientSpan);
     }
-    let tool = get_nonempty(a, "gen_ai.tool.name")
+    let tool = data(get_nonempty(a, "gen_ai.tool.name"), &mut out.scrubbed)
         .map(Cow::into_owned)
-        .or_else(|| tool_from_span_name(&span.name))
+        .or_else(|| data(tool_from_span_name(&span.name), &mut out.scrubbed))
         .unwrap_or_else(|| "(unknown)".to_owned());
     let result_raw = attrs::get(a, "gen_ai.tool.call.result").map(value_as_json_text);
     let result = result_raw.as_deref().map(content::measure_result);
@@ -163,7 +174,7 @@ fn traceloop(ctx: &SpanCtx<'_>, kind: &str, out: &mut Normalized) {
         // `mcp.server`, `mcp.client.session`: wrappers around the tool span.
         return out.drop_span(DropReason::TransportSpan);
     }
-    let tool = get_nonempty(a, "traceloop.entity.name")
+    let tool = data(get_nonempty(a, "traceloop.entity.name"), &mut out.scrubbed)
         .map(Cow::into_owned)
         .or_else(|| ctx.span.name.strip_suffix(".tool").map(str::to_owned))
         .unwrap_or_else(|| "(unknown)".to_owned());
@@ -179,11 +190,14 @@ fn traceloop(ctx: &SpanCtx<'_>, kind: &str, out: &mut Normalized) {
         .map(|i| i.get("arguments").cloned().unwrap_or(Value::Null));
     let output = attrs::get_str(a, "traceloop.entity.output");
     let result = match &output {
+        // The client side keeps only the first content part (`{"result": <its text>}`): whether
+        // the result was empty or an error is known, its size and item count are not.
+        Some(o) if side == Side::Client => Some(content::measure_result(o).partial()),
         Some(o) => Some(content::measure_result(o)),
         // Content capture is on (the input is there) but no output: OpenLLMetry leaves the
         // output out when the result has no content.
         None if input.is_some() && !status_is_error(ctx.span) => Some(ResultShape {
-            bytes: 0,
+            bytes: Some(0),
             items: Some(0),
             empty: true,
             is_error: None,
@@ -224,15 +238,19 @@ fn logfire(ctx: &SpanCtx<'_>, label: &str, side: Side, out: &mut Normalized) {
         });
     }
     let params = request.as_ref().and_then(|r| r.get("params"));
-    let tool = params
-        .and_then(|p| p.get("name").and_then(Value::as_str).map(str::to_owned))
-        .or_else(|| {
-            label
-                .strip_prefix("tools/call ")
-                .map(|t| t.trim().to_owned())
-        })
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| "(unknown)".to_owned());
+    // Logfire scrubs a tool name holding a word like `auth` or `secret`; its span name keeps it.
+    let tool = data(
+        params.and_then(|p| p.get("name").and_then(Value::as_str)),
+        &mut out.scrubbed,
+    )
+    .map(str::to_owned)
+    .or_else(|| {
+        label
+            .strip_prefix("tools/call ")
+            .map(|t| t.trim().to_owned())
+    })
+    .filter(|t| !t.is_empty() && !attrs::is_scrubbed(t))
+    .unwrap_or_else(|| "(unknown)".to_owned());
     let args = params.map(|p| p.get("arguments").cloned().unwrap_or(Value::Null));
     let response = get_nonempty(a, "response");
     let result = response.as_deref().map(content::measure_result);
@@ -266,7 +284,16 @@ fn push_tool_call(
         attrs::get_str(a, "error.type"),
         result.and_then(|r| r.is_error),
     );
-    let (session_key, session_source) = session(ctx);
+    let (session_key, session_source) = session(ctx, &mut out.scrubbed);
+    // Scrubbed arguments would hash equal for distinct calls: such a call gets no hash.
+    let args_hash = match &args {
+        Some(v) if attrs::holds_scrubbed(v) => {
+            out.scrubbed += 1;
+            None
+        }
+        Some(v) => Some(content::args_hash(v)),
+        None => None,
+    };
     let redactor = ctx.opts.redactor.as_ref();
     out.tool_calls.push(ToolCall {
         tool,
@@ -279,7 +306,7 @@ fn push_tool_call(
         request_id: first_nonempty(a, &["jsonrpc.request.id", "mcp.request.id"])
             .map(Cow::into_owned),
         result,
-        args_hash: args.as_ref().map(content::args_hash),
+        args_hash,
         args_redacted: redactor.zip(args.as_ref()).map(|(r, v)| r.redact(v)),
         result_redacted: redactor.zip(result_json.as_ref()).map(|(r, v)| r.redact(v)),
         span: ctx.span_ref.clone(),
@@ -362,25 +389,26 @@ fn exception_type(span: &Span) -> Option<String> {
 
 /// The session key fallback chain: a stable `mcp.session.id`, `gen_ai.conversation.id`,
 /// `session.id`, then the trace id. Under MCP 2026-07-28 and later `mcp.session.id` is a new
-/// random value per request, so it is skipped there.
-fn session(ctx: &SpanCtx<'_>) -> (String, SessionSource) {
+/// random value per request, so it is skipped there. A scrubbed link is skipped (and counted):
+/// every user would share it.
+fn session(ctx: &SpanCtx<'_>, scrubbed: &mut u64) -> (String, SessionSource) {
     let a = &ctx.span.attributes;
-    if let Some(sid) = get_nonempty(a, "mcp.session.id") {
+    if let Some(sid) = data(get_nonempty(a, "mcp.session.id"), scrubbed) {
         let sessionless =
             attrs::get_str(a, "mcp.protocol.version").is_some_and(|v| v.as_ref() >= "2026-07-28");
         if !sessionless {
             return (sid.into_owned(), SessionSource::McpSessionId);
         }
     }
-    common_session(ctx)
+    common_session(ctx, scrubbed)
 }
 
-fn common_session(ctx: &SpanCtx<'_>) -> (String, SessionSource) {
+fn common_session(ctx: &SpanCtx<'_>, scrubbed: &mut u64) -> (String, SessionSource) {
     let a = &ctx.span.attributes;
-    if let Some(c) = get_nonempty(a, "gen_ai.conversation.id") {
+    if let Some(c) = data(get_nonempty(a, "gen_ai.conversation.id"), scrubbed) {
         return (c.into_owned(), SessionSource::ConversationId);
     }
-    if let Some(s) = get_nonempty(a, "session.id") {
+    if let Some(s) = data(get_nonempty(a, "session.id"), scrubbed) {
         return (s.into_owned(), SessionSource::SessionId);
     }
     (hex::encode(ctx.span_ref.trace_id), SessionSource::TraceId)
@@ -399,7 +427,7 @@ const OUTPUT_TOKENS: &[&str] = &[
     "llm.token_count.completion",
 ];
 
-fn llm_call(ctx: &SpanCtx<'_>) -> Option<LlmCall> {
+fn llm_call(ctx: &SpanCtx<'_>, scrubbed: &mut u64) -> Option<LlmCall> {
     let a = &ctx.span.attributes;
     let input = first_i64(a, INPUT_TOKENS);
     let output = first_i64(a, OUTPUT_TOKENS);
@@ -410,7 +438,7 @@ fn llm_call(ctx: &SpanCtx<'_>) -> Option<LlmCall> {
         ),
         (i, o) => (i.unwrap_or(0), o.unwrap_or(0)),
     };
-    let (session_key, session_source) = common_session(ctx);
+    let (session_key, session_source) = common_session(ctx, scrubbed);
     Some(LlmCall {
         model: first_nonempty(
             a,

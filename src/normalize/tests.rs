@@ -262,9 +262,20 @@ fn traceloop_client_spans_carry_arguments_and_results() {
         (Outcome::Error, Some("tool_error"))
     );
     assert_eq!(fail.result.unwrap().is_error, Some(true));
+    // The client keeps only the first content part: not empty, but size and items unknown
+    // (a 5-row result would otherwise count the first row's keys).
     let big = c["big_text"][0].result.unwrap();
     assert!(!big.empty);
-    assert!(big.bytes > 64 * 1024, "{}", big.bytes);
+    assert_eq!((big.bytes, big.items), (None, None));
+    for (tool, calls) in &c {
+        for call in calls
+            .iter()
+            .filter(|c| *tool != "list_items" && c.result.is_some())
+        {
+            let r = call.result.unwrap();
+            assert_eq!((r.bytes, r.items), (None, None), "{tool}: partial content");
+        }
+    }
     // Same arguments, same hash; different arguments, different hash.
     let echo = &c["echo"];
     assert_eq!(echo[0].args_hash, echo[1].args_hash);
@@ -316,7 +327,7 @@ fn logfire_client_and_server_spans() {
     assert_eq!(c["fail_tool"][0].outcome, Outcome::Error);
     assert_eq!(c["fail_tool"][0].error_type.as_deref(), Some("tool_error"));
     assert_eq!(c["echo"][0].args_hash, c["echo"][1].args_hash);
-    assert!(c["big_text"][0].result.unwrap().bytes > 64 * 1024);
+    assert!(c["big_text"][0].result.unwrap().bytes > Some(64 * 1024));
     assert!(
         client
             .mcp_requests
@@ -564,6 +575,83 @@ mod synthetic {
             assert!(n.rejected.iter().any(|(k, v)| *k == r && *v == 1), "{r:?}");
         }
         assert!(n.first_rejection.unwrap().starts_with("invalid_trace_id"));
+    }
+
+    /// Logfire writes `[Scrubbed due to '<word>']` for values it judges sensitive. Such a value
+    /// never becomes a tool name, a session key or an arguments hash; each skip is counted.
+    #[test]
+    fn scrubbed_values_are_not_data() {
+        let n = norm(vec![
+            span(
+                "MCP request: tools/call auth_lookup",
+                SpanKind::Internal,
+                vec![
+                    kv(
+                        "request",
+                        s(
+                            r#"{"method":"tools/call","params":{"name":"[Scrubbed due to 'auth']","arguments":{"user":"[Scrubbed due to 'auth']"}}}"#,
+                        ),
+                    ),
+                    kv("gen_ai.conversation.id", s("[Scrubbed due to 'session']")),
+                ],
+            ),
+            span(
+                "tools/call lookup",
+                SpanKind::Server,
+                vec![
+                    kv("mcp.method.name", s("tools/call")),
+                    kv("gen_ai.tool.name", s("lookup")),
+                    kv("mcp.session.id", s("[Scrubbed due to 'session']")),
+                    kv("session.id", s("user-7")),
+                    kv(
+                        "gen_ai.tool.call.arguments",
+                        s(r#"{"q":"[Scrubbed due to 'password']"}"#),
+                    ),
+                ],
+            ),
+            span(
+                "tools/call lookup",
+                SpanKind::Server,
+                vec![
+                    kv("mcp.method.name", s("tools/call")),
+                    kv("gen_ai.tool.name", s("lookup")),
+                    kv("gen_ai.tool.call.arguments", s(r#"{"q":"plain"}"#)),
+                ],
+            ),
+            span(
+                "chat m",
+                SpanKind::Client,
+                vec![
+                    kv("gen_ai.request.model", s("m")),
+                    kv("gen_ai.usage.input_tokens", Value::IntValue(10)),
+                    kv("session.id", s("[Scrubbed due to 'session']")),
+                ],
+            ),
+        ]);
+        let trace = hex::encode([1u8; 16]);
+        let [logfire, fastmcp, plain] = &n.tool_calls[..] else {
+            panic!("three tool calls: {:?}", n.tool_calls)
+        };
+        assert_eq!(logfire.tool, "auth_lookup", "the span name has the tool");
+        assert_eq!(logfire.args_hash, None, "scrubbed arguments are not hashed");
+        assert_eq!(
+            (logfire.session_key.as_str(), logfire.session_source),
+            (trace.as_str(), SessionSource::TraceId)
+        );
+        assert_eq!(
+            (fastmcp.session_key.as_str(), fastmcp.session_source),
+            ("user-7", SessionSource::SessionId),
+            "the next link of the chain, not a key every user shares"
+        );
+        assert_eq!(fastmcp.args_hash, None);
+        assert!(plain.args_hash.is_some(), "unscrubbed arguments still hash");
+        let llm = &n.llm_calls[0];
+        assert_eq!(
+            (llm.session_key.as_str(), llm.session_source),
+            (trace.as_str(), SessionSource::TraceId)
+        );
+        // tool name, arguments, conversation id; session id, arguments; llm session id.
+        assert_eq!(n.scrubbed, 6);
     }
 
     #[test]

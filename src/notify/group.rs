@@ -92,6 +92,13 @@ impl Group {
                 .zip(a.ends_at)
                 .is_some_and(|(d, end)| add(end, d) > now)
         };
+        // A silenced alert whose news the receiver has not had: its silence may expire or be
+        // expired at any time, and then it goes out at the next group_interval, as in
+        // Alertmanager, not after repeat_interval.
+        let withheld = self
+            .alerts
+            .values()
+            .any(|a| a.status == Status::Firing && a.notified.is_none() && silenced(&a.labels));
         let send: Vec<GroupAlert> = self
             .alerts
             .values()
@@ -122,7 +129,12 @@ impl Group {
             } else {
                 self.last_sent_at.unwrap_or(now)
             };
-            self.flush_at = Some(add(base, timing.repeat_interval));
+            let repeat = add(base, timing.repeat_interval);
+            self.flush_at = Some(if withheld {
+                repeat.min(add(now, timing.group_interval))
+            } else {
+                repeat
+            });
         }
         (!send.is_empty()).then_some(send)
     }
@@ -189,6 +201,29 @@ mod tests {
         // Nothing changes: resent after repeat_interval.
         assert_eq!(g.flush(&T, at(330 + 3599), never), None);
         assert_eq!(fps(g.flush(&T, at(330 + 3600), never)).len(), 3);
+    }
+
+    /// A silence that expires while its alert fires: the alert goes out at the next
+    /// group_interval, as Alertmanager sends it, not after repeat_interval.
+    #[test]
+    fn an_alert_under_an_expiring_silence_is_sent_at_the_next_group_interval() {
+        let mut g = Group::default();
+        let silenced = |_: &BTreeMap<String, String>| true;
+        let never = |_: &BTreeMap<String, String>| false;
+        g.update(alert("a", Status::Firing), &T, at(0));
+        assert_eq!(g.flush(&T, at(30), silenced), None, "silenced");
+        assert_eq!(g.flush_at, Some(at(330)), "checked again at group_interval");
+        assert_eq!(g.flush(&T, at(330), silenced), None, "still silenced");
+        // The silence expired at 400: sent at the next group_interval, 630.
+        assert_eq!(g.flush(&T, at(629), never), None);
+        assert_eq!(
+            fps(g.flush(&T, at(630), never)),
+            [("a".into(), Status::Firing)]
+        );
+        assert_eq!(g.flush_at, Some(at(630 + 3600)), "then repeat_interval");
+        // Still silenced after it was sent once: nothing new is withheld, repeat_interval.
+        assert_eq!(g.flush(&T, at(630 + 3600), silenced), None);
+        assert_eq!(g.flush_at, Some(at(630 + 7200)));
     }
 
     #[test]

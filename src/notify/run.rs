@@ -148,10 +148,14 @@ impl Notifier {
                 continue;
             };
             let Some(timing) = g.timing else { continue };
+            // A due flush changes the group's next flush time even when it sends nothing (all
+            // silenced): that state is saved too, or another replica would wait on the old one.
+            if due(&*g) {
+                touched.insert(id.clone());
+            }
             let Some(alerts) = g.flush(&timing, now, |l| !silenced.by(l).is_empty()) else {
                 continue;
             };
-            touched.insert(id.clone());
             let (name, key) = (&id.0, &id.1);
             match receiver.kind {
                 ReceiverKind::Webhook => {

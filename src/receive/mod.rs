@@ -250,6 +250,9 @@ impl Ingest {
         if records.keys_cut > 0 {
             self.metrics.keys_truncated.inc_by(records.keys_cut);
         }
+        if records.scrubbed > 0 {
+            self.metrics.scrubbed_fields.inc_by(records.scrubbed);
+        }
         let folded = self.guard.apply(&mut records, now, principal.name());
         for (kind, n) in [
             ("service", folded.services),

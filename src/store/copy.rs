@@ -179,7 +179,8 @@ impl CopyBuf {
         values.iter().for_each(|v| self.i64(*v));
     }
 
-    /// minute, service, tool, side, 8 counters, latency_hist, shard.
+    /// minute, service, tool, side, 8 counters, latency_hist, shard, sized_results,
+    /// counted_results.
     #[allow(clippy::too_many_arguments)] // one argument per column
     pub fn tool_rollup(
         &mut self,
@@ -190,8 +191,9 @@ impl CopyBuf {
         counters: &[i64; 8],
         hist: &[i64],
         shard: i16,
+        known: [i64; 2],
     ) {
-        self.row(14);
+        self.row(16);
         self.ts(minute);
         self.name(service);
         self.name(tool);
@@ -199,6 +201,7 @@ impl CopyBuf {
         self.counters(counters);
         self.int8_array(hist);
         self.i16(shard);
+        self.counters(&known);
     }
 
     /// minute, service, method, side, calls, errors, orphans, latency_hist, shard.
@@ -277,7 +280,7 @@ impl CopyBuf {
         self.name(&c.session_key);
         self.name(c.session_source.as_str());
         self.opt_name(c.request_id.as_deref());
-        self.opt_i64(c.result.map(|r| r.bytes));
+        self.opt_i64(c.result.and_then(|r| r.bytes));
         self.opt_i32(c.result.and_then(|r| r.items));
         self.opt_bool(c.result.map(|r| r.empty));
         self.opt_bytes(c.args_hash.as_ref().map(|h| h.as_slice()));

@@ -20,6 +20,7 @@ pub struct ToolSummary {
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Over the results whose size was known.
     pub mean_result_bytes: Option<f64>,
 }
 
@@ -34,7 +35,7 @@ pub async fn tool_summary(pool: &PgPool, since_secs: i64) -> Result<Vec<ToolSumm
                 toolsight_hist_quantile(toolsight_hist_merge(latency_hist), 0.50) AS p50_ms,
                 toolsight_hist_quantile(toolsight_hist_merge(latency_hist), 0.95) AS p95_ms,
                 toolsight_hist_quantile(toolsight_hist_merge(latency_hist), 0.99) AS p99_ms,
-                (sum(result_bytes)::float8 / nullif(sum(with_result), 0))::float8 AS mean_result_bytes
+                (sum(result_bytes)::float8 / nullif(sum(sized_results), 0))::float8 AS mean_result_bytes
          FROM tool_rollup_1m
          WHERE minute >= date_trunc('minute', now() - make_interval(secs => $1))
          GROUP BY service, tool, side

@@ -74,6 +74,9 @@ struct ToolAgg {
     empty_results: i64,
     result_bytes: i64,
     result_items: i64,
+    /// Results whose byte size / item count was known (the divisors of the means).
+    sized_results: i64,
+    counted_results: i64,
     duration_us_sum: i64,
     hist: Hist,
 }
@@ -155,8 +158,14 @@ impl<'a> Rollups<'a> {
             if let Some(res) = c.result {
                 a.with_result += 1;
                 a.empty_results += i64::from(res.empty);
-                a.result_bytes += res.bytes;
-                a.result_items += i64::from(res.items.unwrap_or(0));
+                if let Some(b) = res.bytes {
+                    a.sized_results += 1;
+                    a.result_bytes += b;
+                }
+                if let Some(i) = res.items {
+                    a.counted_results += 1;
+                    a.result_items += i64::from(i);
+                }
             }
             a.duration_us_sum += c.span.duration_us;
             a.hist.add(c.span.duration_us);
@@ -244,6 +253,7 @@ impl<'a> Rollups<'a> {
                 ],
                 &a.hist.0,
                 shard,
+                [a.sized_results, a.counted_results],
             );
         }
         let mut methods: Vec<_> = self.methods.into_iter().collect();

@@ -109,6 +109,8 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
             empty_results = r.empty_results + EXCLUDED.empty_results,
             result_bytes = r.result_bytes + EXCLUDED.result_bytes,
             result_items = r.result_items + EXCLUDED.result_items,
+            sized_results = r.sized_results + EXCLUDED.sized_results,
+            counted_results = r.counted_results + EXCLUDED.counted_results,
             duration_us_sum = r.duration_us_sum + EXCLUDED.duration_us_sum,
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
     ),

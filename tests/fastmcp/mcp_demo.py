@@ -1,20 +1,33 @@
 """A FastMCP 4.x server and client in one process, traced by FastMCP's native OpenTelemetry
-instrumentation and exported with the official OTLP/HTTP exporter to toolsight.
+instrumentation and exported to toolsight with the official OTLP exporter that
+OTEL_EXPORTER_OTLP_PROTOCOL names (grpc, http/protobuf or http/json), to OTEL_EXPORTER_OTLP_ENDPOINT.
+The exporter set-up is the README's, line for line.
 
-Usage: python mcp_demo.py OTLP_TRACES_URL SERVICE_NAME
+Usage: OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 python mcp_demo.py SERVICE_NAME
 """
 import asyncio
+import os
 import sys
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-endpoint, service = sys.argv[1], sys.argv[2]
+protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+if protocol == "grpc":
+    # endpoint http://toolsight-host:4317; needs opentelemetry-exporter-otlp-proto-grpc
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+elif protocol == "http/json":
+    # endpoint http://toolsight-host:4318; needs opentelemetry-exporter-otlp-json-http
+    from opentelemetry.exporter.otlp.json.http.trace_exporter import OTLPSpanExporter
+else:
+    # endpoint http://toolsight-host:4318 (it appends /v1/traces)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+service = sys.argv[1]
 provider = TracerProvider(resource=Resource.create({"service.name": service}))
-provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads OTEL_EXPORTER_OTLP_*
 trace.set_tracer_provider(provider)
 
 # Imported after the tracer provider is set, as FastMCP's docs advise.
