@@ -237,7 +237,10 @@ pub fn check_normalize(req: &ExportTraceServiceRequest) {
         assert!(!c.session_key.is_empty(), "empty session key");
         if let Some(r) = &c.result {
             assert!(r.bytes.is_none_or(|b| b >= 0));
-            assert_eq!(r.empty, r.items == Some(0), "empty vs items: {r:?}");
+            // Items may be unknown (cut, or only part captured); where known they agree.
+            if let Some(items) = r.items {
+                assert_eq!(r.empty, items == 0, "empty vs items: {r:?}");
+            }
         }
         for stored in [&c.args_redacted, &c.result_redacted].into_iter().flatten() {
             assert!(

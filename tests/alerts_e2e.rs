@@ -145,6 +145,38 @@ fn incident_spans(m: &dyn Fn(i64) -> DateTime<Utc>) -> Spans {
             ],
         );
     }
+    // Not loops. A call traced on both sides is one call: three calls with the same arguments
+    // are three, not six. Without captured arguments (FastMCP), successful calls are not "the
+    // same call again": three traced on both sides, and eight with (uncaptured) different
+    // arguments in one session, never fire.
+    for _ in 0..3 {
+        s.both_sides(
+            "lookup",
+            m(15),
+            10,
+            false,
+            vec![
+                attr("gen_ai.conversation.id", json!("sess-both-sides")),
+                attr("gen_ai.tool.call.arguments", json!(r#"{"q":"same"}"#)),
+            ],
+        );
+        s.both_sides(
+            "fetch",
+            m(15),
+            10,
+            false,
+            vec![attr("gen_ai.conversation.id", json!("sess-no-args"))],
+        );
+    }
+    for _ in 0..8 {
+        s.tool(
+            "fetch",
+            m(15),
+            10,
+            false,
+            vec![attr("gen_ai.conversation.id", json!("sess-polling"))],
+        );
+    }
     // Token burn: five sessions of 1,000 tokens, one of 50,000.
     for (i, tokens) in [1000, 1000, 1000, 1000, 1000, 50_000].iter().enumerate() {
         s.push(
@@ -284,6 +316,114 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
             .any(|g| g["name"] == "tool-health"),
         "the service's own rules"
     );
+    svc.stop().await.unwrap();
+}
+
+/// Where arguments are not captured, a loop is the same tool failing or coming back empty
+/// again and again in one session, counted once per call (a call traced on both sides is one),
+/// and the alert says so rather than claiming the same arguments. The backtest agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loops_without_arguments_are_repeated_failures_and_say_so() {
+    let svc = Service::start_with("alerts_loop_words", |c| c.rules.enabled = false).await;
+    let m = minutes_ago();
+    let mut s = Spans::new();
+    for _ in 0..6 {
+        s.both_sides(
+            "flaky",
+            m(15),
+            10,
+            true,
+            vec![attr("gen_ai.conversation.id", json!("sess-flaky"))],
+        );
+        s.tool(
+            "echo",
+            m(15),
+            10,
+            false,
+            vec![
+                attr("gen_ai.conversation.id", json!("sess-echo")),
+                attr("gen_ai.tool.call.arguments", json!(r#"{"q":"same"}"#)),
+            ],
+        );
+    }
+    send(&svc, s).await;
+    let text = "groups:
+  - name: t
+    interval: 1m
+    rules:
+      - alert: Loop
+        kind: retry_loop
+        window: 10m
+        min_repeats: 5
+        min_samples: 5
+        annotations: {summary: 'session {{ $labels.session }} {{ $reason }}'}
+";
+    let rules = vec![("t.yaml".to_string(), parse("t.yaml", text).unwrap())];
+    let mut ev = Evaluator::new(svc.pool.clone(), rules);
+    let fired = ev.evaluate_all_at(m(20)).await.unwrap();
+    let mut got: Vec<(String, Option<f64>, String)> = fired
+        .iter()
+        .map(|n| {
+            (
+                n.labels["session"].clone(),
+                n.value,
+                n.annotations["summary"].clone(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            (
+                "sess-echo".to_string(),
+                Some(6.0),
+                "session sess-echo called echo 6 times with the same arguments".to_string()
+            ),
+            (
+                "sess-flaky".to_string(),
+                Some(6.0),
+                "session sess-flaky got 6 failed or empty results from flaky (its arguments are not captured)"
+                    .to_string()
+            ),
+        ]
+    );
+    // The replay counts the same calls.
+    let dir = std::env::temp_dir().join(format!("toolsight-loop-words-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.yaml");
+    std::fs::write(&file, text).unwrap();
+    let report: Value = serde_json::from_str(&common::output(
+        common::toolsight()
+            .args(["rules", "backtest", "--json", "--rules"])
+            .arg(&file)
+            .args(["--from", &m(20).to_rfc3339(), "--to", &m(21).to_rfc3339()])
+            .env("DATABASE_URL", &svc.database_url),
+    ))
+    .unwrap();
+    let mut replayed: Vec<(String, f64)> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["status"] == "firing")
+        .map(|e| {
+            (
+                e["key"].as_str().unwrap().to_owned(),
+                e["value"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    replayed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(replayed.len(), 2, "{report}");
+    assert!(
+        replayed[0].0.contains("sess-echo") && replayed[0].1 == 6.0,
+        "{report}"
+    );
+    assert!(
+        replayed[1].0.contains("sess-flaky") && replayed[1].1 == 6.0,
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     svc.stop().await.unwrap();
 }
 

@@ -373,6 +373,12 @@ impl Windows for History {
                     .gt_eq(lit(min_repeats))
                     .and(lit(!after_errors_only).or(col("failed").gt(lit(0i64)))),
             )
+            // calls × 2 + same arguments: the most repeated, ties to the same arguments (as the
+            // live query).
+            .with_column(
+                (col("calls") * lit(2i64) + col("args").neq(lit("")).cast(DataType::Int64))
+                    .alias("calls"),
+            )
             .group_by([col("service"), col("tool"), col("session")])
             .agg([col("calls").max()])
             .collect()?;
@@ -381,7 +387,7 @@ impl Windows for History {
             text(&df, "tool")?,
             text(&df, "session")?,
         );
-        let n = ints(&df, "calls")?;
+        let v = ints(&df, "calls")?;
         Ok((0..df.height())
             .map(|i| Observation {
                 labels: labels(&[
@@ -389,10 +395,10 @@ impl Windows for History {
                     ("tool", t[i].clone()),
                     ("session", k[i].clone()),
                 ]),
-                value: n[i] as f64,
-                samples: n[i],
+                value: (v[i] / 2) as f64,
+                samples: v[i] / 2,
                 baseline: None,
-                extra: None,
+                extra: Some((v[i] % 2) as f64),
             })
             .collect())
     }

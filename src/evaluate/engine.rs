@@ -201,6 +201,22 @@ pub fn judge(rule: &Rule, o: &Observation, firing: bool) -> Judged {
             reason,
         };
     }
+    if let Kind::RetryLoop(_) = &rule.kind {
+        let tool = o.labels.get("tool").map_or("the tool", String::as_str);
+        let times = rules::format_value(o.value);
+        return Judged {
+            signal: sig,
+            value: o.value,
+            threshold,
+            reason: if o.extra == Some(0.0) {
+                format!(
+                    "got {times} failed or empty results from {tool} (its arguments are not captured)"
+                )
+            } else {
+                format!("called {tool} {times} times with the same arguments")
+            },
+        };
+    }
     Judged {
         signal: sig,
         value: o.value,

@@ -99,7 +99,7 @@ impl Group {
             .alerts
             .values()
             .any(|a| a.status == Status::Firing && a.notified.is_none() && silenced(&a.labels));
-        let send: Vec<GroupAlert> = self
+        let mut send: Vec<GroupAlert> = self
             .alerts
             .values()
             .filter(|a| !silenced(&a.labels))
@@ -111,6 +111,15 @@ impl Group {
             })
             .cloned()
             .collect();
+        // As Alertmanager's dedup stage: a flush with nothing the receiver has not heard sends
+        // only once repeat_interval has passed since the last notification.
+        let news = send.iter().any(|a| a.notified != Some(a.status));
+        let repeat_due = self
+            .last_sent_at
+            .is_none_or(|t| add(t, timing.repeat_interval) <= now);
+        if !news && !repeat_due {
+            send.clear();
+        }
         if !send.is_empty() {
             self.last_sent_at = Some(now);
             for a in &send {
@@ -124,12 +133,12 @@ impl Group {
         self.alerts
             .retain(|_, a| a.status == Status::Firing || keep_resolved(a));
         if !self.alerts.is_empty() {
-            let base = if send.is_empty() {
-                now
-            } else {
-                self.last_sent_at.unwrap_or(now)
+            let repeat = match self.last_sent_at {
+                Some(sent) if add(sent, timing.repeat_interval) > now => {
+                    add(sent, timing.repeat_interval)
+                }
+                _ => add(now, timing.repeat_interval),
             };
-            let repeat = add(base, timing.repeat_interval);
             self.flush_at = Some(if withheld {
                 repeat.min(add(now, timing.group_interval))
             } else {
@@ -221,9 +230,21 @@ mod tests {
             [("a".into(), Status::Firing)]
         );
         assert_eq!(g.flush_at, Some(at(630 + 3600)), "then repeat_interval");
+        // Beside an alert already sent, a silenced newcomer is looked at every group_interval,
+        // but the one already sent is not sent again before repeat_interval.
+        let only_b = |l: &BTreeMap<String, String>| l["tool"] == "b";
+        g.update(alert("b", Status::Firing), &T, at(700));
+        assert_eq!(g.flush(&T, at(930), only_b), None, "nothing new to say");
+        assert_eq!(g.flush_at, Some(at(1230)));
+        assert_eq!(
+            fps(g.flush(&T, at(1230), never)),
+            [("a".into(), Status::Firing), ("b".into(), Status::Firing)],
+            "b's silence ended: sent at the next group_interval"
+        );
+        assert_eq!(g.flush_at, Some(at(1230 + 3600)));
         // Still silenced after it was sent once: nothing new is withheld, repeat_interval.
-        assert_eq!(g.flush(&T, at(630 + 3600), silenced), None);
-        assert_eq!(g.flush_at, Some(at(630 + 7200)));
+        assert_eq!(g.flush(&T, at(1230 + 3600), silenced), None);
+        assert_eq!(g.flush_at, Some(at(1230 + 7200)));
     }
 
     #[test]

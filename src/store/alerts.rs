@@ -151,8 +151,20 @@ pub async fn rate_limit_headroom(
         .collect())
 }
 
-/// The most repeated identical call per (service, tool, session) in [to - window, to): same
-/// session key, tool and arguments hash (the tool alone where arguments are not captured).
+/// The tool calls (rows of `tool_calls t`) a retry loop counts. A call is one call: its server
+/// row counts only where no client row of the same tool shares its trace (a client and server
+/// both traced, in one service or two, would count it twice). Where the arguments are not
+/// captured, "the same call again" cannot be told from "another call", so only calls that
+/// failed or came back empty count: the same tool failing or empty, again and again.
+pub(crate) const LOOP_CALLS: &str = "(t.side = 'client' OR NOT EXISTS (
+        SELECT 1 FROM tool_calls c
+        WHERE c.trace_id = t.trace_id AND c.side = 'client' AND c.tool = t.tool))
+    AND (t.args_hash IS NOT NULL OR t.outcome <> 'ok' OR t.result_empty IS TRUE)";
+
+/// The most repeated call per (service, tool, session) in [to - window, to): same session
+/// key, tool and arguments hash, or, where arguments are not captured, failed or empty calls of
+/// the tool (see [`LOOP_CALLS`]). `extra` is 1 when the repeats had the same arguments, 0 when
+/// they were failures / empty results without arguments (ties go to the same arguments).
 /// Sessions folded by the cardinality guard are not one session and are left out.
 /// `after_errors_only` counts repeats of calls that failed at least once in the window.
 pub async fn retry_loops(
@@ -162,31 +174,34 @@ pub async fn retry_loops(
     min_repeats: i64,
     after_errors_only: bool,
 ) -> Result<Vec<Observation>, StoreError> {
-    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT service, tool, session_key, max(n)::bigint FROM (
-            SELECT service, tool, session_key, count(*) AS n, count(*) FILTER (WHERE outcome <> 'ok') AS failed
-            FROM tool_calls
+    let sql = format!(
+        "SELECT service, tool, session_key, max(n * 2 + same_args::int)::bigint FROM (
+            SELECT service, tool, session_key, count(*) AS n,
+                   count(*) FILTER (WHERE outcome <> 'ok') AS failed,
+                   bool_or(args_hash IS NOT NULL) AS same_args
+            FROM tool_calls t
             WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
-              AND session_key <> $5
+              AND session_key <> $5 AND {LOOP_CALLS}
             GROUP BY service, tool, session_key, coalesce(args_hash, '\\x'::bytea)) c
          WHERE n >= $3 AND (NOT $4 OR failed > 0)
-         GROUP BY 1, 2, 3",
-    )
-    .bind(to)
-    .bind(window_secs)
-    .bind(min_repeats)
-    .bind(after_errors_only)
-    .bind(OVERFLOW)
-    .fetch_all(pool)
-    .await?;
+         GROUP BY 1, 2, 3"
+    );
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .bind(min_repeats)
+        .bind(after_errors_only)
+        .bind(OVERFLOW)
+        .fetch_all(pool)
+        .await?;
     Ok(rows
         .into_iter()
-        .map(|(service, tool, session, n)| Observation {
+        .map(|(service, tool, session, v)| Observation {
             labels: labels(&[("service", service), ("tool", tool), ("session", session)]),
-            value: n as f64,
-            samples: n,
+            value: (v / 2) as f64,
+            samples: v / 2,
             baseline: None,
-            extra: None,
+            extra: Some((v % 2) as f64),
         })
         .collect())
 }

@@ -151,24 +151,28 @@ pub async fn upstream_minutes(
     Ok(out)
 }
 
-/// Tool calls in [from, to) counted per second and identical call (retry loops).
+/// Tool calls in [from, to) counted per second and identical call (retry loops): the calls
+/// [`super::alerts::LOOP_CALLS`] counts, as the live rule does.
 pub async fn call_seconds(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<CallSeconds, StoreError> {
     let mut out = CallSeconds::default();
-    let mut rows = sqlx::query_as::<_, (i64, String, String, String, String, i64, i64)>(
+    let sql = format!(
         "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, tool, session_key,
                 encode(coalesce(args_hash, '\\x'::bytea), 'hex'),
                 count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint
-         FROM tool_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
+         FROM tool_calls t WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
+           AND {}
          GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
-    )
-    .bind(from)
-    .bind(to)
-    .bind(OVERFLOW)
-    .fetch(pool);
+        super::alerts::LOOP_CALLS
+    );
+    let mut rows = sqlx::query_as::<_, (i64, String, String, String, String, i64, i64)>(&sql)
+        .bind(from)
+        .bind(to)
+        .bind(OVERFLOW)
+        .fetch(pool);
     while let Some((t, service, tool, session, args, calls, failed)) = rows.try_next().await? {
         out.t_ms.push(t);
         out.service.push(service);

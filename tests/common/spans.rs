@@ -76,6 +76,27 @@ impl Spans {
         self.push(&format!("tools/call {tool}"), 2, minute, ms, error, a);
     }
 
+    /// One call traced on both sides, in one trace: the client span (CLIENT) and the server
+    /// span it caused (SERVER, its child), as an MCP client and server of one service emit.
+    pub fn both_sides(
+        &mut self,
+        tool: &str,
+        minute: DateTime<Utc>,
+        ms: u64,
+        error: bool,
+        extra: Vec<Value>,
+    ) {
+        self.tool(tool, minute, ms, error, extra);
+        let mut client = self.spans.last().cloned().unwrap();
+        self.n += 1;
+        client["kind"] = json!(3);
+        client["spanId"] = json!(format!("{:016x}", self.n));
+        if let Some(server) = self.spans.last_mut() {
+            server["parentSpanId"] = client["spanId"].clone();
+        }
+        self.spans.push(client);
+    }
+
     pub fn body(&self) -> Vec<u8> {
         self.body_for("svc")
     }
