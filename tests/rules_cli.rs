@@ -64,7 +64,7 @@ fn rule_unit_tests_pass_and_fail() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.test.yaml");
     let (ok, out) = rules("test", &[path]);
     assert!(ok, "{out}");
-    assert!(out.contains("7 passed, 0 failed"), "{out}");
+    assert!(out.contains("8 passed, 0 failed"), "{out}");
 
     let dir = std::env::temp_dir().join(format!("toolsight-ruletest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

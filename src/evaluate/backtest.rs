@@ -295,6 +295,7 @@ impl Windows for History {
         to: DateTime<Utc>,
         window: Duration,
         quantile: f64,
+        z: f64,
         baseline_to: Option<DateTime<Utc>>,
     ) -> PolarsResult<Vec<Observation>> {
         let current = self.histograms(to, window)?;
@@ -313,7 +314,13 @@ impl Windows for History {
             let b = base
                 .get(&key)
                 .and_then(|h| rollup::hist_quantile(h, quantile));
-            out.push(tool_observation(key, v, calls, b));
+            let lower_rank = crate::evaluate::engine::quantile_lower_rank(quantile, z, calls);
+            let lo = current
+                .get(&key)
+                .and_then(|h| rollup::hist_quantile(h, lower_rank));
+            let mut o = tool_observation(key, v, calls, b);
+            o.extra = lo;
+            out.push(o);
         }
         Ok(out)
     }

@@ -19,12 +19,15 @@ pub(crate) trait Windows {
     type Error: std::fmt::Display;
 
     /// A latency quantile (ms) per tool, with the same quantile over the window ending at
-    /// `baseline_to` in `baseline`.
+    /// `baseline_to` in `baseline`, and in `extra` its lower confidence bound: the quantile at
+    /// rank `quantile - z·sqrt(quantile·(1 - quantile)/n)` (distribution-free; `z` = 0: the
+    /// quantile itself).
     async fn latency(
         &mut self,
         to: DateTime<Utc>,
         window: Duration,
         quantile: f64,
+        z: f64,
         baseline_to: Option<DateTime<Utc>>,
     ) -> Result<Vec<Observation>, Self::Error>;
     async fn error_rate(
@@ -68,9 +71,10 @@ impl Windows for Live<'_> {
         to: DateTime<Utc>,
         window: Duration,
         quantile: f64,
+        z: f64,
         baseline_to: Option<DateTime<Utc>>,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::latency(self.0, to, window.as_secs_f64(), quantile, baseline_to).await
+        alerts::latency(self.0, to, window.as_secs_f64(), quantile, z, baseline_to).await
     }
     async fn error_rate(
         &mut self,
@@ -138,7 +142,8 @@ pub(crate) async fn observe<W: Windows>(
                 .regression
                 .as_ref()
                 .map(|r| to_dt(engine::baseline_end_ms(r.baseline, now_ms, window_ms)));
-            let mut obs = w.latency(now, window, l.quantile, baseline).await?;
+            let z = rule.confidence.map_or(0.0, engine::z_of);
+            let mut obs = w.latency(now, window, l.quantile, z, baseline).await?;
             // `both`: the worse of the previous window and the same window a week ago.
             if l.regression
                 .as_ref()
@@ -149,7 +154,9 @@ pub(crate) async fn observe<W: Windows>(
                     now_ms,
                     window_ms,
                 ));
-                let week = w.latency(now, window, l.quantile, Some(week_end)).await?;
+                let week = w
+                    .latency(now, window, l.quantile, z, Some(week_end))
+                    .await?;
                 for o in &mut obs {
                     let b = week
                         .iter()

@@ -64,6 +64,7 @@ const COMMON_KEYS: &[&str] = &[
     "for",
     "keep_firing_for",
     "min_samples",
+    "confidence",
     "match",
     "labels",
     "annotations",
@@ -114,6 +115,12 @@ pub struct Common {
     /// Fewer samples than this in the window: no verdict (never fires, resolves a firing alert).
     #[serde(default = "default_min_samples")]
     pub min_samples: u64,
+    /// Fire only when the value is above its threshold with this confidence, from the sample
+    /// count: for rates (`error_rate`, `empty_results`) the Wilson score lower bound, for a
+    /// `latency` quantile the sample quantile at the lower rank `q - z·sqrt(q(1-q)/n)`.
+    /// None: the value itself.
+    #[serde(default)]
+    pub confidence: Option<f64>,
     /// Only keys whose labels equal these (e.g. `service: search-mcp`).
     #[serde(default, rename = "match")]
     pub matchers: BTreeMap<String, String>,
@@ -534,6 +541,27 @@ fn validate(file: &str, text: &str, f: &RuleFile) -> Vec<Problem> {
             if r.min_samples == 0 {
                 push(rline, format!("{ctx}: min_samples must be at least 1"));
             }
+            if let Some(c) = r.confidence {
+                if !(0.5..1.0).contains(&c) {
+                    push(
+                        rline,
+                        format!(
+                            "{ctx}: confidence must be at least 0.5 and below 1 (0.95 is usual)"
+                        ),
+                    );
+                }
+                if !matches!(
+                    r.kind,
+                    Kind::ErrorRate(_) | Kind::EmptyResults(_) | Kind::Latency(_)
+                ) {
+                    push(
+                        rline,
+                        format!(
+                            "{ctx}: confidence applies to error_rate, empty_results and latency rules"
+                        ),
+                    );
+                }
+            }
             for (k, _) in r.labels.iter().filter(|(k, _)| k.as_str() == "alertname") {
                 push(rline, format!("{ctx}: label {k:?} is reserved"));
             }
@@ -765,7 +793,8 @@ mod tests {
                 clear_below: Some(0.03)
             })
         );
-        assert_eq!(error_rate.for_, Duration::from_secs(300));
+        assert_eq!(error_rate.for_, Duration::from_secs(120));
+        assert_eq!(error_rate.confidence, Some(0.999));
     }
 
     #[test]

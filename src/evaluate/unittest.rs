@@ -254,7 +254,7 @@ mod tests {
             rules::parse("d", include_str!("../../alerts/default.yaml")).unwrap(),
         )];
         let case: TestCase = serde_yaml_ng::from_str(
-            "name: wrong\ninput:\n  - alert: ToolErrorRate\n    labels: {service: s, tool: t, side: server}\n    values: 0.2x3\nexpect:\n  - at: 2m\n    firing: [{alertname: ToolErrorRate}]\n",
+            "name: wrong\ninput:\n  - alert: ToolErrorRate\n    labels: {service: s, tool: t, side: server}\n    values: 0.2x3\nexpect:\n  - at: 1m\n    firing: [{alertname: ToolErrorRate}]\n",
         )
         .unwrap();
         let failures = run_case(&files, &case).unwrap();

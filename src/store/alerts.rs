@@ -52,11 +52,14 @@ pub async fn latency(
     to: DateTime<Utc>,
     window_secs: f64,
     quantile: f64,
+    z: f64,
     baseline_to: Option<DateTime<Utc>>,
 ) -> Result<Vec<Observation>, StoreError> {
     let sql = format!(
         "WITH cur AS (
-            SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist), $3) AS v, sum(calls)::bigint AS n
+            SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist), $3) AS v, sum(calls)::bigint AS n,
+                   toolsight_hist_quantile(toolsight_hist_merge(latency_hist),
+                       greatest(0, $3 - $5 * sqrt($3 * (1 - $3) / greatest(sum(calls), 1)::float8))) AS lo
             FROM tool_rollup_1m WHERE {RANGE} GROUP BY 1, 2, 3),
          base AS (
             SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist), $3) AS v
@@ -64,17 +67,28 @@ pub async fn latency(
             WHERE $4::timestamptz IS NOT NULL
               AND minute >= date_trunc('minute', $4::timestamptz - make_interval(secs => $2)) AND minute < $4::timestamptz
             GROUP BY 1, 2, 3)
-         SELECT cur.service, cur.tool, cur.side, cur.v, cur.n, base.v FROM cur LEFT JOIN base USING (service, tool, side)
+         SELECT cur.service, cur.tool, cur.side, cur.v, cur.n, base.v, cur.lo FROM cur LEFT JOIN base USING (service, tool, side)
          WHERE cur.v IS NOT NULL"
     );
-    let rows: Vec<(String, String, String, f64, i64, Option<f64>)> = sqlx::query_as(&sql)
-        .bind(to)
-        .bind(window_secs)
-        .bind(quantile)
-        .bind(baseline_to)
-        .fetch_all(pool)
-        .await?;
-    Ok(per_tool(rows))
+    let rows: Vec<(String, String, String, f64, i64, Option<f64>, Option<f64>)> =
+        sqlx::query_as(&sql)
+            .bind(to)
+            .bind(window_secs)
+            .bind(quantile)
+            .bind(baseline_to)
+            .bind(z)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(service, tool, side, v, n, b, lo)| Observation {
+            labels: labels(&[("service", service), ("tool", tool), ("side", side)]),
+            value: v,
+            samples: n,
+            baseline: b,
+            extra: lo,
+        })
+        .collect())
 }
 
 /// errors / calls per (service, tool, side).
