@@ -70,15 +70,16 @@ pub async fn latency(
          SELECT cur.service, cur.tool, cur.side, cur.v, cur.n, base.v, cur.lo FROM cur LEFT JOIN base USING (service, tool, side)
          WHERE cur.v IS NOT NULL"
     );
-    let rows: Vec<(String, String, String, f64, i64, Option<f64>, Option<f64>)> =
-        sqlx::query_as(&sql)
-            .bind(to)
-            .bind(window_secs)
-            .bind(quantile)
-            .bind(baseline_to)
-            .bind(z)
-            .fetch_all(pool)
-            .await?;
+    /// service, tool, side, quantile, calls, baseline quantile, lower bound.
+    type Row = (String, String, String, f64, i64, Option<f64>, Option<f64>);
+    let rows: Vec<Row> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .bind(quantile)
+        .bind(baseline_to)
+        .bind(z)
+        .fetch_all(pool)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|(service, tool, side, v, n, b, lo)| Observation {
