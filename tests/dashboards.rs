@@ -480,7 +480,7 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
         .await
         .unwrap()
         .get("p95_ms");
-    let rule = toolsight::store::alerts::latency(&svc.pool, end, 600.0, 0.95, None)
+    let rule = toolsight::store::alerts::latency(&svc.pool, end, 600.0, 0.95, 0.0, None)
         .await
         .unwrap();
     let rule_p95 = rule
