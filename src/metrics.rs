@@ -8,6 +8,11 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
     pub transport: &'static str,
 }
@@ -98,6 +103,8 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabel, Counter>,
     pub keys_truncated: Counter,
     pub scrubbed_fields: Counter,
+    pub evaluations_missed: Family<GroupLabel, Counter>,
+    pub evaluation_lag: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub task_failures: Family<TaskLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
     pub connections_closed: Family<ConnLabel, Counter>,
@@ -139,6 +146,8 @@ impl Metrics {
             reloads: Family::default(),
             keys_truncated: Counter::default(),
             scrubbed_fields: Counter::default(),
+            evaluations_missed: Family::default(),
+            evaluation_lag: Family::default(),
             task_failures: Family::default(),
             connections_open: Family::default(),
             connections_closed: Family::default(),
@@ -258,6 +267,16 @@ impl Metrics {
             "keys_truncated",
             "keys (service, tool, session, model, upstream, ...) longer than their bound, stored cut with a hash suffix",
             m.keys_truncated.clone(),
+        );
+        registry.register(
+            "rule_evaluations_missed",
+            "aligned evaluation instants of a rule group that were skipped because its previous evaluation was still running or the evaluator was late",
+            m.evaluations_missed.clone(),
+        );
+        registry.register(
+            "rule_evaluation_lag_seconds",
+            "how long after its aligned instant the last evaluation of a rule group started",
+            m.evaluation_lag.clone(),
         );
         registry.register(
             "spans_scrubbed_fields",

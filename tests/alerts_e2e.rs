@@ -610,6 +610,102 @@ async fn the_live_loop_fires_on_fresh_failures() {
     svc.stop().await.unwrap();
 }
 
+/// Groups evaluate independently: a group whose query is stuck (its table locked) neither
+/// delays another group's alert nor hides that it is stuck: each instant it cannot run is
+/// counted in `toolsight_rule_evaluations_missed_total{group}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_group_delays_no_other_and_its_missed_instants_are_counted() {
+    let dir = std::env::temp_dir().join(format!("toolsight-stuck-group-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("groups.yaml");
+    std::fs::write(
+        &path,
+        "groups:
+  - name: stuck
+    interval: 1s
+    rules:
+      - alert: Headroom
+        kind: rate_limit_headroom
+        window: 1m
+        remaining_below: 0.1
+        min_samples: 1
+  - name: live
+    interval: 1s
+    rules:
+      - alert: LiveErrors
+        kind: error_rate
+        window: 1m
+        fire_above: 0.5
+        min_samples: 5
+        for: 3s
+",
+    )
+    .unwrap();
+    let svc =
+        Service::start_with("alerts_stuck_group", |c| c.rules.files = vec![path.clone()]).await;
+    let mut s = Spans::new();
+    let now = Utc::now() - chrono::Duration::seconds(2);
+    for _ in 0..10 {
+        s.tool("flaky", now, 20, true, vec![]);
+    }
+    send(&svc, s).await;
+    // Stored; now the stuck group's table is locked (its query waits as long as the lock is
+    // held), and the live alert needs 3 s more of evaluations to fire.
+    let mut blocker = svc.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE upstream_rollup_1m IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    eventually(
+        "the other group's alert to fire while one group is stuck",
+        || async {
+            let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            api["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| a["alert"] == "LiveErrors" && a["state"] == "firing")
+                .cloned()
+        },
+    )
+    .await;
+    eventually("the stuck group's missed instants, counted", || async {
+        let missed = common::sample(
+            &svc.metrics().await,
+            "toolsight_rule_evaluations_missed_total{group=\"stuck\"}",
+        )?;
+        (missed >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        common::sample(
+            &svc.metrics().await,
+            "toolsight_rule_evaluations_missed_total{group=\"live\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "the live group missed nothing"
+    );
+    // Unlocked, the stuck group evaluates again.
+    blocker.rollback().await.unwrap();
+    eventually("the stuck group to evaluate again", || async {
+        let at: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT max(last_evaluation) FROM rule_health WHERE group_name = 'stuck'",
+        )
+        .fetch_one(&svc.pool)
+        .await
+        .ok()?;
+        at.filter(|t| *t > Utc::now() - chrono::Duration::seconds(5))
+    })
+    .await;
+    svc.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The backend pid holding the evaluator lock, if any.
 async fn lock_holder(pool: &sqlx::PgPool) -> Option<i32> {
     // Advisory locks are per database; other tests' evaluators hold theirs elsewhere.

@@ -31,10 +31,15 @@ pub fn load_rules(
     super::rules::load(files)
 }
 
+/// The alert states of one group. Groups evaluate independently (each on its own schedule, in
+/// its own task in the live loop), so each owns its states.
+type GroupState = std::sync::Arc<tokio::sync::Mutex<Alerts>>;
+
 pub struct Evaluator {
     pool: PgPool,
     groups: Vec<Group>,
-    alerts: Alerts,
+    /// One per group, in the order of `groups`.
+    states: Vec<GroupState>,
 }
 
 fn phase_of(s: &str) -> Phase {
@@ -48,10 +53,11 @@ fn phase_of(s: &str) -> Phase {
 
 impl Evaluator {
     pub fn new(pool: PgPool, files: Vec<(String, RuleFile)>) -> Evaluator {
+        let groups: Vec<Group> = files.into_iter().flat_map(|(_, f)| f.groups).collect();
         Evaluator {
             pool,
-            groups: files.into_iter().flat_map(|(_, f)| f.groups).collect(),
-            alerts: Alerts::default(),
+            states: groups.iter().map(|_| GroupState::default()).collect(),
+            groups,
         }
     }
 
@@ -59,32 +65,33 @@ impl Evaluator {
         &self.groups
     }
 
+    /// The group that holds rule `alert`.
+    fn group_of(&self, alert: &str) -> Option<usize> {
+        self.groups
+            .iter()
+            .position(|g| g.rules.iter().any(|r| r.alert == alert))
+    }
+
     /// Replaces the rules. Alerts of rules that no longer exist are forgotten (and deleted from
-    /// the stored state), so they do not stay firing forever.
+    /// the stored state), so they do not stay firing forever; the others follow their rule.
     pub async fn replace_rules(
         &mut self,
         files: Vec<(String, RuleFile)>,
     ) -> Result<(), StoreError> {
+        let mut tracked = Alerts::default();
+        for s in &self.states {
+            tracked.map.extend(s.lock().await.map.drain());
+        }
         self.groups = files.into_iter().flat_map(|(_, f)| f.groups).collect();
-        let names: std::collections::HashSet<&str> = self
-            .groups
-            .iter()
-            .flat_map(|g| &g.rules)
-            .map(|r| r.alert.as_str())
-            .collect();
-        let gone: Vec<(String, String)> = self
-            .alerts
-            .map
-            .keys()
-            .filter(|(a, _)| !names.contains(a.as_str()))
-            .cloned()
-            .collect();
-        let deleted: Vec<StoredAlert> = gone
-            .iter()
-            .map(|(alert, key)| StoredAlert::forgotten(alert, key, ""))
-            .collect();
-        for k in &gone {
-            self.alerts.map.remove(k);
+        self.states = self.groups.iter().map(|_| GroupState::default()).collect();
+        let mut deleted = Vec::new();
+        for ((alert, key), t) in tracked.map {
+            match self.group_of(&alert) {
+                Some(g) => {
+                    self.states[g].lock().await.map.insert((alert, key), t);
+                }
+                None => deleted.push(StoredAlert::forgotten(&alert, &key, "")),
+            }
         }
         let mut conn = self.pool.acquire().await?;
         alerts::save_evaluation(&mut conn, &deleted, &[], &[]).await
@@ -93,9 +100,16 @@ impl Evaluator {
     /// Loads the persisted alert states (after a restart, or on becoming the leader).
     pub async fn restore(&mut self) -> Result<usize, StoreError> {
         let rows = alerts::load_alerts(&self.pool).await?;
-        self.alerts = Alerts::default();
+        for s in &self.states {
+            *s.lock().await = Alerts::default();
+        }
+        let mut restored = 0;
         for r in &rows {
-            self.alerts.map.insert(
+            let Some(g) = self.group_of(&r.alert) else {
+                continue;
+            };
+            restored += 1;
+            self.states[g].lock().await.map.insert(
                 (r.alert.clone(), r.key.clone()),
                 Tracked {
                     group: r.group_name.clone(),
@@ -111,7 +125,7 @@ impl Evaluator {
                 },
             );
         }
-        Ok(rows.len())
+        Ok(restored)
     }
 
     /// Evaluates every group at `now` (tests and replays); the loop evaluates each group on its
@@ -131,61 +145,82 @@ impl Evaluator {
         group: usize,
         now: DateTime<Utc>,
     ) -> Result<Vec<Notice>, StoreError> {
-        let g = self.groups[group].clone();
-        let out = observe::evaluate_group(&mut Live(&self.pool), &g, &mut self.alerts, now).await;
-        let (notices, changed) = (out.notices, out.changed);
-        let health: Vec<alerts::HealthUpdate> = out
-            .rules
-            .into_iter()
-            .map(|r| (g.name.clone(), r.alert, r.error, now, r.elapsed_ms))
-            .collect();
-        let states: Vec<StoredAlert> = changed
-            .iter()
-            .map(
-                |(alert, key)| match self.alerts.map.get(&(alert.clone(), key.clone())) {
-                    Some(t) => StoredAlert {
-                        alert: alert.clone(),
-                        key: key.clone(),
-                        group_name: t.group.clone(),
-                        labels: sqlx::types::Json(t.labels.clone()),
-                        phase: t.state.phase.as_str().to_owned(),
-                        active_since: t.state.active_since_ms.map(to_dt),
-                        fired_at: t.state.fired_at_ms.map(to_dt),
-                        last_held: t.state.last_held_ms.map(to_dt),
-                        resolved_at: t.state.resolved_at_ms.map(to_dt),
-                        value: t.state.value,
-                    },
-                    None => StoredAlert::forgotten(alert, key, &g.name),
-                },
-            )
-            .collect();
-        let events: Vec<NewEvent> = notices
-            .iter()
-            .map(|n| {
-                let (status, since, at) = match n.event {
-                    Event::Firing { since_ms, at_ms } => ("firing", since_ms, at_ms),
-                    Event::Resolved { since_ms, at_ms } => ("resolved", since_ms, at_ms),
-                };
-                NewEvent {
-                    alert: n.alert.clone(),
-                    key: n.key.clone(),
-                    labels: n.labels.clone(),
-                    annotations: n.annotations.clone(),
-                    status,
-                    value: n.value,
-                    threshold: n.threshold,
-                    since: to_dt(since),
-                    at: to_dt(at),
-                }
-            })
-            .collect();
-        let mut conn = self.pool.acquire().await?;
-        alerts::save_evaluation(&mut conn, &states, &events, &health).await?;
-        for n in &notices {
-            tracing::info!(alert = %n.alert, key = %n.key, event = ?n.event, value = ?n.value, "alert state changed");
-        }
-        Ok(notices)
+        evaluate_group(
+            &self.pool,
+            &self.groups[group],
+            &self.states[group],
+            now,
+            None,
+        )
+        .await
     }
+}
+
+/// Evaluates `g` at the aligned instant `now` and saves the outcome. `late` is how long after
+/// `now` the live loop started it: recorded in the rule health, so the evaluation time shown is
+/// the one it really ran at.
+async fn evaluate_group(
+    pool: &PgPool,
+    g: &Group,
+    state: &GroupState,
+    now: DateTime<Utc>,
+    late: Option<chrono::Duration>,
+) -> Result<Vec<Notice>, StoreError> {
+    let mut tracked = state.lock().await;
+    let out = observe::evaluate_group(&mut Live(pool), g, &mut tracked, now).await;
+    let (notices, changed) = (out.notices, out.changed);
+    let ran_at = now + late.unwrap_or_default();
+    let health: Vec<alerts::HealthUpdate> = out
+        .rules
+        .into_iter()
+        .map(|r| (g.name.clone(), r.alert, r.error, ran_at, r.elapsed_ms))
+        .collect();
+    let states: Vec<StoredAlert> = changed
+        .iter()
+        .map(
+            |(alert, key)| match tracked.map.get(&(alert.clone(), key.clone())) {
+                Some(t) => StoredAlert {
+                    alert: alert.clone(),
+                    key: key.clone(),
+                    group_name: t.group.clone(),
+                    labels: sqlx::types::Json(t.labels.clone()),
+                    phase: t.state.phase.as_str().to_owned(),
+                    active_since: t.state.active_since_ms.map(to_dt),
+                    fired_at: t.state.fired_at_ms.map(to_dt),
+                    last_held: t.state.last_held_ms.map(to_dt),
+                    resolved_at: t.state.resolved_at_ms.map(to_dt),
+                    value: t.state.value,
+                },
+                None => StoredAlert::forgotten(alert, key, &g.name),
+            },
+        )
+        .collect();
+    let events: Vec<NewEvent> = notices
+        .iter()
+        .map(|n| {
+            let (status, since, at) = match n.event {
+                Event::Firing { since_ms, at_ms } => ("firing", since_ms, at_ms),
+                Event::Resolved { since_ms, at_ms } => ("resolved", since_ms, at_ms),
+            };
+            NewEvent {
+                alert: n.alert.clone(),
+                key: n.key.clone(),
+                labels: n.labels.clone(),
+                annotations: n.annotations.clone(),
+                status,
+                value: n.value,
+                threshold: n.threshold,
+                since: to_dt(since),
+                at: to_dt(at),
+            }
+        })
+        .collect();
+    let mut conn = pool.acquire().await?;
+    alerts::save_evaluation(&mut conn, &states, &events, &health).await?;
+    for n in &notices {
+        tracing::info!(alert = %n.alert, key = %n.key, event = ?n.event, value = ?n.value, "alert state changed");
+    }
+    Ok(notices)
 }
 
 /// The next multiple of `interval` after `now` (evaluations happen on aligned instants).
@@ -225,6 +260,8 @@ pub async fn run(
         .clone();
     let mut leader: Option<sqlx::PgConnection> = None;
     let mut due: HashMap<usize, DateTime<Utc>> = HashMap::new();
+    // The group evaluations in flight, by group index.
+    let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut seen = stamps(&source.files);
     let mut last_check = Instant::now();
     loop {
@@ -239,6 +276,10 @@ pub async fn run(
                     Ok(files) => {
                         if let Ok(mut shared) = source.shared.write() {
                             *shared = files.clone();
+                        }
+                        // The group indices change: let the running evaluations finish first.
+                        for (_, h) in running.drain() {
+                            let _ = h.await;
                         }
                         match ev.replace_rules(files).await {
                             Ok(()) => tracing::info!("rule files reloaded"),
@@ -271,21 +312,69 @@ pub async fn run(
                 tracing::warn!("lost the evaluator lock connection; standing by");
                 role.set(0);
                 leader = None;
+                for (_, h) in running.drain() {
+                    h.abort();
+                }
                 continue;
             }
             let now = Utc::now();
-            for (i, g) in ev.groups().to_vec().iter().enumerate() {
+            for (i, g) in ev.groups.iter().enumerate() {
                 let at = *due.entry(i).or_insert_with(|| next_tick(now, g.interval));
-                if now >= at {
-                    if let Err(e) = ev.evaluate_group_at(i, at).await {
-                        tracing::warn!(group = %g.name, error = %e, "saving the evaluation failed");
-                    }
-                    due.insert(i, next_tick(Utc::now().max(at), g.interval));
+                if now < at {
+                    continue;
                 }
+                let label = crate::metrics::GroupLabel {
+                    group: g.name.clone(),
+                };
+                // Each group in its own task: a slow group never delays another. A group still
+                // running at its next instant skips that instant, counted.
+                let busy = running.get(&i).is_some_and(|h| !h.is_finished());
+                let next = next_tick(now, g.interval);
+                let skipped = (now - at).num_milliseconds() / g.interval.as_millis().max(1) as i64;
+                if busy {
+                    metrics
+                        .evaluations_missed
+                        .get_or_create(&label)
+                        .inc_by(1 + skipped as u64);
+                    tracing::warn!(group = %g.name, at = %at, "rule group still evaluating its previous instant; this one is skipped");
+                    due.insert(i, next);
+                    continue;
+                }
+                if skipped > 0 {
+                    metrics
+                        .evaluations_missed
+                        .get_or_create(&label)
+                        .inc_by(skipped as u64);
+                    tracing::warn!(group = %g.name, skipped, "rule group evaluations skipped: the evaluator was late");
+                }
+                // The latest instant due, not an old one: evaluating late data as of a past
+                // instant would only delay the news.
+                let at = next - chrono::Duration::milliseconds(g.interval.as_millis() as i64);
+                let late = now - at;
+                metrics
+                    .evaluation_lag
+                    .get_or_create(&label)
+                    .set(late.num_milliseconds() as f64 / 1000.0);
+                let (pool, group, state) = (ev.pool.clone(), g.clone(), ev.states[i].clone());
+                running.insert(
+                    i,
+                    tokio::spawn(async move {
+                        if let Err(e) = evaluate_group(&pool, &group, &state, at, Some(late)).await {
+                            tracing::warn!(group = %group.name, error = %e, "saving the evaluation failed");
+                        }
+                    }),
+                );
+                due.insert(i, next);
             }
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                // Evaluations in flight finish (or are dropped, rolled back, after 10 s).
+                for (_, h) in running.drain() {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+                }
+                return;
+            }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
