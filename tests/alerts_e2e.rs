@@ -177,6 +177,20 @@ fn incident_spans(m: &dyn Fn(i64) -> DateTime<Utc>) -> Spans {
             vec![attr("gen_ai.conversation.id", json!("sess-polling"))],
         );
     }
+    // Polling, not a loop: a job-status tool asked with the same job id every 45 s, answering
+    // each time (13 calls in the 10-minute window).
+    for i in 0..13 {
+        s.tool(
+            "job_status",
+            m(10) + chrono::Duration::seconds(5 + 45 * i),
+            10,
+            false,
+            vec![
+                attr("gen_ai.conversation.id", json!("sess-job")),
+                attr("gen_ai.tool.call.arguments", json!(r#"{"job":"42"}"#)),
+            ],
+        );
+    }
     // Token burn: five sessions of 1,000 tokens, one of 50,000.
     for (i, tokens) in [1000, 1000, 1000, 1000, 1000, 50_000].iter().enumerate() {
         s.push(

@@ -166,6 +166,7 @@ impl History {
                 Column::new("args".into(), c.args),
                 Column::new("calls".into(), c.calls),
                 Column::new("failed".into(), c.failed),
+                Column::new("stuck".into(), c.stuck),
             ],
         )?;
         let k = history::token_seconds(pool, from, to).await?;
@@ -369,16 +370,31 @@ impl Windows for History {
         window: Duration,
         min_repeats: i64,
         after_errors_only: bool,
+        polling_interval: Duration,
     ) -> PolarsResult<Vec<Observation>> {
+        // Repeats all successful with content, `polling_interval` or more apart on average
+        // (whole seconds), are polling: as the live query.
+        let polling_ms = polling_interval.as_secs_f64() * 1000.0;
         let df = self
             .calls
             .seconds(to, window)
             .group_by([col("service"), col("tool"), col("session"), col("args")])
-            .agg([col("calls").sum(), col("failed").sum()])
+            .agg([
+                col("calls").sum(),
+                col("failed").sum(),
+                col("stuck").sum(),
+                (col("t").max() - col("t").min()).alias("span_ms"),
+            ])
             .filter(
                 col("calls")
                     .gt_eq(lit(min_repeats))
-                    .and(lit(!after_errors_only).or(col("failed").gt(lit(0i64)))),
+                    .and(lit(!after_errors_only).or(col("failed").gt(lit(0i64))))
+                    .and(
+                        col("stuck").gt(lit(0i64)).or(col("span_ms")
+                            .cast(DataType::Float64)
+                            .lt((col("calls") - lit(1i64)).cast(DataType::Float64)
+                                * lit(polling_ms))),
+                    ),
             )
             // calls × 2 + same arguments: the most repeated, ties to the same arguments (as the
             // live query).

@@ -391,6 +391,10 @@ pub fn apply(
         rule.matchers
             .iter()
             .all(|(k, v)| o.labels.get(k) == Some(v))
+            && !rule
+                .ignore
+                .iter()
+                .any(|m| m.iter().all(|(k, v)| o.labels.get(k) == Some(v)))
     }) {
         let key = key_of(&o.labels);
         seen.insert(key.clone());
@@ -927,6 +931,30 @@ mod tests {
             &r,
             "g",
             &[obs("search", 1.0, 10, None), obs("other", 1.0, 10, None)],
+            &mut alerts,
+            0,
+            &mut changed,
+        );
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].labels["tool"], "search");
+    }
+
+    /// `ignore` leaves out the keys a user exempts (a tool polled on purpose).
+    #[test]
+    fn ignored_keys_never_fire() {
+        let r = rule(
+            "      - alert: Loop\n        kind: retry_loop\n        window: 10m\n        min_repeats: 5\n        min_samples: 5\n        ignore: [{tool: job_status}, {tool: wait, service: s}]\n",
+        );
+        let mut alerts = Alerts::default();
+        let mut changed = Vec::new();
+        let fired = apply(
+            &r,
+            "g",
+            &[
+                obs("job_status", 9.0, 9, None),
+                obs("wait", 9.0, 9, None),
+                obs("search", 9.0, 9, None),
+            ],
             &mut alerts,
             0,
             &mut changed,

@@ -47,6 +47,7 @@ pub(crate) trait Windows {
         window: Duration,
         min_repeats: i64,
         after_errors_only: bool,
+        polling_interval: Duration,
     ) -> Result<Vec<Observation>, Self::Error>;
     async fn token_burn(
         &mut self,
@@ -97,6 +98,7 @@ impl Windows for Live<'_> {
         window: Duration,
         min_repeats: i64,
         after_errors_only: bool,
+        polling_interval: Duration,
     ) -> Result<Vec<Observation>, StoreError> {
         alerts::retry_loops(
             self.0,
@@ -104,6 +106,7 @@ impl Windows for Live<'_> {
             window.as_secs_f64(),
             min_repeats,
             after_errors_only,
+            polling_interval.as_secs_f64(),
         )
         .await
     }
@@ -176,8 +179,14 @@ pub(crate) async fn observe<W: Windows>(
             w.empty_results(now, window, base).await
         }
         Kind::RetryLoop(r) => {
-            w.retry_loops(now, window, r.min_repeats as i64, r.after_errors_only)
-                .await
+            w.retry_loops(
+                now,
+                window,
+                r.min_repeats as i64,
+                r.after_errors_only,
+                r.polling_interval,
+            )
+            .await
         }
         Kind::TokenBurn(_) => w.token_burn(now, window).await,
         Kind::RateLimitHeadroom(_) => w.rate_limit_headroom(now, window).await,

@@ -66,6 +66,7 @@ const COMMON_KEYS: &[&str] = &[
     "min_samples",
     "confidence",
     "match",
+    "ignore",
     "labels",
     "annotations",
 ];
@@ -124,6 +125,10 @@ pub struct Common {
     /// Only keys whose labels equal these (e.g. `service: search-mcp`).
     #[serde(default, rename = "match")]
     pub matchers: BTreeMap<String, String>,
+    /// Keys whose labels equal any of these are left out (e.g. `- {tool: job_status}` for a
+    /// tool that is polled on purpose).
+    #[serde(default)]
+    pub ignore: Vec<BTreeMap<String, String>>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Templated with `{{ $labels.NAME }}`, `{{ $value }}` and `{{ $threshold }}`.
@@ -252,6 +257,15 @@ pub struct RetryLoop {
     /// Count only repeats that follow an error of the same call.
     #[serde(default)]
     pub after_errors_only: bool,
+    /// Repeats of one call that all succeeded with content, spaced this far apart or more on
+    /// average, are polling (a job-status tool asked every 45 s), not a loop. A loop is the
+    /// same call failing or coming back empty, or repeated faster than this.
+    #[serde(default = "default_polling_interval", with = "humantime_serde")]
+    pub polling_interval: Duration,
+}
+
+fn default_polling_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -565,7 +579,11 @@ fn validate(file: &str, text: &str, f: &RuleFile) -> Vec<Problem> {
             for (k, _) in r.labels.iter().filter(|(k, _)| k.as_str() == "alertname") {
                 push(rline, format!("{ctx}: label {k:?} is reserved"));
             }
-            for k in r.matchers.keys() {
+            for k in r
+                .matchers
+                .keys()
+                .chain(r.ignore.iter().flat_map(|m| m.keys()))
+            {
                 if !key_labels(&r.kind).contains(&k.as_str()) {
                     push(
                         rline,

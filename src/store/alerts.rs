@@ -182,23 +182,29 @@ pub(crate) const LOOP_CALLS: &str = "(t.side = 'client' OR NOT EXISTS (
 /// they were failures / empty results without arguments (ties go to the same arguments).
 /// Sessions folded by the cardinality guard are not one session and are left out.
 /// `after_errors_only` counts repeats of calls that failed at least once in the window.
+/// Repeats that all succeeded with content, `polling_secs` or more apart on average (whole
+/// seconds, as the backtest sees them), are polling and left out.
 pub async fn retry_loops(
     pool: &PgPool,
     to: DateTime<Utc>,
     window_secs: f64,
     min_repeats: i64,
     after_errors_only: bool,
+    polling_secs: f64,
 ) -> Result<Vec<Observation>, StoreError> {
     let sql = format!(
         "SELECT service, tool, session_key, max(n * 2 + same_args::int)::bigint FROM (
             SELECT service, tool, session_key, count(*) AS n,
                    count(*) FILTER (WHERE outcome <> 'ok') AS failed,
+                   count(*) FILTER (WHERE outcome <> 'ok' OR result_empty IS TRUE) AS stuck,
+                   extract(epoch FROM max(date_trunc('second', start_time))
+                                      - min(date_trunc('second', start_time)))::float8 AS span_s,
                    bool_or(args_hash IS NOT NULL) AS same_args
             FROM tool_calls t
             WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
               AND session_key <> $5 AND {LOOP_CALLS}
             GROUP BY service, tool, session_key, coalesce(args_hash, '\\x'::bytea)) c
-         WHERE n >= $3 AND (NOT $4 OR failed > 0)
+         WHERE n >= $3 AND (NOT $4 OR failed > 0) AND (stuck > 0 OR span_s < (n - 1) * $6)
          GROUP BY 1, 2, 3"
     );
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(&sql)
@@ -207,6 +213,7 @@ pub async fn retry_loops(
         .bind(min_repeats)
         .bind(after_errors_only)
         .bind(OVERFLOW)
+        .bind(polling_secs)
         .fetch_all(pool)
         .await?;
     Ok(rows

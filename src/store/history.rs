@@ -53,6 +53,8 @@ pub struct CallSeconds {
     pub args: Vec<String>,
     pub calls: Vec<i64>,
     pub failed: Vec<i64>,
+    /// Failed or empty.
+    pub stuck: Vec<i64>,
 }
 
 /// Per (second, service, session): LLM tokens.
@@ -162,18 +164,22 @@ pub async fn call_seconds(
     let sql = format!(
         "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, tool, session_key,
                 encode(coalesce(args_hash, '\\x'::bytea), 'hex'),
-                count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint
+                count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint,
+                (count(*) FILTER (WHERE outcome <> 'ok' OR result_empty IS TRUE))::bigint
          FROM tool_calls t WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
            AND {}
          GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
         super::alerts::LOOP_CALLS
     );
-    let mut rows = sqlx::query_as::<_, (i64, String, String, String, String, i64, i64)>(&sql)
+    type Row = (i64, String, String, String, String, i64, i64, i64);
+    let mut rows = sqlx::query_as::<_, Row>(&sql)
         .bind(from)
         .bind(to)
         .bind(OVERFLOW)
         .fetch(pool);
-    while let Some((t, service, tool, session, args, calls, failed)) = rows.try_next().await? {
+    while let Some((t, service, tool, session, args, calls, failed, stuck)) =
+        rows.try_next().await?
+    {
         out.t_ms.push(t);
         out.service.push(service);
         out.tool.push(tool);
@@ -181,6 +187,7 @@ pub async fn call_seconds(
         out.args.push(args);
         out.calls.push(calls);
         out.failed.push(failed);
+        out.stuck.push(stuck);
     }
     Ok(out)
 }
