@@ -45,6 +45,13 @@ pub struct BenchArgs {
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench-report.json")]
     report: PathBuf,
+    /// Instead of ingest: the alert quality of the default rules on simulated steady traffic
+    /// (false firings per 1,000 series-hours at 3, 30 and 300 calls a minute per series).
+    #[arg(long)]
+    alerts: bool,
+    /// Series per simulation (with --alerts).
+    #[arg(long, default_value_t = 5000)]
+    series: usize,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -164,7 +171,53 @@ impl Service {
     }
 }
 
+/// `toolsight bench --alerts`: the default rules' false firings on steady traffic.
+fn alert_quality(args: &BenchArgs) -> anyhow::Result<()> {
+    use crate::evaluate::quality::{Steady, steady};
+    let rules =
+        crate::evaluate::rules::parse("alerts/default.yaml", crate::evaluate::run::DEFAULT_RULES)
+            .map_err(|p| anyhow::anyhow!("the default rules: {p:?}"))?;
+    println!(
+        "steady traffic: {} series per rate, 1 hour each, 1% errors, 10% empty results, \
+         log-normal latency (median 200 ms, sigma 0.5)\n",
+        args.series
+    );
+    println!(
+        "| rule | calls/min per series | series that fired | firings | per 1,000 series-hours |"
+    );
+    println!("|---|---|---|---|---|");
+    for rate in [3u32, 30, 300] {
+        for r in rules.groups.iter().flat_map(|g| &g.rules) {
+            let traffic = Steady {
+                calls_per_min: rate,
+                series: args.series,
+                ..Steady::default()
+            };
+            let started = Instant::now();
+            let Some(q) = steady(r, &traffic, 0x5eed ^ u64::from(rate)) else {
+                continue;
+            };
+            eprintln!(
+                "   {} at {rate}/min: {:.1} s",
+                r.alert,
+                started.elapsed().as_secs_f64()
+            );
+            println!(
+                "| {} | {rate} | {} | {} | {:.2} |",
+                r.alert,
+                q.series_fired,
+                q.firings,
+                q.per_1000_series_hours()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.alerts {
+        return tokio::task::spawn_blocking(move || alert_quality(&args)).await?;
+    }
     let server = store::connect_options(&args.server)?;
     let db = store::bench::recreate_database(&server, "toolsight_bench").await?;
     let db_url = format!("{}/toolsight_bench", args.server.trim_end_matches('/'));

@@ -312,9 +312,13 @@ impl Windows for History {
             else {
                 continue;
             };
-            let b = base
-                .get(&key)
-                .and_then(|h| rollup::hist_quantile(h, quantile));
+            let b = base.get(&key).and_then(|h| {
+                let n = h.iter().sum::<i64>();
+                rollup::hist_quantile(
+                    h,
+                    crate::evaluate::engine::quantile_upper_rank(quantile, z, n),
+                )
+            });
             let lower_rank = crate::evaluate::engine::quantile_lower_rank(quantile, z, calls);
             let lo = current
                 .get(&key)

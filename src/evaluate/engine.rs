@@ -296,6 +296,12 @@ pub fn quantile_lower_rank(q: f64, z: f64, n: i64) -> f64 {
     (q - z * (q * (1.0 - q) / n.max(1) as f64).sqrt()).max(0.0)
 }
 
+/// The rank whose sample quantile is an upper confidence bound of the `q` quantile (a baseline
+/// judged generously: a current value must clear the baseline's noise as well as its own).
+pub fn quantile_upper_rank(q: f64, z: f64, n: i64) -> f64 {
+    (q + z * (q * (1.0 - q) / n.max(1) as f64).sqrt()).min(1.0)
+}
+
 /// The Wilson score lower bound of a proportion `p` observed over `n` samples.
 pub fn wilson_lower(p: f64, n: u64, z: f64) -> f64 {
     if n == 0 {
@@ -630,11 +636,12 @@ mod tests {
                     let cur = window(h, m - 10, m);
                     let base = window(h, m - 20, m - 10);
                     let n: i64 = cur.iter().sum();
+                    let base_n: i64 = base.iter().sum();
                     let mut o = obs(
                         &format!("t{i}"),
                         hist_quantile(&cur, l.quantile).unwrap(),
                         n,
-                        hist_quantile(&base, l.quantile),
+                        hist_quantile(&base, quantile_upper_rank(l.quantile, z, base_n)),
                     );
                     o.extra = hist_quantile(&cur, quantile_lower_rank(l.quantile, z, n));
                     o

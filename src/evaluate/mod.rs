@@ -7,6 +7,7 @@
 pub mod backtest;
 pub mod engine;
 pub mod observe;
+pub mod quality;
 pub mod rules;
 pub mod run;
 pub mod state;

@@ -62,7 +62,8 @@ pub async fn latency(
                        greatest(0, $3 - $5 * sqrt($3 * (1 - $3) / greatest(sum(calls), 1)::float8))) AS lo
             FROM tool_rollup_1m WHERE {RANGE} GROUP BY 1, 2, 3),
          base AS (
-            SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist), $3) AS v
+            SELECT service, tool, side, toolsight_hist_quantile(toolsight_hist_merge(latency_hist),
+                       least(1, $3 + $5 * sqrt($3 * (1 - $3) / greatest(sum(calls), 1)::float8))) AS v
             FROM tool_rollup_1m
             WHERE $4::timestamptz IS NOT NULL
               AND minute >= date_trunc('minute', $4::timestamptz - make_interval(secs => $2)) AND minute < $4::timestamptz
