@@ -122,9 +122,28 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
             .await,
         8
     );
-    // The default (2026-07-28) protocol has no sessions: the trace id is the session key.
+    // The default (2026-07-28) protocol has no sessions. The server's session is the trace;
+    // the client opens no span around its calls, so its process (the SDK's
+    // service.instance.id) is one session for all of them.
     assert_eq!(
-        svc.count("SELECT count(*) FROM tool_calls WHERE session_source <> 'trace_id'")
+        svc.count(
+            "SELECT count(*) FROM tool_calls WHERE side = 'server' AND session_source <> 'trace_id'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        svc.count(
+            "SELECT count(DISTINCT session_key) FROM tool_calls
+             WHERE side = 'client' AND session_source = 'service.instance.id'
+               AND session_key LIKE 'instance:%'"
+        )
+        .await,
+        1,
+        "{protocol}"
+    );
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE side = 'client' AND session_source <> 'service.instance.id'")
             .await,
         0
     );

@@ -89,6 +89,10 @@ pub enum SessionSource {
     McpSessionId,
     ConversationId,
     SessionId,
+    /// A client span with no parent and no session attribute: the calls a client process
+    /// starts on its own (a script or an agent that opens no span of its own) belong to that
+    /// process, named by `service.instance.id`.
+    Instance,
     TraceId,
 }
 
@@ -98,6 +102,7 @@ impl SessionSource {
             SessionSource::McpSessionId => "mcp.session.id",
             SessionSource::ConversationId => "gen_ai.conversation.id",
             SessionSource::SessionId => "session.id",
+            SessionSource::Instance => "service.instance.id",
             SessionSource::TraceId => "trace_id",
         }
     }

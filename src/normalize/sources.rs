@@ -411,6 +411,14 @@ fn common_session(ctx: &SpanCtx<'_>, scrubbed: &mut u64) -> (String, SessionSour
     if let Some(s) = data(get_nonempty(a, "session.id"), scrubbed) {
         return (s.into_owned(), SessionSource::SessionId);
     }
+    // A root client span: nothing above it in its process to tie calls together, so the
+    // process itself is the session (each such call would otherwise be its own trace).
+    if ctx.span_ref.parent_span_id.is_none()
+        && side_of_kind(ctx.span.kind) == Side::Client
+        && let Some(instance) = &ctx.span_ref.service_instance
+    {
+        return (format!("instance:{instance}"), SessionSource::Instance);
+    }
     (hex::encode(ctx.span_ref.trace_id), SessionSource::TraceId)
 }
 

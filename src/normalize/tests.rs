@@ -114,15 +114,24 @@ fn fastmcp_counts_each_call_once_per_side() {
             .iter()
             .all(|c| c.result.is_none() && c.args_hash.is_none())
     );
-    // 2026-07-28: `mcp.session.id` is random per request, so the trace id is the session key.
+    // 2026-07-28: `mcp.session.id` is random per request. The server side's session is then
+    // the trace; the client's calls (root spans: the client opened no span of its own) belong
+    // to its process, so repeated calls of one client are one session.
     assert!(
-        n.tool_calls
+        server
             .iter()
             .all(|c| c.session_source == SessionSource::TraceId)
     );
     assert_eq!(
         s["echo"][0].session_key,
         hex::encode(s["echo"][0].span.trace_id)
+    );
+    let instance = client[0].span.service_instance.clone().unwrap();
+    assert!(
+        client
+            .iter()
+            .all(|c| c.session_source == SessionSource::Instance
+                && c.session_key == format!("instance:{instance}"))
     );
     // Other methods are counted per method.
     let methods: Vec<(&str, Side)> = n

@@ -8,6 +8,8 @@ use super::Service;
 /// Span builder: OTLP/JSON with the attributes each kind reads.
 pub struct Spans {
     spans: Vec<Value>,
+    /// `service.instance.id` of the resource, when set.
+    pub instance: Option<String>,
     n: u64,
     /// Distinguishes the trace ids of separate batches.
     run: u64,
@@ -30,6 +32,7 @@ impl Spans {
             .unwrap_or(0);
         Spans {
             spans: Vec::new(),
+            instance: None,
             n: 0,
             run: nanos ^ (RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48),
         }
@@ -103,8 +106,12 @@ impl Spans {
 
     /// The OTLP/JSON body with `service.name` = `service`.
     pub fn body_for(&self, service: &str) -> Vec<u8> {
+        let mut resource = vec![attr("service.name", json!(service))];
+        if let Some(i) = &self.instance {
+            resource.push(attr("service.instance.id", json!(i)));
+        }
         serde_json::to_vec(&json!({"resourceSpans": [{
-            "resource": {"attributes": [attr("service.name", json!(service))]},
+            "resource": {"attributes": resource},
             "scopeSpans": [{"scope": {"name": "t"}, "spans": self.spans}]
         }]}))
         .unwrap()
