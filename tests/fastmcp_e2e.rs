@@ -94,8 +94,8 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
     let expected: Vec<(String, String, i64, i64)> = [
         ("echo", "client", 2, 0),
         ("echo", "server", 2, 0),
-        ("fail_tool", "client", 1, 1),
-        ("fail_tool", "server", 1, 1),
+        ("fail_tool", "client", 6, 6),
+        ("fail_tool", "server", 6, 6),
         ("list_items", "client", 1, 0),
         ("list_items", "server", 1, 0),
     ]
@@ -109,7 +109,7 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
             "SELECT count(*) FROM tool_calls WHERE tool = 'fail_tool' AND error_type = 'tool_error'"
         )
         .await,
-        2
+        12
     );
     // FastMCP captures no result content: nothing may be marked empty (or non-empty).
     assert_eq!(
@@ -120,7 +120,7 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
     assert_eq!(
         svc.count("SELECT count(*) FROM tool_calls WHERE source = 'fastmcp'")
             .await,
-        8
+        18
     );
     // The default (2026-07-28) protocol has no sessions. The server's session is the trace;
     // the client opens no span around its calls, so its process (the SDK's
@@ -150,7 +150,7 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
     assert_eq!(
         svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m WHERE service = 'fastmcp-e2e'")
             .await,
-        8
+        18
     );
     assert!(
         svc.count("SELECT count(*) FROM mcp_requests WHERE method = 'tools/list'")
@@ -161,5 +161,39 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
         svc.metric("toolsight_spans_dropped_total{reason=\"nested_client_span\"}")
             .await
             >= 4.0
+    );
+    // The stuck agent is one retry loop of 6 calls: client and server in one service count a
+    // call once, FastMCP captures no arguments so the repeats are the failures, and the
+    // client's process is the session.
+    let rules = toolsight::evaluate::rules::parse(
+        "loop.yaml",
+        "groups:
+  - name: loop
+    interval: 1m
+    rules:
+      - alert: Loop
+        kind: retry_loop
+        window: 10m
+        min_repeats: 5
+        min_samples: 5
+        annotations: {summary: '{{ $reason }}'}
+",
+    )
+    .unwrap();
+    let mut ev = toolsight::evaluate::run::Evaluator::new(
+        svc.pool.clone(),
+        vec![("loop.yaml".to_owned(), rules)],
+    );
+    let fired = ev
+        .evaluate_all_at(chrono::Utc::now() + chrono::Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(fired.len(), 1, "{protocol}: {fired:?}");
+    assert_eq!(fired[0].labels["tool"], "fail_tool");
+    assert!(fired[0].labels["session"].starts_with("instance:"));
+    assert_eq!(fired[0].value, Some(6.0), "{protocol}: a call is one call");
+    assert_eq!(
+        fired[0].annotations["summary"],
+        "got 6 failed or empty results from fail_tool (its arguments are not captured)"
     );
 }

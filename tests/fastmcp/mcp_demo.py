@@ -58,8 +58,10 @@ async def main() -> None:
     async with Client(mcp) as client:
         await client.list_tools()
         await client.call_tool("list_items", {"query": "nothing"})
-        result = await client.call_tool("fail_tool", {"reason": "demo"}, raise_on_error=False)
-        assert result.is_error
+        # An agent stuck retrying a failing tool: the same call six times.
+        for _ in range(6):
+            result = await client.call_tool("fail_tool", {"reason": "demo"}, raise_on_error=False)
+            assert result.is_error
         await client.call_tool("echo", {"text": "same"})
         await client.call_tool("echo", {"text": "same"})
 
