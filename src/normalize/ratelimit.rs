@@ -61,9 +61,33 @@ const RESET: &[&str] = &[
 
 /// Reads the rate-limit headers of a span that ended at `end_unix_nanos`.
 pub fn parse(span_attrs: &[KeyValue], end_unix_nanos: i64) -> RateLimit {
+    // The captured headers, found in one pass; most spans have none.
+    let captured: Vec<(&str, &[KeyValue])> = span_attrs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, kv)| {
+            kv.key
+                .strip_prefix(PREFIX)
+                .map(|name| (name, &span_attrs[i..=i]))
+        })
+        .collect();
+    if captured.is_empty() {
+        return RateLimit::default();
+    }
+    // Both spellings, `x-ratelimit-remaining` and `x_ratelimit_remaining`; dashes first.
+    let same = |captured: &str, name: &str| {
+        captured.len() == name.len()
+            && captured
+                .bytes()
+                .zip(name.bytes())
+                .all(|(c, n)| c == n || (c == b'_' && n == b'-'))
+    };
     let h = |name: &str| {
-        attrs::header(span_attrs, &format!("{PREFIX}{name}"))
-            .or_else(|| attrs::header(span_attrs, &format!("{PREFIX}{}", name.replace('-', "_"))))
+        captured
+            .iter()
+            .filter(|(c, _)| same(c, name))
+            .min_by_key(|(c, _)| c.contains('_'))
+            .and_then(|(_, kv)| attrs::header(kv, &kv[0].key))
     };
     let first = |names: &[&str]| names.iter().find_map(|n| h(n));
 
