@@ -18,6 +18,7 @@ const REQUIREMENTS: &str = concat!(
     "/tests/fastmcp/requirements.txt"
 );
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/mcp_demo.py");
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/agent_demo.py");
 
 /// A Python interpreter with FastMCP 4.1.6 and the OTLP exporter.
 fn python() -> PathBuf {
@@ -27,7 +28,8 @@ fn python() -> PathBuf {
     common::python::venv(
         "fastmcp-venv",
         "import fastmcp, opentelemetry.exporter.otlp.proto.http, \
-         opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.json.http",
+         opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.json.http, \
+         openai, opentelemetry.instrumentation.openai_v2",
         |pip| {
             run(pip().args(["-r", REQUIREMENTS]));
             run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
@@ -196,4 +198,102 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
         fired[0].annotations["summary"],
         "got 6 failed or empty results from fail_tool (its arguments are not captured)"
     );
+}
+
+/// An OpenAI-compatible chat endpoint: the k-th completion reports 100·k prompt tokens and
+/// 10·k completion tokens, as model `gpt-test-2026`.
+async fn model_server() -> std::net::SocketAddr {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let k = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                axum::Json(serde_json::json!({
+                    "id": format!("chatcmpl-{k}"), "object": "chat.completion", "created": 0,
+                    "model": "gpt-test-2026",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "ok"}}],
+                    "usage": {"prompt_tokens": 100 * k, "completion_tokens": 10 * k,
+                              "total_tokens": 110 * k}
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// A GenAI instrumentation live: an agent (one span per run) calls a model through the OpenAI
+/// client, traced by opentelemetry-instrumentation-openai-v2, and tools through FastMCP. Tokens
+/// per session and per model are exact, and the token session is the tool calls' session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_model_and_tool_calls_keys_tokens_on_its_tool_session() {
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let svc = Service::start("genai_agent").await;
+    let model = model_server().await;
+    let endpoint = format!("http://{}", svc.http);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([AGENT, "agent-e2e", "2", "2"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .env("OPENAI_BASE_URL", format!("http://{model}/v1"))
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "agent demo failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two runs of two steps: completions 1-2 in the first run, 3-4 in the second.
+    let per_session: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT session_key, model, sum(input_tokens)::bigint, sum(output_tokens)::bigint
+         FROM llm_calls WHERE service = 'agent-e2e' GROUP BY 1, 2 ORDER BY 3",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    let totals: Vec<(&str, i64, i64)> = per_session
+        .iter()
+        .map(|(_, m, i, o)| (m.as_str(), *i, *o))
+        .collect();
+    assert_eq!(
+        totals,
+        [("gpt-test-2026", 300, 30), ("gpt-test-2026", 700, 70)],
+        "{per_session:?}"
+    );
+    // Each run's tokens key on the session of that run's tool calls (client side).
+    for (session, ..) in &per_session {
+        assert_eq!(
+            svc.count(&format!(
+                "SELECT count(*) FROM tool_calls WHERE service = 'agent-e2e' AND side = 'client'
+                 AND tool = 'lookup' AND session_key = '{session}'"
+            ))
+            .await,
+            2,
+            "session {session}"
+        );
+    }
+    assert_eq!(
+        svc.count(
+            "SELECT sum(input_tokens)::bigint FROM llm_rollup_1m WHERE service = 'agent-e2e'"
+        )
+        .await,
+        1000
+    );
+    assert_eq!(
+        svc.count(
+            "SELECT sum(output_tokens)::bigint FROM llm_rollup_1m WHERE service = 'agent-e2e'"
+        )
+        .await,
+        100
+    );
+    svc.stop().await.unwrap();
 }
