@@ -563,273 +563,122 @@ mod tests {
         );
     }
 
-    /// The default ToolLatencyRegression on low traffic (3 calls a minute: 30 in its 10-minute
-    /// window), driven minute by minute through the engine with the rollups' histograms: 5,000
-    /// steady series (log-normal latency around 200 ms) page (almost) never, and 60 that slow
-    /// to 2 s page. A fixed seed: the test is deterministic.
+    fn default_rule(alert: &str) -> Rule {
+        parse("default.yaml", include_str!("../../alerts/default.yaml"))
+            .unwrap()
+            .groups
+            .into_iter()
+            .flat_map(|g| g.rules)
+            .find(|r| r.alert == alert)
+            .unwrap()
+    }
+
+    /// One default rule on low traffic (3 calls a minute) over 5,000 steady series for an hour,
+    /// with 60 series going wrong 20 minutes in (`quality::simulate`: the windows as the store
+    /// computes them, through this engine). Returns the steady series' firings and the
+    /// incident series' minutes to fire. A fixed seed: deterministic.
+    fn low_traffic(alert: &str, incident: crate::evaluate::quality::Incident) -> (usize, Vec<i64>) {
+        use crate::evaluate::quality::{Steady, simulate};
+        let s = simulate(
+            &default_rule(alert),
+            &Steady::default(),
+            Some(&incident),
+            11,
+        )
+        .unwrap();
+        let fired: Vec<i64> = s.incident_fired_after.iter().flatten().copied().collect();
+        eprintln!(
+            "{alert}: steady firings {} in {} series-hours; incident series fired {} of {}, minutes {fired:?}",
+            s.steady.firings,
+            s.steady.series_hours,
+            fired.len(),
+            incident.series
+        );
+        (s.steady.firings, fired)
+    }
+
+    fn incident() -> crate::evaluate::quality::Incident {
+        crate::evaluate::quality::Incident {
+            series: 60,
+            onset: 20,
+            error_rate: 0.01,
+            empty_rate: 0.10,
+            median_ms: 200.0,
+        }
+    }
+
+    /// ToolLatencyRegression: steady series (log-normal around 200 ms) page (almost) never, and
+    /// series slowing to 2 s all page within 5 minutes.
     #[test]
     fn the_default_latency_rule_on_low_traffic() {
-        use crate::store::rollup::{hist_quantile, latency_bucket};
-        let text = include_str!("../../alerts/default.yaml");
-        let r = parse("default.yaml", text)
-            .unwrap()
-            .groups
-            .into_iter()
-            .flat_map(|g| g.rules)
-            .find(|r| r.alert == "ToolLatencyRegression")
-            .unwrap();
-        let Kind::Latency(l) = &r.kind else {
-            unreachable!()
-        };
-        let z = r.confidence.map_or(0.0, z_of);
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut uniform = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-        };
-        let (series, slow_from, minutes) = (5060usize, 40usize, 80usize);
-        // Per series and minute: the latency histogram of 3 calls.
-        let hists: Vec<Vec<Vec<i64>>> = (0..series)
-            .map(|i| {
-                (0..minutes)
-                    .map(|m| {
-                        let mut h = vec![0i64; 64];
-                        for _ in 0..3 {
-                            let normal = (-2.0 * uniform().ln()).sqrt()
-                                * (std::f64::consts::TAU * uniform()).cos();
-                            let median_ms = if i >= 5000 && m >= slow_from {
-                                2000.0
-                            } else {
-                                200.0
-                            };
-                            let us = (median_ms * 1000.0 * (0.5 * normal).exp()) as i64;
-                            let b = latency_bucket(us);
-                            if h.len() <= b {
-                                h.resize(b + 1, 0);
-                            }
-                            h[b] += 1;
-                        }
-                        h
-                    })
-                    .collect()
-            })
-            .collect();
-        let window = |h: &[Vec<i64>], from: usize, to: usize| {
-            let mut sum = vec![0i64; h[from..to].iter().map(Vec::len).max().unwrap_or(0)];
-            for m in &h[from..to] {
-                for (b, c) in m.iter().enumerate() {
-                    sum[b] += c;
-                }
-            }
-            sum
-        };
-        let mut alerts = Alerts::default();
-        let mut changed = Vec::new();
-        let mut first_fire: HashMap<usize, usize> = HashMap::new();
-        for m in 20..minutes {
-            let obs: Vec<Observation> = hists
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    let cur = window(h, m - 10, m);
-                    let base = window(h, m - 20, m - 10);
-                    let n: i64 = cur.iter().sum();
-                    let base_n: i64 = base.iter().sum();
-                    let mut o = obs(
-                        &format!("t{i}"),
-                        hist_quantile(&cur, l.quantile).unwrap(),
-                        n,
-                        hist_quantile(&base, quantile_upper_rank(l.quantile, z, base_n)),
-                    );
-                    o.extra = hist_quantile(&cur, quantile_lower_rank(l.quantile, z, n));
-                    o
-                })
-                .collect();
-            for n in apply(&r, "g", &obs, &mut alerts, m as i64 * MIN, &mut changed) {
-                if matches!(n.event, Event::Firing { .. }) {
-                    let i: usize = n.labels["tool"][1..].parse().unwrap();
-                    first_fire.entry(i).or_insert(m);
-                }
-            }
-        }
-        let steady_pages = first_fire.keys().filter(|i| **i < 5000).count();
-        let slowed: Vec<i64> = (5000..series)
-            .filter_map(|i| first_fire.get(&i).map(|m| *m as i64 - slow_from as i64))
-            .collect();
-        eprintln!(
-            "steady series paged: {steady_pages}; slowed series paged: {} of 60, minutes {slowed:?}",
-            slowed.len()
-        );
-        // 5,000 series × 60 minutes = 5,000 series-hours; the target is < 1 per 1,000.
-        assert!(steady_pages <= 5, "{steady_pages} false pages");
-        assert!(
-            slowed.len() >= 58,
-            "{} of 60 slowed series paged",
-            slowed.len()
+        let (false_pages, fired) = low_traffic(
+            "ToolLatencyRegression",
+            crate::evaluate::quality::Incident {
+                median_ms: 2000.0,
+                ..incident()
+            },
         );
         assert!(
-            slowed.iter().all(|m| (0..=5).contains(m)),
-            "minutes to page: {slowed:?}"
+            false_pages <= 4,
+            "{false_pages} false pages in 5,000 series-hours"
+        );
+        assert_eq!(fired.len(), 60);
+        assert!(
+            fired.iter().all(|m| (0..=5).contains(m)),
+            "minutes to page: {fired:?}"
         );
     }
 
-    /// The default ToolEmptyResults on low traffic (3 calls a minute, 15 in its 5-minute
-    /// window): 5,000 steady series returning empty 10% of the time page (almost) never, and 60
-    /// that start returning nothing page within 5 minutes. A fixed seed: deterministic.
+    /// ToolEmptyResults: steady series returning empty 10% of the time page (almost) never, and
+    /// series that start returning nothing all page within 5 minutes.
     #[test]
     fn the_default_empty_results_rule_on_low_traffic() {
-        let text = include_str!("../../alerts/default.yaml");
-        let r = parse("default.yaml", text)
-            .unwrap()
-            .groups
-            .into_iter()
-            .flat_map(|g| g.rules)
-            .find(|r| r.alert == "ToolEmptyResults")
-            .unwrap();
-        let mut seed = 0x5851_f42d_4c95_7f2d_u64;
-        let mut uniform = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let (series, onset, minutes) = (5060usize, 40usize, 80usize);
-        let empties: Vec<Vec<u32>> = (0..series)
-            .map(|i| {
-                (0..minutes)
-                    .map(|m| {
-                        let p = if i >= 5000 && m >= onset { 1.0 } else { 0.10 };
-                        (0..3).filter(|_| uniform() < p).count() as u32
-                    })
-                    .collect()
-            })
-            .collect();
-        let share = |e: &[u32]| e.iter().sum::<u32>() as f64 / (3 * e.len()) as f64;
-        let mut alerts = Alerts::default();
-        let mut changed = Vec::new();
-        let mut first_fire: HashMap<usize, i64> = HashMap::new();
-        for m in 10..minutes {
-            let obs: Vec<Observation> = empties
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    obs(
-                        &format!("t{i}"),
-                        share(&e[m - 5..m]),
-                        15,
-                        Some(share(&e[m - 10..m - 5])),
-                    )
-                })
-                .collect();
-            for n in apply(&r, "g", &obs, &mut alerts, m as i64 * MIN, &mut changed) {
-                if matches!(n.event, Event::Firing { .. }) {
-                    let i: usize = n.labels["tool"][1..].parse().unwrap();
-                    first_fire.entry(i).or_insert(m as i64 - onset as i64);
-                }
-            }
-        }
-        let steady_pages = first_fire.keys().filter(|i| **i < 5000).count();
-        let emptied: Vec<i64> = (5000..series)
-            .filter_map(|i| first_fire.get(&i).copied())
-            .collect();
-        eprintln!(
-            "steady series paged: {steady_pages}; emptied series paged: {} of 60, minutes {emptied:?}",
-            emptied.len()
+        let (false_pages, fired) = low_traffic(
+            "ToolEmptyResults",
+            crate::evaluate::quality::Incident {
+                empty_rate: 1.0,
+                ..incident()
+            },
         );
-        assert!(steady_pages <= 4, "{steady_pages} false pages");
-        assert_eq!(emptied.len(), 60);
         assert!(
-            emptied.iter().all(|m| (0..=5).contains(m)),
-            "minutes to page: {emptied:?}"
+            false_pages <= 4,
+            "{false_pages} false pages in 5,000 series-hours"
+        );
+        assert_eq!(fired.len(), 60);
+        assert!(
+            fired.iter().all(|m| (0..=5).contains(m)),
+            "minutes to page: {fired:?}"
         );
     }
 
-    /// The default ToolErrorRate on low traffic (3 calls a minute, a 5-minute window of ~15
-    /// calls), driven minute by minute through the engine: 5,000 steady series (1% errors)
-    /// page (almost) never, and 60 series failing 20% of their calls page (with the former
-    /// `min_samples: 20` none could). A fixed seed: the test is deterministic.
+    /// ToolErrorRate: steady series failing 1% page (almost) never, and series failing 20% of
+    /// their ~15 calls a window page (with the former `min_samples: 20` none could).
     #[test]
     fn the_default_error_rate_rule_on_low_traffic() {
-        let text = include_str!("../../alerts/default.yaml");
-        let r = parse("default.yaml", text)
-            .unwrap()
-            .groups
-            .into_iter()
-            .flat_map(|g| g.rules)
-            .find(|r| r.alert == "ToolErrorRate")
-            .unwrap();
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut uniform = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
-        // (series, error rate): 5,000 at 1%, 60 at 20%.
-        let rates: Vec<f64> = (0..5060)
-            .map(|i| if i < 5000 { 0.01 } else { 0.20 })
-            .collect();
-        let minutes = 60;
-        // Per series: errors in each minute (3 calls a minute).
-        let errors: Vec<Vec<u32>> = rates
-            .iter()
-            .map(|p| {
-                (0..minutes)
-                    .map(|_| (0..3).filter(|_| uniform() < *p).count() as u32)
-                    .collect()
-            })
-            .collect();
-        let mut alerts = Alerts::default();
-        let mut changed = Vec::new();
-        let mut first_fire: HashMap<usize, i64> = HashMap::new();
-        for m in 5..minutes as i64 {
-            let obs: Vec<Observation> = errors
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let window = &e[(m - 5) as usize..m as usize];
-                    let failed: u32 = window.iter().sum();
-                    let mut o = obs(&format!("t{i}"), failed as f64 / 15.0, 15, None);
-                    o.labels.insert("service".into(), "s".into());
-                    o
-                })
-                .collect();
-            for n in apply(&r, "g", &obs, &mut alerts, m * MIN, &mut changed) {
-                if matches!(n.event, Event::Firing { .. }) {
-                    let i: usize = n.labels["tool"][1..].parse().unwrap();
-                    first_fire.entry(i).or_insert(m);
-                }
-            }
-        }
-        let steady_pages = first_fire.keys().filter(|i| **i < 5000).count();
-        // 5,000 series × 55 minutes ≈ 4,583 series-hours; the target is < 1 per 1,000.
-        eprintln!("steady series paged: {steady_pages}");
-        assert!(steady_pages <= 4, "{steady_pages} false pages");
-        let failing: Vec<i64> = (5000..5060)
-            .filter_map(|i| first_fire.get(&i).copied())
-            .collect();
-        assert!(
-            failing.len() >= 55,
-            "{} of 60 failing series paged",
-            failing.len()
+        let (false_pages, mut fired) = low_traffic(
+            "ToolErrorRate",
+            crate::evaluate::quality::Incident {
+                error_rate: 0.20,
+                ..incident()
+            },
         );
-        let mut delays: Vec<i64> = failing.iter().map(|m| m - 5).collect();
-        delays.sort();
-        eprintln!(
-            "failing series paged: {} of 60, minutes: {delays:?}",
-            failing.len()
+        assert!(
+            false_pages <= 4,
+            "{false_pages} false pages in 5,000 series-hours"
+        );
+        assert!(
+            fired.len() >= 50,
+            "{} of 60 failing series paged",
+            fired.len()
         );
         // 15 calls a window hold little evidence: 4 failures in one window is what it takes.
+        fired.sort();
         assert!(
-            delays[delays.len() / 2] <= 15,
-            "median minutes to page: {delays:?}"
+            fired[fired.len() / 2] <= 15,
+            "median minutes to page: {fired:?}"
         );
     }
 
-    /// 429s from an upstream that sends no rate-limit headers: the alert says it fired on the
-    /// 429 share, with that share and its threshold, never "NaN of its rate limit left".
     #[test]
     fn rate_limit_alerts_say_which_condition_fired() {
         let r = rule(

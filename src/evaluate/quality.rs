@@ -44,6 +44,24 @@ impl Default for Steady {
     }
 }
 
+/// Series that go wrong at `onset` (minutes into the evaluated hour), beside the steady ones.
+#[derive(Debug, Clone, Copy)]
+pub struct Incident {
+    pub series: usize,
+    pub onset: usize,
+    pub error_rate: f64,
+    pub empty_rate: f64,
+    pub median_ms: f64,
+}
+
+/// A simulation's result: the steady series' quality, and for each incident series the
+/// minutes from onset to its first firing (none: it never fired; negative: before onset).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Simulated {
+    pub steady: Quality,
+    pub incident_fired_after: Vec<Option<i64>>,
+}
+
 /// What one rule did on steady traffic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quality {
@@ -109,6 +127,16 @@ fn sum(minutes: &[&Minute]) -> Minute {
 /// Runs `rule` (an `error_rate`, `empty_results` or `latency` rule) over steady traffic; `None`
 /// for other kinds (they read raw rows, not per-series rates).
 pub fn steady(rule: &Rule, traffic: &Steady, seed: u64) -> Option<Quality> {
+    simulate(rule, traffic, None, seed).map(|s| s.steady)
+}
+
+/// [`steady`] with incident series beside the steady ones.
+pub fn simulate(
+    rule: &Rule,
+    traffic: &Steady,
+    incident: Option<&Incident>,
+    seed: u64,
+) -> Option<Simulated> {
     let window = (rule.window.as_secs() / 60).max(1) as usize;
     let needs_hist = matches!(rule.kind, Kind::Latency(_));
     if !matches!(
@@ -120,25 +148,33 @@ pub fn steady(rule: &Rule, traffic: &Steady, seed: u64) -> Option<Quality> {
     // The baseline is the window before (on steady traffic a week-old one is its twin).
     let keep = 2 * window;
     let mut rng = Rng(seed | 1);
-    let mut history: Vec<VecDeque<Minute>> =
-        vec![VecDeque::with_capacity(keep + 1); traffic.series];
+    let incident_series = incident.map_or(0, |i| i.series);
+    let total = traffic.series + incident_series;
+    let mut history: Vec<VecDeque<Minute>> = vec![VecDeque::with_capacity(keep + 1); total];
     let mut alerts = Alerts::default();
     let mut changed = Vec::new();
     let mut fired: HashMap<usize, usize> = HashMap::new();
+    let mut first_fire: HashMap<usize, usize> = HashMap::new();
     let z = rule.confidence.map_or(0.0, z_of);
     let warm_up = keep;
     for minute in 0..warm_up + traffic.minutes {
-        for h in history.iter_mut() {
+        for (i, h) in history.iter_mut().enumerate() {
             let n = traffic.calls_per_min;
+            let (error_rate, empty_rate, median_ms) = match incident {
+                Some(inc) if i >= traffic.series && minute >= warm_up + inc.onset => {
+                    (inc.error_rate, inc.empty_rate, inc.median_ms)
+                }
+                _ => (traffic.error_rate, traffic.empty_rate, traffic.median_ms),
+            };
             let mut m = Minute {
                 calls: n,
-                errors: rng.binomial(n, traffic.error_rate),
-                empty: rng.binomial(n, traffic.empty_rate),
+                errors: rng.binomial(n, error_rate),
+                empty: rng.binomial(n, empty_rate),
                 hist: Vec::new(),
             };
             if needs_hist {
                 for _ in 0..n {
-                    let ms = traffic.median_ms * (traffic.latency_sigma * rng.normal()).exp();
+                    let ms = median_ms * (traffic.latency_sigma * rng.normal()).exp();
                     let b = latency_bucket((ms * 1000.0) as i64);
                     if m.hist.len() <= b {
                         m.hist.resize(b + 1, 0);
@@ -205,14 +241,26 @@ pub fn steady(rule: &Rule, traffic: &Steady, seed: u64) -> Option<Quality> {
             if matches!(n.event, Event::Firing { .. }) {
                 let i: usize = n.labels["tool"].parse().unwrap_or(usize::MAX);
                 *fired.entry(i).or_default() += 1;
+                first_fire.entry(i).or_insert(minute);
             }
         }
         changed.clear();
     }
-    Some(Quality {
-        series_fired: fired.len(),
-        firings: fired.values().sum(),
-        series_hours: traffic.series as f64 * traffic.minutes as f64 / 60.0,
+    let steady_fired: Vec<usize> = fired
+        .iter()
+        .filter(|(i, _)| **i < traffic.series)
+        .map(|(_, n)| *n)
+        .collect();
+    let onset = warm_up + incident.map_or(0, |i| i.onset);
+    Some(Simulated {
+        steady: Quality {
+            series_fired: steady_fired.len(),
+            firings: steady_fired.iter().sum(),
+            series_hours: traffic.series as f64 * traffic.minutes as f64 / 60.0,
+        },
+        incident_fired_after: (traffic.series..total)
+            .map(|i| first_fire.get(&i).map(|m| *m as i64 - onset as i64))
+            .collect(),
     })
 }
 
