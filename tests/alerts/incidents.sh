@@ -3,11 +3,13 @@
 # rules, through the whole pipeline: `toolsight serve` (built-in rules, evaluated every minute)
 # takes `toolsight loadgen --scenario incidents` (healthy, every incident at once, healthy again,
 # a third of DURATION each) and the alert events are read back from PostgreSQL.
-# Usage: tests/alerts/incidents.sh [DURATION, default 15m]. Uses ports 34317/34318/39464 and the
-# database toolsight_incidents_bench (dropped first).
+# Usage: tests/alerts/incidents.sh [DURATION, default 30m]. The healthy third must be longer than
+# the latency rule's window (10 m) for its baseline to exist. Alerts are then given 20 minutes to
+# resolve (token burn's 30-minute window and 15-minute keep_firing_for take longer: "not
+# resolved"). Uses ports 34317/34318/39464 and the database toolsight_incidents_bench.
 set -eu
 cd "$(dirname "$0")/../.."
-duration=${1:-15m}
+duration=${1:-30m}
 secs=$(python3 -c "import re,sys; d='$duration'; m=re.fullmatch(r'(\d+)([smh])',d); print(int(m[1])*{'s':1,'m':60,'h':3600}[m[2]])")
 cargo build -q
 B=${CARGO_TARGET_DIR:-target}/debug/toolsight
@@ -39,6 +41,6 @@ psql -tAq -F' ' "$DB" -c "
            round(extract(epoch FROM max(at) FILTER (WHERE status = 'resolved')))::bigint
     FROM alert_events GROUP BY 1, 2 ORDER BY 1, 2" |
 while read -r alert key fired resolved; do
-    f=$((fired - onset)); r=$([ -n "$resolved" ] && echo "$((resolved - recovery)) s" || echo "not resolved")
+    f=$((fired - onset)); r=$([ -n "$resolved" ] && echo "$((resolved - recovery)) s" || echo "not resolved within 20 min")
     echo "| $alert | $key | ${f} s | $r |"
 done
