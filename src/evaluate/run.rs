@@ -277,9 +277,16 @@ pub async fn run(
                         if let Ok(mut shared) = source.shared.write() {
                             *shared = files.clone();
                         }
-                        // The group indices change: let the running evaluations finish first.
+                        // The group indices change: let the running evaluations finish first
+                        // (a stuck one is dropped, its transaction rolled back, after 10 s).
                         for (_, h) in running.drain() {
-                            let _ = h.await;
+                            let abort = h.abort_handle();
+                            if tokio::time::timeout(Duration::from_secs(10), h)
+                                .await
+                                .is_err()
+                            {
+                                abort.abort();
+                            }
                         }
                         match ev.replace_rules(files).await {
                             Ok(()) => tracing::info!("rule files reloaded"),
@@ -371,7 +378,10 @@ pub async fn run(
             _ = stop.cancelled() => {
                 // Evaluations in flight finish (or are dropped, rolled back, after 10 s).
                 for (_, h) in running.drain() {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+                    let abort = h.abort_handle();
+                    if tokio::time::timeout(Duration::from_secs(10), h).await.is_err() {
+                        abort.abort();
+                    }
                 }
                 return;
             }
