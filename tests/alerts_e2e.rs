@@ -619,18 +619,8 @@ async fn the_live_loop_fires_on_fresh_failures() {
         s.tool("flaky", now, 20, true, vec![]);
     }
     send(&svc, s).await;
-    let a = eventually("LiveErrors to fire", || async {
-        let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        api["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["alert"] == "LiveErrors" && a["state"] == "firing")
-            .cloned()
+    let a = common::firing_alert("LiveErrors to fire", svc.admin, |a| {
+        a["alert"] == "LiveErrors"
     })
     .await;
     assert_eq!(a["labels"]["tool"], "flaky");
@@ -693,21 +683,10 @@ async fn a_stuck_group_delays_no_other_and_its_missed_instants_are_counted() {
         .execute(&mut *blocker)
         .await
         .unwrap();
-    eventually(
+    common::firing_alert(
         "the other group's alert to fire while one group is stuck",
-        || async {
-            let api: Value = reqwest::get(format!("http://{}/api/v1/alerts", svc.admin))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            api["alerts"]
-                .as_array()?
-                .iter()
-                .find(|a| a["alert"] == "LiveErrors" && a["state"] == "firing")
-                .cloned()
-        },
+        svc.admin,
+        |a| a["alert"] == "LiveErrors",
     )
     .await;
     eventually("the stuck group's missed instants, counted", || async {

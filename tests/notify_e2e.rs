@@ -228,18 +228,8 @@ async fn webhook_grouped_signed_silenced_and_delivered_once_after_the_receiver_w
     send(&svc, loops(&["search", "fetch", "list_items"])).await;
 
     // The silenced alert fires, and shows its silence.
-    let list = eventually("the silenced alert in the API", || async {
-        let api: Value = reqwest::get(format!("{admin}/api/v1/alerts"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        api["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["labels"]["tool"] == "list_items" && a["state"] == "firing")
-            .cloned()
+    let list = common::firing_alert("the silenced alert in the API", svc.admin, |a| {
+        a["labels"]["tool"] == "list_items"
     })
     .await;
     assert_eq!(list["silenced"], true);
@@ -387,20 +377,7 @@ async fn a_silence_on_a_rule_label_holds_and_its_expiry_sends_at_the_next_group_
             }
         })
     };
-    let firing = eventually("the alert firing in the API", || async {
-        let api: Value = reqwest::get(format!("{admin}/api/v1/alerts"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        api["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["state"] == "firing")
-            .cloned()
-    })
-    .await;
+    let firing = common::firing_alert("the alert firing in the API", svc.admin, |_| true).await;
     assert_eq!(firing["labels"]["severity"], "warning");
     assert_eq!(firing["silenced"], true, "{firing}");
     assert_eq!(firing["silencedBy"], json!([1]));

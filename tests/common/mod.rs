@@ -369,3 +369,27 @@ impl Drop for Service {
         }
     }
 }
+
+/// Waits until `/api/v1/alerts` of the admin port `admin` lists a firing alert that `matches`,
+/// and returns it.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn firing_alert(
+    what: &str,
+    admin: SocketAddr,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(what, || async {
+        let api: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/alerts"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        api["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["state"] == "firing" && matches(a))
+            .cloned()
+    })
+    .await
+}
