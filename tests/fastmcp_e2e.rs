@@ -47,24 +47,15 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
             "grpc" => format!("http://{}", svc.grpc),
             _ => format!("http://{}", svc.http),
         };
-        let python = python.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(python)
-                .arg(DEMO)
-                .arg("fastmcp-e2e")
-                .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-                .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-                .output()
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "{protocol}: demo failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_script(
+            &python,
+            &[DEMO, "fastmcp-e2e"],
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
+            ],
+        )
+        .await;
         // Each exporter speaks its own encoding (the JSON one must not send protobuf).
         let transport = match protocol {
             "grpc" => "grpc",
@@ -235,23 +226,16 @@ async fn an_agent_with_model_and_tool_calls_keys_tokens_on_its_tool_session() {
     let svc = Service::start("genai_agent").await;
     let model = model_server().await;
     let endpoint = format!("http://{}", svc.http);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args([AGENT, "agent-e2e", "2", "2"])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-            .env("OPENAI_BASE_URL", format!("http://{model}/v1"))
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "agent demo failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_script(
+        &python,
+        &[AGENT, "agent-e2e", "2", "2"],
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+            ("OPENAI_BASE_URL", format!("http://{model}/v1")),
+        ],
+    )
+    .await;
     // Two runs of two steps: completions 1-2 in the first run, 3-4 in the second.
     let per_session: Vec<(String, String, i64, i64)> = sqlx::query_as(
         "SELECT session_key, model, sum(input_tokens)::bigint, sum(output_tokens)::bigint
@@ -296,4 +280,21 @@ async fn an_agent_with_model_and_tool_calls_keys_tokens_on_its_tool_session() {
         100
     );
     svc.stop().await.unwrap();
+}
+
+/// Runs a Python script of `tests/fastmcp` with `args` and `env`; fails the test with its output
+/// when it fails.
+async fn run_script(python: &std::path::Path, args: &[&str], env: Vec<(&'static str, String)>) {
+    let mut cmd = Command::new(python);
+    cmd.args(args).envs(env);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
