@@ -277,17 +277,8 @@ pub async fn run(
                         if let Ok(mut shared) = source.shared.write() {
                             *shared = files.clone();
                         }
-                        // The group indices change: let the running evaluations finish first
-                        // (a stuck one is dropped, its transaction rolled back, after 10 s).
-                        for (_, h) in running.drain() {
-                            let abort = h.abort_handle();
-                            if tokio::time::timeout(Duration::from_secs(10), h)
-                                .await
-                                .is_err()
-                            {
-                                abort.abort();
-                            }
-                        }
+                        // The group indices change: let the running evaluations finish first.
+                        finish(&mut running).await;
                         match ev.replace_rules(files).await {
                             Ok(()) => tracing::info!("rule files reloaded"),
                             Err(e) => {
@@ -376,16 +367,24 @@ pub async fn run(
         }
         tokio::select! {
             _ = stop.cancelled() => {
-                // Evaluations in flight finish (or are dropped, rolled back, after 10 s).
-                for (_, h) in running.drain() {
-                    let abort = h.abort_handle();
-                    if tokio::time::timeout(Duration::from_secs(10), h).await.is_err() {
-                        abort.abort();
-                    }
-                }
+                finish(&mut running).await;
                 return;
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Lets the group evaluations in flight finish; one still running after 10 s (stuck on a lock)
+/// is dropped, its transaction rolled back.
+async fn finish(running: &mut HashMap<usize, tokio::task::JoinHandle<()>>) {
+    for (_, h) in running.drain() {
+        let abort = h.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .is_err()
+        {
+            abort.abort();
         }
     }
 }
