@@ -371,7 +371,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             traffic.next(9999, t),
             now as i64,
             &normalize::Options::default(),
-            &normalize::Memory::default(),
         ));
     }
     let ref_db = store::bench::recreate_database(&server, "toolsight_bench_copyref").await?;

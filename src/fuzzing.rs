@@ -25,7 +25,7 @@ use prost::Message;
 use regex::Regex;
 
 use crate::config::Config;
-use crate::normalize::{self, Memory, Normalized, cardinality};
+use crate::normalize::{self, Normalized, cardinality};
 use crate::receive::ReceiveError;
 use crate::receive::http::{Format, decode, decompress};
 
@@ -202,8 +202,7 @@ pub fn check_normalize(req: &ExportTraceServiceRequest) {
         .filter(|&t| t > 0 && t <= i64::MAX as u64)
         .max()
         .map_or(DEFAULT_NOW, |t| t as i64);
-    let memory = Memory::new(2);
-    let mut n = normalize::normalize(req, now, opts, &memory);
+    let mut n = normalize::normalize(req, now, opts);
 
     // Every span is accounted for exactly once.
     let spans: usize = req

@@ -615,6 +615,7 @@ fn print_tools(rows: &[store::queries::ToolSummary], since: &str) {
             "p95 ms",
             "p99 ms",
             "mean bytes",
+            "overhead ms",
         ]);
     for r in rows {
         t.add_row([
@@ -634,6 +635,7 @@ fn print_tools(rows: &[store::queries::ToolSummary], since: &str) {
             ms(r.p99_ms),
             r.mean_result_bytes
                 .map_or("-".into(), |b| format!("{b:.0}")),
+            ms(r.mean_overhead_ms),
         ]);
     }
     println!("tool calls in the last {since}\n{t}");

@@ -91,7 +91,8 @@ pub struct Metrics {
     pub write_seconds: Histogram,
     pub db_errors: Family<RetryableLabel, Counter>,
     pub db_up: Gauge,
-    pub memory_overflow: Gauge,
+    pub correlated: Family<KindLabel, Counter>,
+    pub correlation_failures: Counter,
     pub exports_in_progress: Gauge,
     pub notify_attempts: Family<DeliveryLabel, Counter>,
     pub notifications: Family<DeliveryLabel, Counter>,
@@ -134,7 +135,8 @@ impl Metrics {
             write_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             db_errors: Family::default(),
             db_up: Gauge::default(),
-            memory_overflow: Gauge::default(),
+            correlated: Family::default(),
+            correlation_failures: Counter::default(),
             exports_in_progress: Gauge::default(),
             notify_attempts: Family::default(),
             notifications: Family::default(),
@@ -214,9 +216,14 @@ impl Metrics {
             m.db_up.clone(),
         );
         registry.register(
-            "normalizer_memory_overflow",
-            "service instances the normalizer could not remember (its bounded memory was full)",
-            m.memory_overflow.clone(),
+            "calls_correlated",
+            "stored spans joined after the fact: kind=pair (a call's client and server sides), kind=nested (a client span nested in another of the same call, left out of the rollups)",
+            m.correlated.clone(),
+        );
+        registry.register(
+            "correlation_failures",
+            "batches whose join with the stored other sides failed (their rows are stored, not joined)",
+            m.correlation_failures.clone(),
         );
         registry.register(
             "exports_in_progress",

@@ -250,6 +250,10 @@ async fn seed(svc: &Service, now: DateTime<Utc>) {
             );
         }
     }
+    // Calls traced on both sides: the transport overhead panel.
+    for back in (0..120).step_by(10) {
+        s.both_sides_with_overhead("fetch_page", now - Duration::minutes(back), 120, 8);
+    }
     for i in 0..10u64 {
         s.tool(
             "search",

@@ -19,6 +19,10 @@ const REQUIREMENTS: &str = concat!(
 );
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/mcp_demo.py");
 const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/agent_demo.py");
+const TWO_PROCESSES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fastmcp/two_process_demo.py"
+);
 
 /// A Python interpreter with FastMCP 4.1.6 and the OTLP exporter.
 fn python() -> PathBuf {
@@ -73,6 +77,121 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
         check_demo_rows(&svc, protocol).await;
         svc.stop().await.unwrap();
     }
+}
+
+/// A FastMCP server and client in two processes over streamable HTTP, each exporting every span
+/// on its own (SimpleSpanProcessor): the sides of a call arrive in different exports from
+/// different services, the server's often first, and the MCP SDK's `MCP send` span before
+/// FastMCP's client span around it. Each call is stored once per side, with the outcome either
+/// side saw, the tool name the client knew, and its transport overhead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_server_processes_are_joined_per_call() {
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let svc = Service::start("two_processes").await;
+    let endpoint = format!("http://{}", svc.http);
+    let port = common::free_port();
+    let log = std::env::temp_dir().join(format!("toolsight-two-processes-{port}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let _server = common::Process(
+        Command::new(&python)
+            .args([TWO_PROCESSES, "server", &port.to_string()])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    );
+    common::eventually("the MCP server listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+    run_script(
+        &python,
+        &[
+            TWO_PROCESSES,
+            "client",
+            &format!("http://127.0.0.1:{port}/mcp"),
+        ],
+        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)],
+    )
+    .await;
+    // The server side of the slow call ends (and is exported) 3 s after it started.
+    common::eventually("all 9 server calls stored", || async {
+        (svc.count("SELECT count(*) FROM tool_calls WHERE service = 'demo-server'")
+            .await
+            == 9)
+            .then_some(())
+    })
+    .await;
+
+    type Row = (String, String, String, String, String, i64);
+    let table: Vec<Row> = sqlx::query_as(
+        "SELECT tool, side, outcome, coalesce(own_outcome, ''),
+                CASE WHEN error_type = 'rate_limited' THEN 'rate_limited' ELSE '' END, count(*)
+         FROM tool_calls WHERE counted GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    let want: Vec<Row> = [
+        ("fail_tool", "client", "error", "", "", 1),
+        ("fail_tool", "server", "error", "", "", 1),
+        ("limited", "client", "error", "", "rate_limited", 2),
+        ("limited", "client", "ok", "", "", 2),
+        // Refused before the tool was resolved: named by the client side.
+        ("limited", "server", "error", "", "rate_limited", 2),
+        ("limited", "server", "ok", "", "", 2),
+        ("list_items", "client", "ok", "", "", 1),
+        ("list_items", "server", "ok", "", "", 1),
+        ("rows", "client", "ok", "", "", 1),
+        ("rows", "server", "ok", "", "", 1),
+        // The client gave up after 0.5 s; the server finished "ok" 3 s later.
+        ("slow", "client", "cancelled", "", "", 1),
+        ("slow", "server", "cancelled", "ok", "", 1),
+        // FastMCP's server span stays UNSET for an isError result it did not raise.
+        ("soft_fail", "client", "error", "", "", 1),
+        ("soft_fail", "server", "error", "ok", "", 1),
+    ]
+    .into_iter()
+    .map(|(t, s, o, own, e, n)| (t.into(), s.into(), o.into(), own.into(), e.into(), n))
+    .collect();
+    assert_eq!(table, want, "per call and side");
+    // Every call joined once; each `MCP send` span (exported before FastMCP's) counted with it.
+    assert_eq!(
+        svc.count(
+            "SELECT count(*) FROM tool_calls WHERE side = 'client' AND peer_span_id IS NOT NULL"
+        )
+        .await,
+        9
+    );
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE NOT counted")
+            .await,
+        9
+    );
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE overhead_us >= 0")
+            .await,
+        8,
+        "every joined client call but the cancelled one has an overhead"
+    );
+    assert_eq!(common::rollup_mismatches(&svc.pool).await, vec![]);
+    let tools = toolsight::store::queries::tool_summary(&svc.pool, 3600)
+        .await
+        .unwrap();
+    let rows_client = tools
+        .iter()
+        .find(|t| t.tool == "rows" && t.side == "client")
+        .unwrap();
+    assert_eq!((rows_client.calls, rows_client.joined_calls), (1, 1));
+    assert!(rows_client.mean_overhead_ms.is_some_and(|m| m >= 0.0));
+    assert!(
+        tools.iter().all(|t| t.tool != "(unknown)"),
+        "no call left unnamed: {tools:?}"
+    );
+    svc.stop().await.unwrap();
 }
 
 /// The demo's calls, each counted once per side with its outcome.
@@ -154,6 +273,16 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
         svc.metric("toolsight_spans_dropped_total{reason=\"nested_client_span\"}")
             .await
             >= 4.0
+    );
+    // Client and server of one process: each call's two sides joined.
+    assert_eq!(
+        svc.count(
+            "SELECT count(*) FROM tool_calls
+             WHERE service = 'fastmcp-e2e' AND side = 'client' AND peer_span_id IS NOT NULL"
+        )
+        .await,
+        9,
+        "{protocol}"
     );
     // The stuck agent is one retry loop of 6 calls: client and server in one service count a
     // call once, FastMCP captures no arguments so the repeats are the failures, and the

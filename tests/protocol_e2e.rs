@@ -498,36 +498,7 @@ async fn rollups_equal_the_raw_rows_of_every_capture() {
     assert!(posted >= 10, "{posted} captures");
     assert!(svc.count("SELECT count(*) FROM tool_calls").await > 40);
 
-    let mismatches: Vec<(String, String, String)> = sqlx::query_as(
-        "WITH raw AS (
-            SELECT service, tool, side, count(*) AS calls,
-                   count(*) FILTER (WHERE outcome = 'error') AS errors,
-                   count(*) FILTER (WHERE outcome = 'cancelled') AS cancellations,
-                   count(result_empty) AS with_result,
-                   count(*) FILTER (WHERE result_empty) AS empty_results,
-                   coalesce(sum(result_bytes), 0) AS result_bytes,
-                   coalesce(sum(result_items), 0) AS result_items,
-                   count(result_bytes) AS sized_results,
-                   count(result_items) AS counted_results
-            FROM tool_calls GROUP BY 1, 2, 3),
-         rolled AS (
-            SELECT service, tool, side, sum(calls) AS calls, sum(errors) AS errors,
-                   sum(cancellations) AS cancellations, sum(with_result) AS with_result,
-                   sum(empty_results) AS empty_results, sum(result_bytes) AS result_bytes,
-                   sum(result_items) AS result_items, sum(sized_results) AS sized_results,
-                   sum(counted_results) AS counted_results
-            FROM tool_rollup_1m GROUP BY 1, 2, 3)
-         SELECT service, tool, side FROM raw FULL JOIN rolled USING (service, tool, side)
-         WHERE (raw.calls, raw.errors, raw.cancellations, raw.with_result, raw.empty_results,
-                raw.result_bytes, raw.result_items, raw.sized_results, raw.counted_results)
-               IS DISTINCT FROM
-               (rolled.calls, rolled.errors, rolled.cancellations, rolled.with_result,
-                rolled.empty_results, rolled.result_bytes, rolled.result_items,
-                rolled.sized_results, rolled.counted_results)",
-    )
-    .fetch_all(&svc.pool)
-    .await
-    .unwrap();
+    let mismatches = common::rollup_mismatches(&svc.pool).await;
     assert_eq!(mismatches, vec![], "rollups differ from the raw rows");
 
     // OpenLLMetry's client: content captured, size and items unknown, emptiness known.
@@ -555,7 +526,7 @@ async fn rollups_equal_the_raw_rows_of_every_capture() {
     for t in &summary {
         let (raw_mean,): (Option<f64>,) = sqlx::query_as(
             "SELECT avg(result_bytes)::float8 FROM tool_calls
-             WHERE service = $1 AND tool = $2 AND side = $3",
+             WHERE service = $1 AND tool = $2 AND side = $3 AND counted",
         )
         .bind(&t.service)
         .bind(&t.tool)
@@ -574,4 +545,266 @@ async fn rollups_equal_the_raw_rows_of_every_capture() {
         );
     }
     svc.stop().await.unwrap();
+}
+
+/// The real captured client and server exports of one instrumentation, as the two processes
+/// sent them.
+const PAIRS: [(&str, &str, usize); 4] = [
+    (
+        "fastmcp/http-legacy-client.json",
+        "fastmcp/http-legacy-server.json",
+        9,
+    ),
+    (
+        "mcp-sdk/stdio-auto-client.json",
+        "mcp-sdk/stdio-auto-server.json",
+        9,
+    ),
+    (
+        "logfire/sdk1-stdio-client.json",
+        "logfire/sdk1-stdio-server.json",
+        9,
+    ),
+    (
+        "traceloop/sdk1-stdio-client.json",
+        "traceloop/sdk1-stdio-server.json",
+        8,
+    ),
+];
+
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// Every stored tool call, as the join left it: the table both orders must agree on.
+async fn call_table(
+    pool: &sqlx::PgPool,
+) -> Vec<(String, String, String, String, bool, bool, bool)> {
+    sqlx::query_as(
+        "SELECT source, tool, side, outcome, counted, peer_span_id IS NOT NULL,
+                overhead_us IS NOT NULL
+         FROM tool_calls ORDER BY trace_id, span_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Sends the client and server exports of each capture seconds apart, with a restart of
+/// toolsight in between, in one order or the other.
+async fn sides_apart(name: &str, server_first: bool) -> Service {
+    let svc = Service::start_with(name, any_age).await;
+    for (client, server, _) in PAIRS {
+        let first = if server_first { server } else { client };
+        let r = post(&svc, "application/json", None, fixture(first)).await;
+        assert_eq!(r.status(), 200, "{first}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    svc.stop().await.unwrap();
+    let svc = Service::replica(name, any_age).await;
+    for (client, server, _) in PAIRS {
+        let second = if server_first { client } else { server };
+        let r = post(&svc, "application/json", None, fixture(second)).await;
+        assert_eq!(r.status(), 200, "{second}");
+    }
+    svc
+}
+
+/// The two sides of each call arrive in separate exports, from two "processes", in either
+/// order, with a restart between them: each call is joined exactly once per side, the outcome
+/// either side saw reaches both rows and their rollups, and the per-call table is the same
+/// whatever the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_two_sides_of_a_call_are_joined_in_any_order_across_a_restart() {
+    let mut tables = Vec::new();
+    for (name, server_first) in [("join_server_first", true), ("join_client_first", false)] {
+        let svc = sides_apart(name, server_first).await;
+        let pool = &svc.pool;
+        let expected: usize = PAIRS.iter().map(|p| p.2).sum();
+        // Exactly one joined pair per call, each side pointing at the other.
+        let pairs = svc
+            .count(
+                "SELECT count(*) FROM tool_calls c JOIN tool_calls s
+                   ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id
+                  AND s.peer_span_id = c.span_id
+                 WHERE c.side = 'client' AND s.side = 'server' AND c.counted AND s.counted",
+            )
+            .await;
+        assert_eq!(pairs as usize, expected, "{name}: joined pairs");
+        assert_eq!(
+            svc.count("SELECT count(*) FROM tool_calls WHERE peer_span_id IS NOT NULL")
+                .await as usize,
+            2 * expected,
+            "{name}: no row joined twice or one-sided"
+        );
+        // Both sides of a call end with the same outcome and tool name.
+        assert_eq!(
+            svc.count(
+                "SELECT count(*) FROM tool_calls c JOIN tool_calls s
+                   ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id
+                 WHERE c.side = 'client' AND (c.outcome <> s.outcome OR c.tool <> s.tool)"
+            )
+            .await,
+            0,
+            "{name}: sides disagree"
+        );
+        // What one side alone did not report: the MCP SDK client span stays UNSET for a tool
+        // error; the server side of the call the client gave up on finished "ok".
+        let sdk_fail: (String, Option<String>) = sqlx::query_as(
+            "SELECT outcome, own_outcome FROM tool_calls
+             WHERE source = 'mcp_sdk' AND side = 'client' AND tool = 'fail_tool'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(sdk_fail, ("error".into(), Some("ok".into())), "{name}");
+        assert_eq!(
+            svc.count(
+                "SELECT count(*) FROM tool_calls WHERE side = 'server' AND tool = 'slow'
+                 AND outcome = 'cancelled' AND own_outcome = 'ok'"
+            )
+            .await,
+            2,
+            "{name}: FastMCP's and the SDK's server side of the cancelled call"
+        );
+        // OpenLLMetry's mcp-1.x server calls are named by their client side.
+        assert_eq!(
+            svc.count(
+                "SELECT count(*) FROM tool_calls WHERE source = 'traceloop' AND side = 'server'
+                 AND tool = '(unknown)'"
+            )
+            .await,
+            0,
+            "{name}"
+        );
+        // Transport overhead on the joined client rows of completed calls, never negative.
+        assert_eq!(
+            svc.count("SELECT count(*) FROM tool_calls WHERE side = 'client' AND overhead_us >= 0")
+                .await,
+            svc.count(
+                "SELECT count(*) FROM tool_calls c JOIN tool_calls s
+                   ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id
+                 WHERE c.side = 'client' AND c.own_outcome IS DISTINCT FROM 'cancelled'
+                   AND c.outcome <> 'cancelled'"
+            )
+            .await,
+            "{name}"
+        );
+        assert_eq!(
+            common::rollup_mismatches(pool).await,
+            vec![],
+            "{name}: rollups differ from the rows"
+        );
+        assert!(
+            svc.metric("toolsight_calls_correlated_total{kind=\"pair\"}")
+                .await
+                >= expected as f64,
+            "{name}: the join after the restart joined every pair"
+        );
+        // A retried export joins nothing twice.
+        let before = call_table(pool).await;
+        for (client, server, _) in PAIRS {
+            for f in [client, server] {
+                let r = post(&svc, "application/json", None, fixture(f)).await;
+                assert_eq!(r.status(), 200);
+            }
+        }
+        assert_eq!(
+            call_table(pool).await,
+            before,
+            "{name}: a retried export changed the join"
+        );
+        assert_eq!(common::rollup_mismatches(pool).await, vec![], "{name}");
+        tables.push(before);
+        svc.stop().await.unwrap();
+    }
+    assert_eq!(
+        tables[0], tables[1],
+        "the order the sides arrived in changed the result"
+    );
+}
+
+/// With a SimpleSpanProcessor every span is its own export: the MCP SDK's `MCP send` span ends
+/// (and is exported) before FastMCP's client span around it. The call is counted once, the same
+/// as when both arrive together, also when toolsight restarts between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_send_span_exported_first_is_counted_once() {
+    let whole: serde_json::Value =
+        serde_json::from_slice(&fixture("fastmcp/stdio-auto-client.json")).unwrap();
+    let scope_only = |scope: &str| {
+        let mut r = whole.clone();
+        for rs in r["resourceSpans"].as_array_mut().unwrap() {
+            rs["scopeSpans"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|ss| ss["scope"]["name"] == scope);
+        }
+        serde_json::to_vec(&r).unwrap()
+    };
+    let together = Service::start_with("nested_together", any_age).await;
+    let r = post(
+        &together,
+        "application/json",
+        None,
+        serde_json::to_vec(&whole).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+
+    let apart = Service::start_with("nested_apart", any_age).await;
+    let r = post(
+        &apart,
+        "application/json",
+        None,
+        scope_only("mcp-python-sdk"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    apart.stop().await.unwrap();
+    let apart = Service::replica("nested_apart", any_age).await;
+    let r = post(&apart, "application/json", None, scope_only("fastmcp")).await;
+    assert_eq!(r.status(), 200);
+
+    const ROLLED: &str =
+        "SELECT 'tool' AS kind, tool AS name, side, sum(calls)::int8, sum(errors)::int8,
+                sum(cancellations)::int8 FROM tool_rollup_1m GROUP BY 1, 2, 3 HAVING sum(calls) <> 0
+         UNION ALL
+         SELECT 'method', method, side, sum(calls)::int8, sum(errors)::int8, sum(orphans)::int8
+         FROM mcp_method_rollup_1m GROUP BY 1, 2, 3 HAVING sum(calls) <> 0
+         ORDER BY 1, 2, 3";
+    type Rolled = Vec<(String, String, String, i64, i64, i64)>;
+    let want: Rolled = sqlx::query_as(ROLLED)
+        .fetch_all(&together.pool)
+        .await
+        .unwrap();
+    let got: Rolled = sqlx::query_as(ROLLED).fetch_all(&apart.pool).await.unwrap();
+    assert_eq!(
+        want.iter()
+            .filter(|r| r.0 == "tool")
+            .map(|r| r.3)
+            .sum::<i64>(),
+        9,
+        "9 client calls in the capture"
+    );
+    assert_eq!(got, want, "counted as if the spans had arrived together");
+    assert_eq!(
+        apart
+            .count("SELECT count(*) FROM tool_calls WHERE NOT counted")
+            .await,
+        9,
+        "the 9 `MCP send tools/call` spans stored first are nested"
+    );
+    assert!(
+        apart
+            .metric("toolsight_calls_correlated_total{kind=\"nested\"}")
+            .await
+            >= 9.0
+    );
+    assert_eq!(common::rollup_mismatches(&apart.pool).await, vec![]);
+    together.stop().await.unwrap();
+    apart.stop().await.unwrap();
 }

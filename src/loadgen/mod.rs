@@ -223,7 +223,6 @@ async fn slots(cfg: &LoadConfig, n: usize) -> anyhow::Result<Vec<Slot>> {
             traffic.next(cfg.run_id, now_nanos()),
             now_nanos() as i64,
             &normalize::Options::default(),
-            &normalize::Memory::default(),
         );
         let client = Client::connect(cfg.protocol, &cfg.endpoint, cfg.gzip, cfg.timeout).await?;
         out.push(Slot {
@@ -422,12 +421,7 @@ mod tests {
         let mut t = Traffic::new(1000, 3, 42);
         assert!(t.spans() >= 1000 && t.spans() < 1003, "{}", t.spans());
         let now = 1_800_000_000_000_000_000;
-        let n = normalize::normalize(
-            t.next(1, now),
-            now as i64,
-            &normalize::Options::default(),
-            &normalize::Memory::default(),
-        );
+        let n = normalize::normalize(t.next(1, now), now as i64, &normalize::Options::default());
         assert_eq!(n.rejected_total(), 0);
         assert!(
             !n.tool_calls.is_empty()
@@ -472,7 +466,6 @@ mod tests {
             t.next(1, now + 1_000_000_000),
             now as i64 + 1_000_000_000,
             &normalize::Options::default(),
-            &normalize::Memory::default(),
         );
         assert_eq!(m.records(), n.records());
         let second: Vec<Vec<u8>> = t.request().resource_spans[0].scope_spans[0]
@@ -517,12 +510,8 @@ mod tests {
                 assert_ne!(prefix, MARKER.to_vec());
                 assert_eq!(&prefix[..2], &5u16.to_be_bytes(), "run id");
                 assert!(seen.insert(prefix), "{protocol:?}: prefixes never repeat");
-                let n = normalize::normalize(
-                    &req,
-                    now_nanos() as i64,
-                    &normalize::Options::default(),
-                    &normalize::Memory::default(),
-                );
+                let n =
+                    normalize::normalize(&req, now_nanos() as i64, &normalize::Options::default());
                 assert_eq!(n.spans as usize, slot.traffic.spans());
                 assert_eq!(n.rejected_total(), 0);
             }

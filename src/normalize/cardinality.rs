@@ -244,6 +244,7 @@ mod tests {
             session_key: session.into(),
             session_source: SessionSource::ConversationId,
             request_id: None,
+            inner_span_id: None,
             result: None,
             args_hash: None,
             args_redacted: None,

@@ -11,8 +11,7 @@ pub mod keys;
 pub mod ratelimit;
 mod sources;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashMap;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
@@ -133,6 +132,9 @@ pub struct ToolCall {
     pub session_key: String,
     pub session_source: SessionSource,
     pub request_id: Option<String>,
+    /// The client span nested in this one that arrived in the same export and was not stored
+    /// (the server span's parent may be it).
+    pub inner_span_id: Option<[u8; 8]>,
     pub result: Option<ResultShape>,
     pub args_hash: Option<[u8; 16]>,
     pub args_redacted: Option<String>,
@@ -208,8 +210,10 @@ impl RejectReason {
 pub enum DropReason {
     /// Neither MCP, nor an LLM call with usage, nor an HTTP client call.
     NotModelled,
-    /// A client MCP span nested in another one for the same request (FastMCP's client span
-    /// wraps the MCP SDK's `MCP send` span): the request is counted once, from the outer span.
+    /// A client MCP span nested in another one of the same export for the same request
+    /// (FastMCP's client span wraps the MCP SDK's `MCP send` span): the request is counted
+    /// once, from the outer span, which keeps the nested span's id (`inner_span_id`). Nested
+    /// spans that arrive in an export of their own are stored and joined later (`store::correlate`).
     NestedClientSpan,
     /// An instrumentation's transport or wrapper span (Traceloop `ResponseStreamWriter`,
     /// `mcp.server`, `mcp.client.session`) that says nothing a sibling span does not.
@@ -303,63 +307,11 @@ impl Default for Options {
     }
 }
 
-/// What the normalizer remembers between requests: the service instances known to run a
-/// FastMCP client, whose nested `MCP send` spans are then dropped even when the outer span
-/// arrives in another export. Bounded; a full set stops learning and counts it.
-#[derive(Debug)]
-pub struct Memory {
-    fastmcp_clients: Mutex<HashSet<String>>,
-    capacity: usize,
-    full: std::sync::atomic::AtomicU64,
-}
-
-impl Memory {
-    pub fn new(capacity: usize) -> Self {
-        Memory {
-            fastmcp_clients: Mutex::new(HashSet::new()),
-            capacity,
-            full: Default::default(),
-        }
-    }
-
-    /// Instances that could not be remembered because the set was full.
-    pub fn overflowed(&self) -> u64 {
-        self.full.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn knows_fastmcp_client(&self, instance: &str) -> bool {
-        self.fastmcp_clients
-            .lock()
-            .map(|s| s.contains(instance))
-            .unwrap_or(false)
-    }
-
-    fn learn_fastmcp_client(&self, instance: &str) {
-        if let Ok(mut s) = self.fastmcp_clients.lock() {
-            if s.contains(instance) {
-                return;
-            }
-            if s.len() >= self.capacity {
-                self.full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
-            s.insert(instance.to_owned());
-        }
-    }
-}
-
-impl Default for Memory {
-    fn default() -> Self {
-        Memory::new(10_000)
-    }
-}
-
 /// Normalizes one export request. `now_unix_nanos` bounds the accepted timestamps.
 pub fn normalize(
     req: &ExportTraceServiceRequest,
     now_unix_nanos: i64,
     opts: &Options,
-    memory: &Memory,
 ) -> Normalized {
     let mut out = Normalized::default();
     for rs in &req.resource_spans {
@@ -373,7 +325,6 @@ pub fn normalize(
             .unwrap_or_else(|| "unknown_service".to_owned());
         let instance =
             attrs::get_nonempty(resource_attrs, "service.instance.id").map(|s| s.into_owned());
-        let memory_key = instance.clone().unwrap_or_else(|| service.clone());
 
         // Client MCP spans of this resource (span id → method), to find nested ones.
         let client_mcp_spans: HashMap<[u8; 8], &str> = rs
@@ -383,20 +334,27 @@ pub fn normalize(
             .filter(|s| s.kind == SpanKind::Client as i32)
             .filter_map(|s| Some((id8(&s.span_id)?, sources::mcp_method(s)?)))
             .collect();
-
-        // Looked up once per resource (not per span); refreshed when this resource teaches it.
-        let mut runs_fastmcp_client = memory.knows_fastmcp_client(&memory_key);
+        // The span nested in each client span of this export (span id → the nested span's id
+        // and request id): the SDK's `MCP send` span inside FastMCP's, OpenLLMetry's client
+        // `ResponseStreamWriter` inside its tool span. The nested span is not stored; the server
+        // span's parent may be it, so the outer record keeps its id for the join.
+        let inner: HashMap<[u8; 8], sources::Inner<'_>> = rs
+            .scope_spans
+            .iter()
+            .flat_map(|ss| &ss.spans)
+            .filter_map(|s| {
+                let parent = id8(&s.parent_span_id)?;
+                let nested = match client_mcp_spans.get(&parent) {
+                    Some(m) => {
+                        s.kind == SpanKind::Client as i32 && sources::mcp_method(s) == Some(*m)
+                    }
+                    None => sources::is_client_stream_writer(s),
+                };
+                nested.then(|| Some((parent, sources::Inner::of(s)?)))?
+            })
+            .collect();
         for ss in &rs.scope_spans {
             let scope = ss.scope.as_ref().map(|s| s.name.as_str()).unwrap_or("");
-            if scope == "fastmcp"
-                && ss
-                    .spans
-                    .iter()
-                    .any(|s| s.kind == SpanKind::Client as i32 && sources::is_tools_call_span(s))
-            {
-                memory.learn_fastmcp_client(&memory_key);
-                runs_fastmcp_client = memory.knows_fastmcp_client(&memory_key);
-            }
             for span in &ss.spans {
                 out.spans += 1;
                 let Some(span_ref) =
@@ -411,7 +369,7 @@ pub fn normalize(
                     opts,
                     parent_client_method: id8(&span.parent_span_id)
                         .and_then(|p| client_mcp_spans.get(&p).copied()),
-                    instance_runs_fastmcp_client: runs_fastmcp_client,
+                    inner: id8(&span.span_id).and_then(|id| inner.get(&id)),
                 };
                 sources::classify(ctx, &mut out);
             }

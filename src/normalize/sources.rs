@@ -20,8 +20,38 @@ pub(super) struct SpanCtx<'a> {
     pub opts: &'a Options,
     /// The MCP method of the parent span, when the parent is a client MCP span of the same export.
     pub parent_client_method: Option<&'a str>,
-    /// This service instance has been seen running a FastMCP client.
-    pub instance_runs_fastmcp_client: bool,
+    /// The client span nested in this one, when it is in the same export.
+    pub inner: Option<&'a Inner<'a>>,
+}
+
+/// A client span nested in another of the same call, in the same export: not stored, but its
+/// id (a server span's parent may be it) and request id are kept on the outer record.
+#[derive(Debug)]
+pub(super) struct Inner<'a> {
+    pub span_id: [u8; 8],
+    pub request_id: Option<Cow<'a, str>>,
+}
+
+impl<'a> Inner<'a> {
+    pub fn of(s: &'a Span) -> Option<Self> {
+        Some(Inner {
+            span_id: s.span_id.as_slice().try_into().ok()?,
+            request_id: request_id(&s.attributes),
+        })
+    }
+}
+
+fn request_id(a: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Option<Cow<'_, str>> {
+    first_nonempty(a, &["jsonrpc.request.id", "mcp.request.id"])
+}
+
+/// OpenLLMetry's span around writing one response (`ResponseStreamWriter`, INTERNAL). On the
+/// client it wraps the request sent inside a tool span; on the server it carries the response
+/// (`mcp.response.value`) and the outcome.
+const STREAM_WRITER: &str = "ResponseStreamWriter";
+
+pub(super) fn is_client_stream_writer(s: &Span) -> bool {
+    s.name == STREAM_WRITER && attrs::get(&s.attributes, "mcp.response.value").is_none()
 }
 
 /// The MCP SDK's client span name prefix (`MCP send tools/call echo`).
@@ -30,10 +60,6 @@ const MCP_SEND: &str = "MCP send ";
 /// `MCP server handle request: tools/call`. Both are INTERNAL spans.
 const LOGFIRE_CLIENT: &str = "MCP request: ";
 const LOGFIRE_SERVER: &str = "MCP server handle request: ";
-
-pub(super) fn is_tools_call_span(s: &Span) -> bool {
-    mcp_method(s) == Some("tools/call")
-}
 
 /// `mcp.method.name`, when it is a plain string attribute.
 pub(super) fn mcp_method(s: &Span) -> Option<&str> {
@@ -61,7 +87,12 @@ pub(super) fn classify(ctx: SpanCtx<'_>, out: &mut Normalized) {
     if let Some(kind) = get_nonempty(a, "traceloop.span.kind") {
         return traceloop(&ctx, &kind, out);
     }
-    if ctx.span.name == "ResponseStreamWriter" || attrs::get(a, "mcp.request.id").is_some() {
+    if ctx.span.name == STREAM_WRITER
+        && let Some(response) = attrs::get_str(a, "mcp.response.value")
+    {
+        return stream_writer(&ctx, &response, out);
+    }
+    if ctx.span.name == STREAM_WRITER || attrs::get(a, "mcp.request.id").is_some() {
         return out.drop_span(DropReason::TransportSpan);
     }
     if let Some(method) = ctx.span.name.strip_suffix(".mcp")
@@ -127,15 +158,6 @@ fn semconv(ctx: &SpanCtx<'_>, method: &str, out: &mut Normalized) {
             outcome: outcome(span, None, None).0,
             span: ctx.span_ref.clone(),
         });
-    }
-    // FastMCP always wraps `tools/call` in its own client span, which may travel in another
-    // export than the SDK's span it wraps.
-    if side == Side::Client
-        && source == Source::McpSdk
-        && ctx.instance_runs_fastmcp_client
-        && span.name.starts_with(MCP_SEND)
-    {
-        return out.drop_span(DropReason::NestedClientSpan);
     }
     let tool = data(get_nonempty(a, "gen_ai.tool.name"), &mut out.scrubbed)
         .map(Cow::into_owned)
@@ -213,6 +235,28 @@ fn traceloop(ctx: &SpanCtx<'_>, kind: &str, out: &mut Normalized) {
         result,
         args,
         result_json,
+        out,
+    );
+}
+
+/// OpenLLMetry on mcp 1.x servers: the server side of a call is only the span that writes its
+/// response. A `tools/call` result (an object with a `content` array) is a server tool call; the
+/// tool's name is not on the span and comes from the client side when both are stored
+/// (`store::correlate`). Other responses (`initialize`, `tools/list`) are transport.
+fn stream_writer(ctx: &SpanCtx<'_>, response: &str, out: &mut Normalized) {
+    let json = content::parse_args(response);
+    if !json.get("content").is_some_and(Value::is_array) {
+        return out.drop_span(DropReason::TransportSpan);
+    }
+    let result = Some(content::measure_result(response));
+    push_tool_call(
+        ctx,
+        "(unknown)".to_owned(),
+        Side::Server,
+        Source::Traceloop,
+        result,
+        None,
+        Some(json),
         out,
     );
 }
@@ -303,8 +347,10 @@ fn push_tool_call(
         error_type,
         session_key,
         session_source,
-        request_id: first_nonempty(a, &["jsonrpc.request.id", "mcp.request.id"])
+        request_id: request_id(a)
+            .or_else(|| ctx.inner.and_then(|i| i.request_id.clone()))
             .map(Cow::into_owned),
+        inner_span_id: ctx.inner.map(|i| i.span_id),
         result,
         args_hash,
         args_redacted: redactor.zip(args.as_ref()).map(|(r, v)| r.redact(v)),
@@ -343,6 +389,9 @@ fn outcome(
             Some(error_type.unwrap_or_else(|| "timeout".to_owned())),
         );
     }
+    if is_error && is_rate_limited(error_type.as_deref(), message, span) {
+        return (Outcome::Error, Some(RATE_LIMITED.to_owned()));
+    }
     if result_is_error == Some(true) {
         return (
             Outcome::Error,
@@ -363,6 +412,23 @@ fn outcome(
         return (Outcome::Error, Some(et));
     }
     (Outcome::Ok, None)
+}
+
+/// The error type of a call a rate limiter refused (FastMCP's `RateLimitingMiddleware` raises
+/// `RateLimitError` before the tool is resolved; JSON-RPC servers answer "rate limit exceeded").
+pub const RATE_LIMITED: &str = "rate_limited";
+
+fn is_rate_limited(error_type: Option<&str>, message: &str, span: &Span) -> bool {
+    let limited = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        s.contains("ratelimit")
+            || s.contains("rate limit")
+            || s.contains("rate_limit")
+            || s.contains("too many requests")
+    };
+    error_type.is_some_and(limited)
+        || limited(message)
+        || exception_type(span).is_some_and(|t| limited(&t))
 }
 
 fn is_cancellation(error_type: Option<&str>, message: &str) -> bool {

@@ -20,12 +20,12 @@ fn pb_fixture(path: &str) -> ExportTraceServiceRequest {
 
 /// `now` = the first span's start, so the fixtures' fixed timestamps are in range.
 fn run(req: &ExportTraceServiceRequest) -> Normalized {
-    run_with(req, &Options::default(), &Memory::default())
+    run_with(req, &Options::default())
 }
 
-fn run_with(req: &ExportTraceServiceRequest, opts: &Options, mem: &Memory) -> Normalized {
+fn run_with(req: &ExportTraceServiceRequest, opts: &Options) -> Normalized {
     let now = req.resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano as i64;
-    normalize(req, now, opts, mem)
+    normalize(req, now, opts)
 }
 
 fn calls(n: &Normalized, side: Side) -> Vec<&ToolCall> {
@@ -153,12 +153,35 @@ fn protobuf_and_json_bodies_normalize_identically() {
 }
 
 #[test]
-fn fastmcp_nested_sdk_span_dropped_across_exports_once_client_is_known() {
-    let mem = Memory::default();
+fn nested_sdk_span_in_the_same_export_is_kept_as_the_outer_calls_link() {
     let req = json_fixture("fastmcp/stdio-auto-client.json");
-    let first = run_with(&req, &Options::default(), &mem);
-    assert_eq!(calls(&first, Side::Client).len(), 9);
-    // The same instance's `MCP send` spans alone (outer spans in another export).
+    let n = run(&req);
+    let client = calls(&n, Side::Client);
+    assert_eq!(client.len(), 9);
+    // Every FastMCP client call carries the id and request id of the SDK span nested in it:
+    // the server span's parent is that span.
+    for c in &client {
+        let inner = c.inner_span_id.expect("nested span id kept");
+        let nested = req
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .find(|s| s.span_id.as_slice() == inner.as_slice())
+            .expect("the nested span is in the export");
+        assert_eq!(nested.parent_span_id.as_slice(), c.span.span_id.as_slice());
+        assert!(
+            nested.name.starts_with("MCP send tools/call"),
+            "{}",
+            nested.name
+        );
+        assert!(
+            c.request_id.is_some(),
+            "request id taken from the nested span"
+        );
+    }
+    // The SDK's spans alone (the outer spans travel in another export): nothing here says a
+    // FastMCP span wraps them, so they are calls; the store joins them with their outer span.
     let mut only_sdk = req.clone();
     for rs in &mut only_sdk.resource_spans {
         rs.scope_spans.retain(|ss| {
@@ -167,17 +190,9 @@ fn fastmcp_nested_sdk_span_dropped_across_exports_once_client_is_known() {
                 .is_some_and(|s| s.name == "mcp-python-sdk")
         });
     }
-    let second = run_with(&only_sdk, &Options::default(), &mem);
-    assert_eq!(second.tool_calls.len(), 0);
-    assert_eq!(dropped(&second, DropReason::NestedClientSpan), 9);
-    assert_eq!(
-        second.mcp_requests.len(),
-        2,
-        "the SDK's own non-tool requests still count"
-    );
-    // Without the memory they would count (nothing says a FastMCP span wraps them).
-    let fresh = run_with(&only_sdk, &Options::default(), &Memory::default());
-    assert_eq!(fresh.tool_calls.len(), 9);
+    let alone = run(&only_sdk);
+    assert_eq!(alone.tool_calls.len(), 9);
+    assert!(alone.tool_calls.iter().all(|c| c.inner_span_id.is_none()));
 }
 
 #[test]
@@ -313,10 +328,50 @@ fn traceloop_fastmcp2_server_tool_spans() {
     assert!(li.empty, "output `[]`");
     assert_eq!(s["fail_tool"][0].error_type.as_deref(), Some("ToolError"));
     assert_eq!(s["echo"][0].result.unwrap().items, Some(1));
-    // The mcp-1.x FastMCP server only emits transport spans without a tool name.
-    let sdk1 = run(&json_fixture("traceloop/sdk1-stdio-server.json"));
-    assert!(sdk1.tool_calls.is_empty());
-    assert_eq!(dropped(&sdk1, DropReason::TransportSpan), sdk1.spans);
+}
+
+#[test]
+fn traceloop_mcp1_server_calls_are_their_response_writers() {
+    // The mcp-1.x server side is only `ResponseStreamWriter` spans: the 8 `tools/call`
+    // responses are server calls (the tool's name comes from the client when both are stored),
+    // `initialize` and `tools/list` responses are transport.
+    let n = run(&json_fixture("traceloop/sdk1-stdio-server.json"));
+    let server = calls(&n, Side::Server);
+    assert_eq!(server.len(), 8);
+    assert_eq!(dropped(&n, DropReason::TransportSpan), 2);
+    assert!(
+        server
+            .iter()
+            .all(|c| c.tool == "(unknown)" && c.source == Source::Traceloop)
+    );
+    let by_id: BTreeMap<&str, &ToolCall> = server
+        .iter()
+        .map(|c| (c.request_id.as_deref().unwrap(), *c))
+        .collect();
+    // Request ids 2..9: list_items, fail_tool, crash_tool, big_text, echo, echo, no_such_tool, echo {}.
+    assert!(by_id["2"].result.unwrap().empty);
+    assert_eq!(by_id["3"].outcome, Outcome::Error);
+    assert_eq!(by_id["4"].outcome, Outcome::Error);
+    assert_eq!(by_id["5"].outcome, Outcome::Ok);
+    assert!(
+        by_id["5"].result.unwrap().bytes.unwrap() > 64 * 1024,
+        "the full result"
+    );
+    assert_eq!(by_id["8"].outcome, Outcome::Error);
+    // The client's tool spans carry the request id and span id of their nested writer span,
+    // whose child is the server's writer span.
+    let client = run(&json_fixture("traceloop/sdk1-stdio-client.json"));
+    let echo_client: Vec<&ToolCall> = client
+        .tool_calls
+        .iter()
+        .filter(|c| c.tool == "echo")
+        .collect();
+    assert_eq!(echo_client[0].request_id.as_deref(), Some("6"));
+    let server_echo = by_id["6"];
+    assert_eq!(
+        server_echo.span.parent_span_id,
+        echo_client[0].inner_span_id
+    );
 }
 
 #[test]
@@ -365,11 +420,7 @@ fn redacted_copies_are_opt_in() {
         }),
         ..Options::default()
     };
-    let n = run_with(
-        &json_fixture("traceloop/sdk1-stdio-client.json"),
-        &opts,
-        &Memory::default(),
-    );
+    let n = run_with(&json_fixture("traceloop/sdk1-stdio-client.json"), &opts);
     let fail = n.tool_calls.iter().find(|c| c.tool == "fail_tool").unwrap();
     assert_eq!(
         fail.args_redacted.as_deref(),
@@ -428,12 +479,7 @@ mod synthetic {
     }
 
     fn norm(spans: Vec<Span>) -> Normalized {
-        normalize(
-            &request(spans),
-            NOW,
-            &Options::default(),
-            &Memory::default(),
-        )
+        normalize(&request(spans), NOW, &Options::default())
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 use crate::metrics::{ExportLabel, KindLabel, Metrics, ReasonLabel, TransportLabel};
-use crate::normalize::{self, Memory, Options};
+use crate::normalize::{self, Options};
 use crate::store::{SubmitError, Writer};
 
 /// Errors answered to an exporter. Each maps to one HTTP status and one gRPC code, and says
@@ -135,7 +135,6 @@ pub struct Ingest {
     in_progress: Arc<tokio::sync::Semaphore>,
     writer: Writer,
     options: Options,
-    memory: Memory,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     auth: Arc<auth::Auth>,
@@ -155,7 +154,6 @@ impl Ingest {
             in_progress: Arc::new(tokio::sync::Semaphore::new(max_concurrent_exports.max(1))),
             writer,
             options,
-            memory: Memory::default(),
             metrics,
             ready,
             auth: Arc::new(auth::Auth::open()),
@@ -245,7 +243,7 @@ impl Ingest {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        let mut records = normalize::normalize(&req, now, &self.options, &self.memory);
+        let mut records = normalize::normalize(&req, now, &self.options);
         drop(req);
         if records.keys_cut > 0 {
             self.metrics.keys_truncated.inc_by(records.keys_cut);
@@ -269,9 +267,6 @@ impl Ingest {
         self.metrics
             .cardinality_tracked
             .set(self.guard.tracked() as i64);
-        self.metrics
-            .memory_overflow
-            .set(self.memory.overflowed() as i64);
         let spans = records.spans;
         let rejected = records.rejected_total();
         for (reason, n) in &records.rejected {

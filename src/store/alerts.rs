@@ -167,14 +167,15 @@ pub async fn rate_limit_headroom(
         .collect())
 }
 
-/// The tool calls (rows of `tool_calls t`) a retry loop counts. A call is one call: its server
-/// row counts only where no client row of the same tool shares its trace (a client and server
-/// both traced, in one service or two, would count it twice). Where the arguments are not
+/// The tool calls (rows of `tool_calls t`) a retry loop counts. A call is one call: a nested
+/// client span is not counted, and a server row counts only where it has no client side (no
+/// joined peer, and no client row of the same tool in its trace: a client and server both
+/// traced, in one service or two, would count it twice). Where the arguments are not
 /// captured, "the same call again" cannot be told from "another call", so only calls that
 /// failed or came back empty count: the same tool failing or empty, again and again.
-pub(crate) const LOOP_CALLS: &str = "(t.side = 'client' OR NOT EXISTS (
-        SELECT 1 FROM tool_calls c
-        WHERE c.trace_id = t.trace_id AND c.side = 'client' AND c.tool = t.tool))
+pub(crate) const LOOP_CALLS: &str = "t.counted AND (t.side = 'client' OR (t.peer_span_id IS NULL
+        AND NOT EXISTS (SELECT 1 FROM tool_calls c
+                        WHERE c.trace_id = t.trace_id AND c.side = 'client' AND c.tool = t.tool)))
     AND (t.args_hash IS NOT NULL OR t.outcome <> 'ok' OR t.result_empty IS TRUE)";
 
 /// The most repeated call per (service, tool, session) in [to - window, to): same session

@@ -180,7 +180,7 @@ impl CopyBuf {
     }
 
     /// minute, service, tool, side, 8 counters, latency_hist, shard, sized_results,
-    /// counted_results.
+    /// counted_results, overhead_calls, overhead_us_sum.
     #[allow(clippy::too_many_arguments)] // one argument per column
     pub fn tool_rollup(
         &mut self,
@@ -192,8 +192,9 @@ impl CopyBuf {
         hist: &[i64],
         shard: i16,
         known: [i64; 2],
+        overhead: [i64; 2],
     ) {
-        self.row(16);
+        self.row(18);
         self.ts(minute);
         self.name(service);
         self.name(tool);
@@ -202,6 +203,7 @@ impl CopyBuf {
         self.int8_array(hist);
         self.i16(shard);
         self.counters(&known);
+        self.counters(&overhead);
     }
 
     /// minute, service, method, side, calls, errors, orphans, latency_hist, shard.
@@ -270,7 +272,7 @@ impl CopyBuf {
     }
 
     pub fn tool_call(&mut self, c: &ToolCall) {
-        self.row(21);
+        self.row(26);
         self.span_ref(&c.span);
         self.name(&c.tool);
         self.name(c.side.as_str());
@@ -286,16 +288,23 @@ impl CopyBuf {
         self.opt_bytes(c.args_hash.as_ref().map(|h| h.as_slice()));
         self.opt_text(c.args_redacted.as_deref());
         self.opt_text(c.result_redacted.as_deref());
+        // Joined with the other side after the commit (`store::correlate`).
+        self.bool(true);
+        self.opt_bytes(c.inner_span_id.as_ref().map(|p| p.as_slice()));
+        self.null();
+        self.null();
+        self.null();
     }
 
     pub fn mcp_request(&mut self, r: &McpRequest) {
-        self.row(12);
+        self.row(13);
         self.span_ref(&r.span);
         self.name(&r.method);
         self.name(r.side.as_str());
         self.name(r.source.as_str());
         self.name(r.outcome.as_str());
         self.bool(r.orphan);
+        self.bool(true);
     }
 
     pub fn llm_call(&mut self, c: &LlmCall) {

@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod bench;
 mod copy;
+pub mod correlate;
 #[cfg(feature = "backtest")]
 pub mod history;
 pub mod notify;

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::copy::CopyBuf;
+use super::correlate::{MethodRow, ToolRow, ToolState};
 use crate::normalize::{Normalized, Outcome, SpanRef};
 
 /// Histogram buckets: bucket 0 holds durations up to 10 µs, bucket i (1..=111) holds
@@ -57,11 +58,16 @@ struct Hist(Vec<i64>);
 
 impl Hist {
     fn add(&mut self, duration_us: i64) {
+        self.add_n(duration_us, 1);
+    }
+
+    /// `n` may be negative: a correction taking back a count merged before.
+    fn add_n(&mut self, duration_us: i64, n: i64) {
         let b = latency_bucket(duration_us);
         if self.0.len() <= b {
             self.0.resize(b + 1, 0);
         }
-        self.0[b] += 1;
+        self.0[b] += n;
     }
 }
 
@@ -79,6 +85,9 @@ struct ToolAgg {
     counted_results: i64,
     duration_us_sum: i64,
     hist: Hist,
+    /// Client calls joined with their server side, and the sum of their overheads.
+    overhead_calls: i64,
+    overhead_us_sum: i64,
 }
 
 #[derive(Default)]
@@ -224,6 +233,54 @@ impl<'a> Rollups<'a> {
         }
     }
 
+    /// The contribution of a stored tool call in `state` to its rollup row, times `sign`: the
+    /// join (`correlate`) takes back what a row counted before and adds what it counts now.
+    pub fn add_tool_row(&mut self, row: &'a ToolRow, state: &'a ToolState, sign: i64) {
+        if !state.counted {
+            return;
+        }
+        let side = if row.client { "client" } else { "server" };
+        let minute = row.start_unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS;
+        let a = self
+            .tools
+            .entry((&row.service, &state.tool, side, minute))
+            .or_default();
+        a.calls += sign;
+        a.errors += sign * i64::from(state.outcome == Outcome::Error);
+        a.cancellations += sign * i64::from(state.outcome == Outcome::Cancelled);
+        if let Some(empty) = row.result_empty {
+            a.with_result += sign;
+            a.empty_results += sign * i64::from(empty);
+            if let Some(b) = row.result_bytes {
+                a.sized_results += sign;
+                a.result_bytes += sign * b;
+            }
+            if let Some(i) = row.result_items {
+                a.counted_results += sign;
+                a.result_items += sign * i64::from(i);
+            }
+        }
+        a.duration_us_sum += sign * row.duration_us;
+        a.hist.add_n(row.duration_us, sign);
+        if let Some(o) = state.overhead_us {
+            a.overhead_calls += sign;
+            a.overhead_us_sum += sign * o;
+        }
+    }
+
+    /// The contribution of a stored client MCP request, times `sign`.
+    pub fn add_method_row(&mut self, row: &'a MethodRow, sign: i64) {
+        let minute = row.start_unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS;
+        let a = self
+            .methods
+            .entry((&row.service, &row.method, "client", minute))
+            .or_default();
+        a.calls += sign;
+        a.errors += sign * i64::from(row.error);
+        a.orphans += sign * i64::from(row.orphan);
+        a.hist.add_n(row.duration_us, sign);
+    }
+
     /// COPY payloads for the four rollup staging tables, keys sorted so concurrent writers
     /// lock rollup rows in the same order (no deadlocks).
     pub fn encode(self, shard: i16) -> [CopyBuf; 4] {
@@ -254,6 +311,7 @@ impl<'a> Rollups<'a> {
                 &a.hist.0,
                 shard,
                 [a.sized_results, a.counted_results],
+                [a.overhead_calls, a.overhead_us_sum],
             );
         }
         let mut methods: Vec<_> = self.methods.into_iter().collect();

@@ -16,6 +16,7 @@ use sqlx::Connection;
 
 use super::StoreError;
 use super::copy::CopyBuf;
+use super::correlate;
 use super::rollup::{Inserted, Key, Rollups};
 use crate::metrics::{KindLabel, Metrics, RetryableLabel};
 use crate::normalize::Normalized;
@@ -111,6 +112,8 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
             result_items = r.result_items + EXCLUDED.result_items,
             sized_results = r.sized_results + EXCLUDED.sized_results,
             counted_results = r.counted_results + EXCLUDED.counted_results,
+            overhead_calls = r.overhead_calls + EXCLUDED.overhead_calls,
+            overhead_us_sum = r.overhead_us_sum + EXCLUDED.overhead_us_sum,
             duration_us_sum = r.duration_us_sum + EXCLUDED.duration_us_sum,
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
     ),
@@ -298,10 +301,68 @@ async fn run_writer(
                 jobs.iter().map(|_| Err(err.clone())).collect()
             }
         };
+        // Join the stored exports' calls with what was stored before them (the other side of a
+        // call, a nested client span) before answering, so an answered export is joined.
+        let stored = jobs
+            .iter()
+            .zip(&acks)
+            .filter(|(_, a)| a.is_ok())
+            .map(|(j, _)| &j.records);
+        join_stored(&pool, stored, shard, &metrics).await;
         metrics.queue_depth_rows.dec_by(rows as i64);
         for (job, ack) in jobs.into_iter().zip(acks) {
             // The exporter may have gone away; its records are committed all the same.
             let _ = job.ack.send(ack);
+        }
+    }
+}
+
+/// Joins the calls of stored exports with the stored rows of their traces. A failure leaves
+/// the rows stored and unjoined (counted); it is not the exporters' to retry.
+async fn join_stored<'a>(
+    pool: &PgPool,
+    stored: impl IntoIterator<Item = &'a Normalized>,
+    shard: i16,
+    metrics: &Metrics,
+) {
+    let (tools, methods) = correlate::traces_of(stored);
+    if tools.is_empty() && methods.is_empty() {
+        return;
+    }
+    let mut attempt = 0;
+    let result = loop {
+        let result = async {
+            let mut conn = pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            let joined = correlate::join(&mut tx, &tools, &methods, shard).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(joined)
+        }
+        .await;
+        match result {
+            Err(StoreError::Unavailable(sqlx::Error::Database(db)))
+                if attempt < 2 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            }
+            other => break other,
+        }
+    };
+    match result {
+        Ok(joined) => {
+            for (kind, n) in [("pair", joined.pairs), ("nested", joined.nested)] {
+                if n > 0 {
+                    metrics
+                        .correlated
+                        .get_or_create(&KindLabel { kind })
+                        .inc_by(n);
+                }
+            }
+        }
+        Err(e) => {
+            metrics.correlation_failures.inc();
+            tracing::warn!(error = %e, traces = tools.len(), "joining stored calls failed; their rows stay unjoined");
         }
     }
 }
@@ -490,6 +551,15 @@ async fn merge_rollups(
     for j in jobs {
         rollups.add(&j.records, inserted);
     }
+    merge_rollup_deltas(conn, rollups, shard).await
+}
+
+/// Merges rollup deltas into this writer's shard, in the caller's transaction.
+pub(super) async fn merge_rollup_deltas(
+    conn: &mut sqlx::PgConnection,
+    rollups: Rollups<'_>,
+    shard: i16,
+) -> Result<(), StoreError> {
     let mut merges = String::new();
     for (buf, (copy, merge)) in rollups.encode(shard).into_iter().zip(MERGE_ROLLUPS) {
         if buf.rows() > 0 {

@@ -393,3 +393,66 @@ pub async fn firing_alert(
     })
     .await
 }
+
+/// The (service, tool, side) whose rollups differ from the counted raw rows, for every column
+/// the rules and dashboards read (a rollup row a join emptied sums to zero everywhere).
+pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, String)> {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION pg_temp.trimmed(h bigint[]) RETURNS bigint[] LANGUAGE sql AS $$
+            SELECT coalesce(h[1:(SELECT max(i) FROM unnest(h) WITH ORDINALITY AS t(x, i) WHERE x <> 0)],
+                            '{}')
+         $$",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query_as(
+        "WITH raw AS (
+            SELECT service, tool, side, count(*) AS calls,
+                   count(*) FILTER (WHERE outcome = 'error') AS errors,
+                   count(*) FILTER (WHERE outcome = 'cancelled') AS cancellations,
+                   count(result_empty) AS with_result,
+                   count(*) FILTER (WHERE result_empty) AS empty_results,
+                   coalesce(sum(result_bytes), 0) AS result_bytes,
+                   coalesce(sum(result_items), 0) AS result_items,
+                   count(result_bytes) AS sized_results,
+                   count(result_items) AS counted_results,
+                   sum(duration_us) AS duration_us_sum,
+                   count(overhead_us) AS overhead_calls,
+                   coalesce(sum(overhead_us), 0) AS overhead_us_sum
+            FROM tool_calls WHERE counted GROUP BY 1, 2, 3),
+         rolled AS (
+            SELECT service, tool, side, sum(calls) AS calls, sum(errors) AS errors,
+                   sum(cancellations) AS cancellations, sum(with_result) AS with_result,
+                   sum(empty_results) AS empty_results, sum(result_bytes) AS result_bytes,
+                   sum(result_items) AS result_items, sum(sized_results) AS sized_results,
+                   sum(counted_results) AS counted_results, sum(duration_us_sum) AS duration_us_sum,
+                   sum(overhead_calls) AS overhead_calls, sum(overhead_us_sum) AS overhead_us_sum,
+                   toolsight_hist_merge(latency_hist) AS hist
+            FROM tool_rollup_1m GROUP BY 1, 2, 3
+            HAVING sum(calls) <> 0 OR sum(errors) <> 0 OR sum(cancellations) <> 0
+                OR sum(with_result) <> 0 OR sum(duration_us_sum) <> 0 OR sum(overhead_calls) <> 0),
+         raw_hist AS (
+            SELECT service, tool, side, toolsight_hist_build(array_agg(b), array_agg(n)) AS hist
+            FROM (SELECT service, tool, side, toolsight_latency_bucket(duration_us) AS b, count(*) AS n
+                  FROM tool_calls WHERE counted GROUP BY 1, 2, 3, 4) x
+            GROUP BY 1, 2, 3)
+         SELECT service, tool, side
+         FROM raw JOIN raw_hist USING (service, tool, side)
+              FULL JOIN rolled USING (service, tool, side)
+         WHERE (raw.calls, raw.errors, raw.cancellations, raw.with_result, raw.empty_results,
+                raw.result_bytes, raw.result_items, raw.sized_results, raw.counted_results,
+                raw.duration_us_sum, raw.overhead_calls, raw.overhead_us_sum)
+               IS DISTINCT FROM
+               (rolled.calls, rolled.errors, rolled.cancellations, rolled.with_result,
+                rolled.empty_results, rolled.result_bytes, rolled.result_items,
+                rolled.sized_results, rolled.counted_results, rolled.duration_us_sum,
+                rolled.overhead_calls, rolled.overhead_us_sum)
+            -- trailing zero buckets left by a correction do not change a histogram
+            OR pg_temp.trimmed(raw_hist.hist) IS DISTINCT FROM pg_temp.trimmed(rolled.hist)",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap()
+}

@@ -100,6 +100,25 @@ impl Spans {
         self.spans.push(client);
     }
 
+    /// [`Spans::both_sides`] with the server span `overhead_ms` shorter than the client's, half
+    /// of it on either end (the time the request and the response travel).
+    pub fn both_sides_with_overhead(
+        &mut self,
+        tool: &str,
+        minute: DateTime<Utc>,
+        ms: u64,
+        overhead_ms: u64,
+    ) {
+        self.both_sides(tool, minute, ms, false, vec![]);
+        let n = self.spans.len();
+        let server = &mut self.spans[n - 2];
+        let shift = |v: &Value, by: i64| {
+            json!((v.as_str().unwrap().parse::<i64>().unwrap() + by * 500_000).to_string())
+        };
+        server["startTimeUnixNano"] = shift(&server["startTimeUnixNano"], overhead_ms as i64);
+        server["endTimeUnixNano"] = shift(&server["endTimeUnixNano"], -(overhead_ms as i64));
+    }
+
     pub fn body(&self) -> Vec<u8> {
         self.body_for("svc")
     }
