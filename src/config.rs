@@ -113,6 +113,23 @@ pub struct Database {
     pub query_connections: u32,
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    /// When `toolsight serve` runs a private PostgreSQL cluster of its own.
+    pub embedded: Embedded,
+    /// Where that cluster lives; `None` is the default place (`store::cluster::default_dir`).
+    pub embedded_dir: Option<std::path::PathBuf>,
+}
+
+/// When `toolsight serve` starts a private PostgreSQL cluster (from the system's PostgreSQL
+/// binaries) instead of connecting to `database.url`. An explicit `database.url` is never
+/// replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Embedded {
+    /// When `database.url` is left at its default and nothing answers there.
+    Auto,
+    /// Whenever `database.url` is left at its default.
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -219,6 +236,8 @@ impl Default for Config {
                 create_database: true,
                 query_connections: 4,
                 connect_timeout: Duration::from_secs(30),
+                embedded: Embedded::Auto,
+                embedded_dir: None,
             },
             otlp: Otlp {
                 grpc_listen: "127.0.0.1:4317".parse().expect("valid default"),
@@ -353,6 +372,8 @@ impl Config {
                 query_connections: l
                     .get("database.query_connections", d.database.query_connections),
                 connect_timeout: l.duration("database.connect_timeout", d.database.connect_timeout),
+                embedded: l.get("database.embedded", d.database.embedded),
+                embedded_dir: l.get("database.embedded_dir", d.database.embedded_dir),
             },
             otlp: Otlp {
                 grpc_listen: l.get("otlp.grpc_listen", d.otlp.grpc_listen),

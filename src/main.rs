@@ -216,12 +216,26 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
     init_logging(&config);
+    if !matches!(cli.command, Command::Serve) {
+        store::cluster::use_running(&mut config.database);
+    }
     match cli.command {
         Command::Serve => {
             let listeners = app::Listeners::bind(&config).await?;
-            app::run(config, listeners, shutdown_signal()).await
+            // A first run with nothing configured and no server: a private cluster.
+            let mut database = config.database.clone();
+            let (cluster, database) = tokio::task::spawn_blocking(move || {
+                store::cluster::start_if_wanted(&mut database).map(|c| (c, database))
+            })
+            .await??;
+            config.database = database;
+            let result = app::run(config, listeners, shutdown_signal()).await;
+            if let Some(mut c) = cluster {
+                tokio::task::spawn_blocking(move || c.stop()).await?;
+            }
+            result
         }
         Command::Migrate => {
             app::prepare_database(&config).await?;

@@ -98,3 +98,69 @@ async fn every_acknowledged_span_survives_an_outage_under_load() {
         .await
         .unwrap();
 }
+
+/// A first run that needs nothing: with `database.url` left at its default, `serve` runs a
+/// private PostgreSQL cluster from the system's binaries (here `database.embedded = "always"`:
+/// the machine's own server answers on 5432, which `auto` would use), ingests into it over its
+/// Unix socket, and stops it when the service stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_without_a_database_runs_a_private_cluster_and_stops_it() {
+    let dir = std::env::temp_dir().join(format!("toolsight-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = std::env::temp_dir().join(format!("toolsight-pg-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nembedded = \"always\"\nembedded_dir = \"{}\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = common::serve_ready(&config, &[]).await;
+    assert!(dir.join("data/PG_VERSION").exists(), "cluster initialised");
+    assert!(
+        dir.join(".s.PGSQL.5432").exists(),
+        "listening on its socket"
+    );
+
+    let mut s = Spans::new();
+    s.tool("first_run_tool", Utc::now(), 12, false, vec![]);
+    let r = reqwest::Client::new()
+        .post(child.http_url())
+        .header("content-type", "application/json")
+        .body(s.body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tools = format!("http://{}/api/v1/tools?since=1h", child.admin);
+    common::eventually("the call in the private cluster", || async {
+        let body = reqwest::get(&tools).await.ok()?.text().await.ok()?;
+        body.contains("first_run_tool").then_some(())
+    })
+    .await;
+
+    // The CLI finds the running cluster with the same settings.
+    let table = common::output(
+        common::toolsight()
+            .args(["tools", "--since", "1h", "--config"])
+            .arg(&config),
+    );
+    assert!(table.contains("first_run_tool"), "{table}");
+
+    // A graceful stop (SIGTERM) stops the cluster too.
+    let pid = child.process.0.id().to_string();
+    common::python::run(std::process::Command::new("kill").args(["-TERM", &pid]));
+    let status = tokio::task::spawn_blocking(move || child.process.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !dir.join("data/postmaster.pid").exists(),
+        "the cluster is stopped"
+    );
+    assert!(!dir.join(".s.PGSQL.5432").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&config);
+}

@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod bench;
+pub mod cluster;
 mod copy;
 pub mod correlate;
 #[cfg(feature = "backtest")]
