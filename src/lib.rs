@@ -1,7 +1,10 @@
 //! toolsight: an OTLP collector and alerting service for MCP tool calls.
 //!
-//! The data path, in pipeline order: [`receive`] → [`normalize`] → [`store`]; [`app`] wires
-//! them, [`config`] configures them, [`admin`] observes them.
+//! The data path, in pipeline order: [`receive`] → [`normalize`] → [`store`]; then
+//! [`evaluate`] (alert rules over what is stored) → [`notify`] (receivers). [`app`] wires them,
+//! [`config`] configures them, [`listener`] and [`tls`] serve their connections, [`admin`] and
+//! [`metrics`] observe them. Beside the service: [`loadgen`] and [`bench`] (traffic and the
+//! benchmark), [`fuzzing`] (the fuzz targets' bodies). ARCHITECTURE.md has the codemap.
 
 pub mod admin;
 pub mod app;

@@ -113,3 +113,36 @@ fn no_unbounded_queues() {
         }
     }
 }
+
+/// ARCHITECTURE.md's codemap names every source file: by its path, or (a module folder with its
+/// files listed) the folder's path and the file's name in the same row.
+#[test]
+fn the_codemap_names_every_source_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let map = &doc[doc.find("## Codemap").unwrap()..doc.find("## Invariants").unwrap()];
+    let rows: Vec<&str> = map.lines().filter(|l| l.starts_with("| `")).collect();
+    let mut missing = Vec::new();
+    for file in rust_files(&src()) {
+        let rel = file
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let folder = format!("{}/", rel.rsplit_once('/').unwrap().0);
+        let name = rel.rsplit('/').next().unwrap();
+        let named = rows.iter().any(|r| {
+            r.contains(&format!("`{rel}`"))
+                || (r.contains(&format!("`{folder}`"))
+                    && (name == "mod.rs" || r.contains(&format!("`{name}`"))))
+                || (r.contains(&format!("`{folder}")) && r.contains(&format!(", `{name}`")))
+        });
+        if !named {
+            missing.push(rel);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in the ARCHITECTURE.md codemap: {missing:?}"
+    );
+}

@@ -1,7 +1,10 @@
-//! Alert rules: the rule files (`rules`) and the pure alert state machine (`state`).
+//! Alert rules: the rule files (`rules`), what a rule sees at an instant (`observe`), the pure
+//! engine from observations to signals (`engine`) and the pure state machine (`state`), the live
+//! evaluator (`run`), rule unit tests (`unittest`), backtests over the stored history
+//! (`backtest`) and the false-firing estimate on simulated traffic (`quality`).
 //!
-//! The state machine takes `now` and the signal a rule produced; it does no I/O, so the live
-//! evaluation loop, rule unit tests and backtests all run the same code.
+//! The engine and state machine take `now` and do no I/O, so the live evaluation loop, rule unit
+//! tests and backtests all run the same code.
 
 #[cfg(feature = "backtest")]
 pub mod backtest;

@@ -1,5 +1,9 @@
-//! PostgreSQL: the only module with SQL. Schema migrations, the batch writer, and the queries
-//! the API and CLI read through.
+//! PostgreSQL: the only module with SQL. Schema migrations and connecting (here), the private
+//! cluster of a first run (`cluster`), the batch writer (`writer`, with `copy` and `rollup`),
+//! the join of a call's sides after each write (`correlate`), the API and CLI's reads
+//! (`queries`), the alert rules' windows and state (`alerts`), the backtest's history
+//! (`history`), the notification outbox (`notify`), pruning (`retention`), the service's own
+//! metric samples (`stats`) and the benchmark's database side (`bench`).
 
 pub mod alerts;
 pub mod bench;
