@@ -24,7 +24,7 @@ pub struct AdminState {
     /// The loaded rule files, for `/api/v1/rules`.
     pub rules: Arc<std::sync::RwLock<Vec<(String, crate::evaluate::rules::RuleFile)>>>,
     /// Required on everything but `/healthz` and `/readyz` when set.
-    pub admin_token: Option<crate::notify::config::Secret>,
+    pub admin_token: Option<crate::secret::Secret>,
 }
 
 pub fn router(state: AdminState) -> Router {

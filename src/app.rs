@@ -48,7 +48,7 @@ impl Listeners {
 /// Creates the database if configured to, waits for it up to `connect_timeout`, and migrates.
 pub async fn prepare_database(config: &Config) -> anyhow::Result<sqlx::PgPool> {
     let opts = store::connect_options(&config.database.url)?;
-    let shown = store::redact_url(&config.database.url);
+    let shown = store::url_without_password(&config.database.url);
     let deadline = Instant::now() + config.database.connect_timeout;
     let mut delay = Duration::from_millis(250);
     loop {

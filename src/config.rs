@@ -88,7 +88,7 @@ pub struct Auth {
     /// Run without ingest or admin tokens on a non-loopback address (logged at start).
     pub allow_unauthenticated: bool,
     /// The admin API's own token (never one of the ingest tokens).
-    pub admin_token: Option<crate::notify::config::Secret>,
+    pub admin_token: Option<crate::secret::Secret>,
 }
 
 impl Auth {
@@ -676,7 +676,7 @@ impl Config {
     /// The effective configuration as TOML, with the database password hidden.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.database.url = crate::store::redact_url(&shown.database.url);
+        shown.database.url = crate::store::url_without_password(&shown.database.url);
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod notify;
 pub mod receive;
+pub mod secret;
 pub mod store;
 pub mod tls;
 

@@ -241,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app::prepare_database(&config).await?;
             eprintln!(
                 "database {} is up to date",
-                store::redact_url(&config.database.url)
+                store::url_without_password(&config.database.url)
             );
             Ok(())
         }

@@ -7,9 +7,7 @@ use sqlx::PgPool;
 /// A fresh, migrated database named `toolsight_it_{name}`.
 async fn migrated_db(name: &str) -> PgPool {
     let url = common::fresh_database(name).await;
-    let admin = PgPool::connect(&format!("{}/postgres", common::server_url()))
-        .await
-        .unwrap();
+    let admin = common::admin_pool().await;
     sqlx::query(&format!("CREATE DATABASE toolsight_it_{name}"))
         .execute(&admin)
         .await

@@ -549,7 +549,7 @@ async fn a_refused_http1_client_reads_the_status_not_a_broken_pipe() {
     let svc = Service::start_with("hostile_refused_body", |c| {
         c.auth.tokens = vec![toolsight::receive::auth::TokenConfig {
             name: "t".into(),
-            token: toolsight::notify::config::Secret::new("a-token-0123456789"),
+            token: toolsight::secret::Secret::new("a-token-0123456789"),
             services: vec![],
         }];
     })

@@ -12,8 +12,8 @@ use common::spans::{Spans, attr};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use serde_json::json;
-use toolsight::notify::config::Secret;
 use toolsight::receive::auth::TokenConfig;
+use toolsight::secret::Secret;
 
 const BILLING: &str = "billing-token-0123456789";
 const OPS: &str = "ops-token-0123456789abcd";

@@ -20,7 +20,7 @@ use super::engine::Alerts;
 use super::observe::{self, Windows, to_dt};
 use super::rules::{Baseline, Group, Kind, RuleFile};
 use super::state::Event;
-use crate::store::alerts::{Observation, labels};
+use crate::evaluate::engine::{Observation, labels};
 use crate::store::{StoreError, history, rollup};
 
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,29 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+/// One key's value over a window, as a rule kind reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+    /// Samples behind the value (calls, captured results, sessions …).
+    pub samples: i64,
+    /// The same value over the baseline window, where the kind has one.
+    pub baseline: Option<f64>,
+    /// A second value some kinds use (share of 429 responses; the median session's tokens).
+    pub extra: Option<f64>,
+}
+
+/// A label set from (name, value) pairs.
+pub fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
 use super::rules::{self, Baseline, Kind, Rule};
 use super::state::{self, AlertState, Event, Phase, Signal, Timing};
-use crate::store::alerts::Observation;
 
 /// The alerts being tracked, by (alert name, key).
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -9,8 +9,9 @@ use sqlx::PgPool;
 
 use super::engine::{self, Alerts, Notice};
 use super::rules::{Baseline, Group, Kind, Rule};
+use crate::evaluate::engine::Observation;
 use crate::store::StoreError;
-use crate::store::alerts::{self, Observation};
+use crate::store::alerts;
 
 /// The window aggregates the rule kinds read. Each returns one observation per key; the
 /// windows are those of the SQL in `store::alerts` (rollup minutes in

@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use super::engine::{Alerts, apply, quantile_lower_rank, quantile_upper_rank, z_of};
 use super::rules::{Kind, Rule};
 use super::state::Event;
-use crate::store::alerts::Observation;
+use crate::evaluate::engine::Observation;
 use crate::store::rollup::{hist_quantile, latency_bucket};
 
 /// The steady traffic of one simulation.

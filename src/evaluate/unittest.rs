@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::engine::{self, Alerts};
 use super::rules::{self, Problem, RuleFile};
 use super::state::Phase;
-use crate::store::alerts::Observation;
+use crate::evaluate::engine::Observation;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use serde::Deserialize;
 use sha2::Digest;
 
-use crate::notify::config::Secret;
+use crate::secret::Secret;
 
 /// One token as configured: `{ name = "billing", token = "env:BILLING_TOKEN", services = ["billing-*"] }`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]

@@ -6,28 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use super::StoreError;
+use crate::evaluate::engine::{Observation, labels};
 use crate::normalize::cardinality::OVERFLOW;
-
-/// One key's value over a window, as a rule kind reads it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observation {
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-    /// Samples behind the value (calls, captured results, sessions …).
-    pub samples: i64,
-    /// The same value over the baseline window, where the kind has one.
-    pub baseline: Option<f64>,
-    /// A second value some kinds use (share of 429 responses; the median session's tokens).
-    pub extra: Option<f64>,
-}
-
-/// A label set from (name, value) pairs.
-pub fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
-}
 
 /// Rows of (service, tool, side, value, samples, baseline) as observations.
 fn per_tool(rows: Vec<(String, String, String, f64, i64, Option<f64>)>) -> Vec<Observation> {

@@ -105,11 +105,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     url.parse::<PgConnectOptions>()
         .map(|o| o.log_statements(tracing::log::LevelFilter::Trace))
-        .map_err(|e| StoreError::Url(format!("{}: {e}", redact_url(url))))
+        .map_err(|e| StoreError::Url(format!("{}: {e}", url_without_password(url))))
 }
 
 /// A URL safe to log: the password is replaced.
-pub fn redact_url(url: &str) -> String {
+pub fn url_without_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
@@ -161,14 +161,6 @@ pub async fn query_pool(opts: &PgConnectOptions, max: u32) -> Result<PgPool, Sto
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(opts.clone())
         .await?)
-}
-
-/// A lazily connecting pool for queries: the service starts while the database is down.
-pub fn query_pool_lazy(opts: &PgConnectOptions, max: u32) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy_with(opts.clone())
 }
 
 /// Whether the database answers.

@@ -19,12 +19,25 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// A connection to the test server's `postgres` database; without one, the test stops saying
+/// what is missing and how to start it.
+pub async fn admin_pool() -> PgPool {
+    let url = format!("{}/postgres", server_url());
+    match PgPool::connect(&url).await {
+        Ok(p) => p,
+        Err(e) => panic!(
+            "these tests need PostgreSQL at {url} (user postgres, trust auth): {e}. \
+             Start it (Debian/Ubuntu: `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) \
+             main start`; elsewhere `pg_ctl -D <data dir> start`), \
+             or set TOOLSIGHT_TEST_DATABASE_URL to another server"
+        ),
+    }
+}
+
 /// Drops the test database of `name` if it exists; returns its URL (the service creates it).
 pub async fn fresh_database(name: &str) -> String {
     let db = format!("toolsight_it_{name}");
-    let admin_pool = PgPool::connect(&format!("{}/postgres", server_url()))
-        .await
-        .expect("test postgres reachable");
+    let admin_pool = admin_pool().await;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .execute(&admin_pool)
         .await
@@ -37,9 +50,7 @@ pub async fn fresh_database(name: &str) -> String {
 /// terminated), or gives it back.
 pub async fn database_outage(name: &str, down: bool) {
     let db = format!("toolsight_it_{name}");
-    let admin = PgPool::connect(&format!("{}/postgres", server_url()))
-        .await
-        .unwrap();
+    let admin = admin_pool().await;
     sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS {}", !down))
         .execute(&admin)
         .await
