@@ -1057,3 +1057,51 @@ mod auth_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// `toolsight.example.toml` holds the defaults, and shows every key of every section (set,
+    /// or commented out where the default is "none").
+    #[test]
+    fn the_example_file_shows_the_defaults_and_documents_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("toolsight.example.toml");
+        let loaded = Config::load_from(Some(&path), Vec::new()).unwrap();
+        assert_eq!(loaded.to_toml(), Config::default().to_toml());
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut documented: BTreeSet<String> = BTreeSet::new();
+        let mut section = String::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches('#').trim();
+            // An array of tables, shown by example entries: `[[notify.receivers]]`.
+            if let Some(h) = line.strip_prefix("[[").and_then(|l| l.split_once("]]")) {
+                documented.insert(h.0.to_owned());
+                continue;
+            }
+            if let Some(h) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = h.to_owned();
+                continue;
+            }
+            if let Some((key, _)) = line.split_once(" = ") {
+                documented.insert(format!("{section}.{key}"));
+            }
+        }
+        let defaults: toml::Table = Config::default().to_toml().parse().unwrap();
+        let mut missing = Vec::new();
+        for (section, v) in &defaults {
+            let Some(t) = v.as_table() else { continue };
+            for key in t.keys() {
+                let k = format!("{section}.{key}");
+                if !documented.contains(&k) {
+                    missing.push(k);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in toolsight.example.toml: {missing:?}"
+        );
+    }
+}
