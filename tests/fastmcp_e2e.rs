@@ -24,6 +24,19 @@ const TWO_PROCESSES: &str = concat!(
     "/tests/fastmcp/two_process_demo.py"
 );
 
+const SDK1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp1/sdk1_demo.py");
+const SDK1_REQUIREMENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp1/requirements.txt");
+
+/// A Python interpreter with the MCP SDK 1.x, Logfire and OpenLLMetry's MCP instrumentation.
+fn python_sdk1() -> PathBuf {
+    common::python::venv(
+        "mcp1-venv",
+        "import mcp, logfire, opentelemetry.instrumentation.mcp, \
+         opentelemetry.exporter.otlp.proto.http",
+        |pip| run(pip().args(["-r", SDK1_REQUIREMENTS])),
+    )
+}
+
 /// A Python interpreter with FastMCP 4.1.6 and the OTLP exporter.
 fn python() -> PathBuf {
     if let Ok(p) = std::env::var("TOOLSIGHT_TEST_PYTHON") {
@@ -192,6 +205,89 @@ async fn client_and_server_processes_are_joined_per_call() {
         "no call left unnamed: {tools:?}"
     );
     svc.stop().await.unwrap();
+}
+
+/// Logfire and OpenLLMetry on an MCP SDK 1.x server and client over stdio, each process exporting
+/// span by span: OpenLLMetry's server side is only its `ResponseStreamWriter` spans (named by the
+/// client side once joined), Logfire leaves both spans OK for a tool error (its `response` says
+/// it) and exports every span twice (stored once). Per call and side: one row, the outcome either
+/// side saw, the result the server captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logfire_and_openllmetry_on_mcp_1x_are_joined_per_call() {
+    let python = tokio::task::spawn_blocking(python_sdk1).await.unwrap();
+    for instrumentation in ["logfire", "openllmetry"] {
+        let svc = Service::start(&format!("sdk1_{instrumentation}")).await;
+        run_script(
+            &python,
+            &[SDK1, instrumentation],
+            vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", svc.http),
+            )],
+        )
+        .await;
+        let server = format!("mcp1-{instrumentation}-server");
+        common::eventually("the server side of all 6 calls", || async {
+            (svc.count(&format!(
+                "SELECT count(*) FROM tool_calls WHERE service = '{server}' AND counted"
+            ))
+            .await
+                == 6)
+                .then_some(())
+        })
+        .await;
+        type Row = (String, String, String, String, i64);
+        let table: Vec<Row> = sqlx::query_as(
+            "SELECT tool, side, outcome, coalesce(own_outcome, ''), count(*) FROM tool_calls
+             WHERE counted GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        )
+        .fetch_all(&svc.pool)
+        .await
+        .unwrap();
+        let want: Vec<Row> = [
+            ("echo", "client", "ok", "", 2),
+            ("echo", "server", "ok", "", 2),
+            ("fail_tool", "client", "error", "", 1),
+            ("fail_tool", "server", "error", "", 1),
+            ("list_items", "client", "ok", "", 1),
+            ("list_items", "server", "ok", "", 1),
+            ("rows", "client", "ok", "", 1),
+            ("rows", "server", "ok", "", 1),
+            ("slow", "client", "cancelled", "", 1),
+            // The server finished "ok" after the client had given up.
+            ("slow", "server", "cancelled", "ok", 1),
+        ]
+        .into_iter()
+        .map(|(t, s, o, own, n)| (t.into(), s.into(), o.into(), own.into(), n))
+        .collect();
+        assert_eq!(table, want, "{instrumentation}: per call and side");
+        assert_eq!(
+            svc.count(
+                "SELECT count(*) FROM tool_calls c JOIN tool_calls s
+                   ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id
+                  AND s.peer_span_id = c.span_id
+                 WHERE c.side = 'client' AND s.side = 'server'"
+            )
+            .await,
+            6,
+            "{instrumentation}: every call joined once"
+        );
+        // The server captured whole results: 3 rows, an empty list.
+        let (items, empty): (Option<i32>, Option<bool>) = sqlx::query_as(
+            "SELECT (SELECT result_items FROM tool_calls WHERE side = 'server' AND tool = 'rows'),
+                    (SELECT result_empty FROM tool_calls WHERE side = 'server' AND tool = 'list_items')",
+        )
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+        assert_eq!((items, empty), (Some(3), Some(true)), "{instrumentation}");
+        assert_eq!(
+            common::rollup_mismatches(&svc.pool).await,
+            vec![],
+            "{instrumentation}"
+        );
+        svc.stop().await.unwrap();
+    }
 }
 
 /// The demo's calls, each counted once per side with its outcome.

@@ -245,6 +245,7 @@ mod tests {
             session_source: SessionSource::ConversationId,
             request_id: None,
             inner_span_id: None,
+            counted: true,
             result: None,
             args_hash: None,
             args_redacted: None,

@@ -135,6 +135,9 @@ pub struct ToolCall {
     /// The client span nested in this one that arrived in the same export and was not stored
     /// (the server span's parent may be it).
     pub inner_span_id: Option<[u8; 8]>,
+    /// False for a link: a span stored only so the two sides of a call can be joined (an
+    /// OpenLLMetry client writer span that arrived without its tool span), never counted.
+    pub counted: bool,
     pub result: Option<ResultShape>,
     pub args_hash: Option<[u8; 16]>,
     pub args_redacted: Option<String>,
@@ -353,6 +356,19 @@ pub fn normalize(
                 nested.then(|| Some((parent, sources::Inner::of(s)?)))?
             })
             .collect();
+        // Span ids of the resource, only where writer spans may need them (OpenLLMetry).
+        let export_ids: Option<std::collections::HashSet<[u8; 8]>> = rs
+            .scope_spans
+            .iter()
+            .flat_map(|ss| &ss.spans)
+            .any(sources::is_client_stream_writer)
+            .then(|| {
+                rs.scope_spans
+                    .iter()
+                    .flat_map(|ss| &ss.spans)
+                    .filter_map(|s| id8(&s.span_id))
+                    .collect()
+            });
         for ss in &rs.scope_spans {
             let scope = ss.scope.as_ref().map(|s| s.name.as_str()).unwrap_or("");
             for span in &ss.spans {
@@ -370,6 +386,7 @@ pub fn normalize(
                     parent_client_method: id8(&span.parent_span_id)
                         .and_then(|p| client_mcp_spans.get(&p).copied()),
                     inner: id8(&span.span_id).and_then(|id| inner.get(&id)),
+                    export_ids: export_ids.as_ref(),
                 };
                 sources::classify(ctx, &mut out);
             }

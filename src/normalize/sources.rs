@@ -22,6 +22,8 @@ pub(super) struct SpanCtx<'a> {
     pub parent_client_method: Option<&'a str>,
     /// The client span nested in this one, when it is in the same export.
     pub inner: Option<&'a Inner<'a>>,
+    /// The span ids of this resource's spans in the export, where it holds writer spans.
+    pub export_ids: Option<&'a std::collections::HashSet<[u8; 8]>>,
 }
 
 /// A client span nested in another of the same call, in the same export: not stored, but its
@@ -91,6 +93,33 @@ pub(super) fn classify(ctx: SpanCtx<'_>, out: &mut Normalized) {
         && let Some(response) = attrs::get_str(a, "mcp.response.value")
     {
         return stream_writer(&ctx, &response, out);
+    }
+    // A client writer span whose parent (the tool span) travels in another export: the server's
+    // writer span is its child, so it is kept as a link (stored, never counted) for the join.
+    if ctx.span.name == STREAM_WRITER
+        && ctx.span_ref.parent_span_id.is_some()
+        && ctx.export_ids.is_some_and(|ids| {
+            !ctx.span_ref
+                .parent_span_id
+                .is_some_and(|p| ids.contains(&p))
+        })
+        && request_id(a).is_some()
+    {
+        let before = out.tool_calls.len();
+        push_tool_call(
+            &ctx,
+            "(unknown)".to_owned(),
+            Side::Client,
+            Source::Traceloop,
+            None,
+            None,
+            None,
+            out,
+        );
+        if let Some(link) = out.tool_calls.get_mut(before) {
+            link.counted = false;
+        }
+        return;
     }
     if ctx.span.name == STREAM_WRITER || attrs::get(a, "mcp.request.id").is_some() {
         return out.drop_span(DropReason::TransportSpan);
@@ -351,6 +380,7 @@ fn push_tool_call(
             .or_else(|| ctx.inner.and_then(|i| i.request_id.clone()))
             .map(Cow::into_owned),
         inner_span_id: ctx.inner.map(|i| i.span_id),
+        counted: true,
         result,
         args_hash,
         args_redacted: redactor.zip(args.as_ref()).map(|(r, v)| r.redact(v)),

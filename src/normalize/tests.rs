@@ -331,6 +331,34 @@ fn traceloop_fastmcp2_server_tool_spans() {
 }
 
 #[test]
+fn a_client_writer_span_without_its_tool_span_is_kept_as_a_link() {
+    // Span by span (SimpleSpanProcessor): the client writer span ends, and is exported, before
+    // the tool span around it.
+    let req = json_fixture("traceloop/sdk1-stdio-client.json");
+    let mut alone = req.clone();
+    for rs in &mut alone.resource_spans {
+        for ss in &mut rs.scope_spans {
+            ss.spans.retain(|s| s.name == "ResponseStreamWriter");
+        }
+    }
+    let n = run(&alone);
+    let links: Vec<&ToolCall> = n.tool_calls.iter().filter(|c| !c.counted).collect();
+    assert_eq!(
+        n.tool_calls.len(),
+        links.len(),
+        "links only, nothing counted"
+    );
+    assert!(links.len() >= 9, "{}", links.len());
+    assert!(
+        links
+            .iter()
+            .all(|c| c.request_id.is_some() && c.side == Side::Client)
+    );
+    // With the tool spans in the same export they are not stored at all.
+    assert!(run(&req).tool_calls.iter().all(|c| c.counted));
+}
+
+#[test]
 fn traceloop_mcp1_server_calls_are_their_response_writers() {
     // The mcp-1.x server side is only `ResponseStreamWriter` spans: the 8 `tools/call`
     // responses are server calls (the tool's name comes from the client when both are stored),

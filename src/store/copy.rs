@@ -289,7 +289,7 @@ impl CopyBuf {
         self.opt_text(c.args_redacted.as_deref());
         self.opt_text(c.result_redacted.as_deref());
         // Joined with the other side after the commit (`store::correlate`).
-        self.bool(true);
+        self.bool(c.counted);
         self.opt_bytes(c.inner_span_id.as_ref().map(|p| p.as_slice()));
         self.null();
         self.null();

@@ -135,6 +135,10 @@ pub fn resolve_tools(rows: &[ToolRow]) -> Vec<ToolState> {
     let mut request_ids: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.client) {
         let c = root(i);
+        // A link whose call has not arrived yet pairs with nothing.
+        if !states[c].counted {
+            continue;
+        }
         link_to_client.insert(r.span_id, c);
         if let Some(inner) = r.inner {
             link_to_client.insert(inner, c);
@@ -602,6 +606,30 @@ mod tests {
     }
 
     #[test]
+    fn a_link_pairs_only_once_its_call_has_arrived() {
+        // OpenLLMetry exported span by span: the client writer span 2 (a link, never counted)
+        // and the server's writer span 3 (its child) are stored before the tool span 1.
+        let mut link = row(2, Some(1), true, UNKNOWN_TOOL, Outcome::Ok, 900);
+        link.state.counted = false;
+        let server = row(3, Some(2), false, UNKNOWN_TOOL, Outcome::Error, 700);
+        let early = resolve_tools(&[link.clone(), server.clone()]);
+        assert!(
+            early.iter().all(|s| s.peer.is_none()),
+            "nothing to pair with yet"
+        );
+        assert!(!early[0].counted);
+        let s = resolve_tools(&[
+            row(1, None, true, "search", Outcome::Ok, 1000),
+            link,
+            server,
+        ]);
+        assert_eq!(s[0].peer, Some([3; 8]));
+        assert_eq!(s[2].tool, "search");
+        assert_eq!(s[0].outcome, Outcome::Error);
+        assert!(!s[1].counted);
+    }
+
+    #[test]
     fn an_inner_span_kept_on_the_outer_row_links_the_server() {
         let mut client = row(1, None, true, "echo", Outcome::Ok, 1000);
         client.inner = Some([7; 8]);
@@ -674,7 +702,7 @@ mod tests {
             result_items: c.result.and_then(|r| r.items),
             result_empty: c.result.map(|r| r.empty),
             state: ToolState {
-                counted: true,
+                counted: c.counted,
                 outcome: c.outcome,
                 error_type: c.error_type.clone(),
                 tool: c.tool.clone(),

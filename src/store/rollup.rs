@@ -149,7 +149,7 @@ pub struct Rollups<'a> {
 impl<'a> Rollups<'a> {
     pub fn add(&mut self, r: &'a Normalized, inserted: &mut Inserted) {
         for c in &r.tool_calls {
-            if !fresh(&mut inserted.tool_calls, &c.span) {
+            if !fresh(&mut inserted.tool_calls, &c.span) || !c.counted {
                 continue;
             }
             let a = self

@@ -1,0 +1,113 @@
+"""An MCP server and client on the MCP Python SDK 1.x (`mcp.server.fastmcp`), over stdio, traced by
+Logfire's `instrument_mcp()` or by OpenLLMetry's `opentelemetry-instrumentation-mcp`, each process
+exporting on its own to toolsight (OTLP/HTTP protobuf at OTEL_EXPORTER_OTLP_ENDPOINT).
+
+Usage: python sdk1_demo.py logfire|openllmetry     # the client; it starts the server itself
+
+The workload: `rows` (3 rows), `list_items` (empty), `fail_tool` (raises), `echo` twice with the
+same arguments, and `slow` (3 s) that the client gives up on after 0.5 s.
+"""
+import asyncio
+import os
+import sys
+from datetime import timedelta
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+instrumentation, role = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "client")
+service = f"mcp1-{instrumentation}-{role}"
+
+if instrumentation == "logfire":
+    import logfire
+
+    logfire.configure(
+        send_to_logfire=False,
+        service_name=service,
+        console=False,
+        additional_span_processors=[SimpleSpanProcessor(OTLPSpanExporter())],
+    )
+    logfire.instrument_mcp()
+    shutdown = logfire.force_flush
+else:
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.mcp import McpInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    McpInstrumentor().instrument()
+    shutdown = provider.shutdown
+
+from mcp import ClientSession, StdioServerParameters  # noqa: E402
+from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp.server.fastmcp import FastMCP  # noqa: E402
+
+
+def server() -> None:
+    mcp = FastMCP("sdk1-demo")
+
+    @mcp.tool()
+    def rows(n: int) -> list[dict]:
+        return [{"id": i} for i in range(n)]
+
+    @mcp.tool()
+    def list_items(query: str) -> list[str]:
+        return []
+
+    @mcp.tool()
+    def fail_tool(reason: str) -> str:
+        raise ValueError(f"failed on purpose: {reason}")
+
+    @mcp.tool()
+    def echo(text: str) -> str:
+        return text
+
+    @mcp.tool()
+    async def slow(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    try:
+        mcp.run("stdio")
+    finally:
+        shutdown()
+
+
+async def client() -> None:
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=[os.path.abspath(__file__), instrumentation, "server"],
+        env=dict(os.environ),
+    )
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            await session.list_tools()
+            await session.call_tool("rows", {"n": 3})
+            await session.call_tool("list_items", {"query": "nothing"})
+            r = await session.call_tool("fail_tool", {"reason": "demo"})
+            assert r.isError
+            await session.call_tool("echo", {"text": "same"})
+            await session.call_tool("echo", {"text": "same"})
+            try:
+                await session.call_tool(
+                    "slow", {"seconds": 3}, read_timeout_seconds=timedelta(seconds=0.5)
+                )
+                raise AssertionError("slow returned within the timeout")
+            except AssertionError:
+                raise
+            except Exception:
+                pass
+            # Let the server finish the slow call and export its side before it is stopped.
+            await asyncio.sleep(3)
+    print("done", flush=True)
+
+
+if role == "server":
+    server()
+else:
+    asyncio.run(client())
+    shutdown()
