@@ -19,6 +19,10 @@ const REQUIREMENTS: &str = concat!(
 );
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/mcp_demo.py");
 const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fastmcp/agent_demo.py");
+const HTTP_CLIENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fastmcp/http_clients_demo.py"
+);
 const TWO_PROCESSES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fastmcp/two_process_demo.py"
@@ -46,7 +50,8 @@ fn python() -> PathBuf {
         "fastmcp-venv",
         "import fastmcp, opentelemetry.exporter.otlp.proto.http, \
          opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.json.http, \
-         openai, opentelemetry.instrumentation.openai_v2",
+         openai, opentelemetry.instrumentation.openai_v2, \
+         opentelemetry.instrumentation.requests, opentelemetry.instrumentation.httpx",
         |pip| {
             run(pip().args(["-r", REQUIREMENTS]));
             run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
@@ -288,6 +293,69 @@ async fn logfire_and_openllmetry_on_mcp_1x_are_joined_per_call() {
         );
         svc.stop().await.unwrap();
     }
+}
+
+/// The `requests` and `httpx` instrumentations write captured response headers with
+/// underscores (`http.response.header.x_ratelimit_remaining`), as string arrays: remaining,
+/// limit, reset and Retry-After are all read, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_client_instrumentations_report_rate_limit_headers() {
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let svc = Service::start("http_clients").await;
+    run_script(
+        &python,
+        &[HTTP_CLIENTS],
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", svc.http),
+            ),
+            (
+                "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_RESPONSE",
+                "x-ratelimit-remaining,x-ratelimit-limit,x-ratelimit-reset,retry-after".into(),
+            ),
+        ],
+    )
+    .await;
+    type Row = (
+        Option<i32>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT status_code, ratelimit_remaining, ratelimit_limit,
+                extract(epoch FROM ratelimit_reset_at - start_time)::float8, retry_after_s
+         FROM upstream_calls WHERE server_address = '127.0.0.1' ORDER BY start_time",
+    )
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    let remaining: Vec<Option<f64>> = rows.iter().map(|r| r.1).collect();
+    assert_eq!(
+        remaining,
+        [Some(40.0), Some(20.0), Some(10.0), Some(9.0), Some(0.0)],
+        "requests, then httpx"
+    );
+    assert!(rows.iter().all(|r| r.2 == Some(100.0)), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.3.is_some_and(|s| (55.0..=62.0).contains(&s))),
+        "reset 60 s ahead (an epoch): {rows:?}"
+    );
+    assert_eq!((rows[4].0, rows[4].4), (Some(429), Some(30.0)));
+    assert!(rows[..4].iter().all(|r| r.4.is_none()));
+    let (limited, lowest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT sum(rate_limited)::int8, min(min_remaining_ratio) FROM upstream_rollup_1m
+         WHERE server_address = '127.0.0.1'",
+    )
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!((limited, lowest), (1, Some(0.0)));
+    svc.stop().await.unwrap();
 }
 
 /// The demo's calls, each counted once per side with its outcome.
