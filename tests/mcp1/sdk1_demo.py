@@ -2,15 +2,20 @@
 Logfire's `instrument_mcp()` or by OpenLLMetry's `opentelemetry-instrumentation-mcp`, each process
 exporting on its own to toolsight (OTLP/HTTP protobuf at OTEL_EXPORTER_OTLP_ENDPOINT).
 
-Usage: python sdk1_demo.py logfire|openllmetry     # the client; it starts the server itself
+Usage: python sdk1_demo.py logfire|openllmetry|sdk     # the client; it starts the server itself
+
+`sdk` is the MCP SDK 2.x's own tracing (no instrumentation package), run with mcp 2.x installed.
 
 The workload: `rows` (3 rows), `list_items` (empty), `fail_tool` (raises), `echo` twice with the
 same arguments, and `slow` (3 s) that the client gives up on after 0.5 s.
 """
 import asyncio
+import importlib.metadata
 import os
 import sys
 from datetime import timedelta
+
+MCP_1 = importlib.metadata.version("mcp").startswith("1.")
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -18,7 +23,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 instrumentation, role = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "client")
 service = f"mcp1-{instrumentation}-{role}"
 
-if instrumentation == "logfire":
+if instrumentation == "sdk":
+    # The MCP SDK 2.x traces itself once a tracer provider is set.
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    shutdown = provider.shutdown
+elif instrumentation == "logfire":
     import logfire
 
     logfire.configure(
@@ -43,7 +58,10 @@ else:
 
 from mcp import ClientSession, StdioServerParameters  # noqa: E402
 from mcp.client.stdio import stdio_client  # noqa: E402
-from mcp.server.fastmcp import FastMCP  # noqa: E402
+try:
+    from mcp.server.fastmcp import FastMCP  # noqa: E402  (mcp 1.x)
+except ModuleNotFoundError:
+    from mcp.server.mcpserver import MCPServer as FastMCP  # noqa: E402  (mcp 2.x)
 
 
 def server() -> None:
@@ -89,13 +107,13 @@ async def client() -> None:
             await session.call_tool("rows", {"n": 3})
             await session.call_tool("list_items", {"query": "nothing"})
             r = await session.call_tool("fail_tool", {"reason": "demo"})
-            assert r.isError
+            assert getattr(r, "is_error", None) or getattr(r, "isError", None)
             await session.call_tool("echo", {"text": "same"})
             await session.call_tool("echo", {"text": "same"})
             try:
-                await session.call_tool(
-                    "slow", {"seconds": 3}, read_timeout_seconds=timedelta(seconds=0.5)
-                )
+                # mcp 1.x takes a timedelta, mcp 2.x seconds.
+                timeout = timedelta(seconds=0.5) if MCP_1 else 0.5
+                await session.call_tool("slow", {"seconds": 3}, read_timeout_seconds=timeout)
                 raise AssertionError("slow returned within the timeout")
             except AssertionError:
                 raise
