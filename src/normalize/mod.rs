@@ -138,6 +138,11 @@ pub struct ToolCall {
     /// False for a link: a span stored only so the two sides of a call can be joined (an
     /// OpenLLMetry client writer span that arrived without its tool span), never counted.
     pub counted: bool,
+    /// Set when the other side of the call is known (`store::correlate`): its span id, what
+    /// this side reported when the call's outcome differs, and (client side) the overhead.
+    pub peer_span_id: Option<[u8; 8]>,
+    pub own_outcome: Option<Outcome>,
+    pub overhead_us: Option<i64>,
     pub result: Option<ResultShape>,
     pub args_hash: Option<[u8; 16]>,
     pub args_redacted: Option<String>,

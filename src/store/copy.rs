@@ -1,6 +1,6 @@
 //! PostgreSQL binary COPY encoding of records (about twice as fast as UNNEST inserts).
 
-use crate::normalize::{LlmCall, McpRequest, SpanRef, ToolCall, UpstreamCall};
+use crate::normalize::{LlmCall, McpRequest, Outcome, SpanRef, ToolCall, UpstreamCall};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -291,9 +291,9 @@ impl CopyBuf {
         // Joined with the other side after the commit (`store::correlate`).
         self.bool(c.counted);
         self.opt_bytes(c.inner_span_id.as_ref().map(|p| p.as_slice()));
-        self.null();
-        self.null();
-        self.null();
+        self.opt_bytes(c.peer_span_id.as_ref().map(|p| p.as_slice()));
+        self.opt_name(c.own_outcome.map(Outcome::as_str));
+        self.opt_i64(c.overhead_us);
     }
 
     pub fn mcp_request(&mut self, r: &McpRequest) {

@@ -5,9 +5,11 @@
 //! here (pure: [`resolve_tools`], [`resolve_methods`]) what each row should say, and writes only
 //! the differences, with the rollup deltas they imply, in one transaction.
 //!
-//! Exactly once: rows are read `FOR UPDATE` and changes are computed from what is stored, so a
-//! second join of the same rows (another writer, a retried export, after a restart) finds
-//! nothing left to change. Two sides committed at the same time by two writers are joined by
+//! Exactly once: the rows of a trace with something to change are read again `FOR UPDATE` and
+//! the changes computed from what is then stored, so a second join of the same rows (another
+//! writer, a retried export, after a restart) finds nothing left to change. Pairs that arrive in
+//! the same batch are joined before they are written ([`prejoin`]), so the join after the
+//! commit usually only reads. Two sides committed at the same time by two writers are joined by
 //! whichever writer reads last: each reads after its own commit.
 
 use std::collections::{HashMap, HashSet};
@@ -16,7 +18,7 @@ use sqlx::{PgConnection, Row};
 
 use super::StoreError;
 use super::rollup::Rollups;
-use crate::normalize::{Normalized, Outcome};
+use crate::normalize::{Normalized, Outcome, Side, ToolCall};
 
 type SpanId = [u8; 8];
 type TraceId = [u8; 16];
@@ -210,6 +212,64 @@ pub fn resolve_tools(rows: &[ToolRow]) -> Vec<ToolState> {
     states
 }
 
+impl ToolRow {
+    /// A record about to be written, as the join sees a stored row.
+    pub fn of(c: &ToolCall) -> ToolRow {
+        ToolRow {
+            trace_id: c.span.trace_id,
+            span_id: c.span.span_id,
+            parent: c.span.parent_span_id,
+            inner: c.inner_span_id,
+            client: c.side == Side::Client,
+            own: c.own_outcome.unwrap_or(c.outcome),
+            request_id: c.request_id.clone(),
+            service: c.span.service.clone(),
+            start_unix_nanos: c.span.start_unix_nanos,
+            duration_us: c.span.duration_us,
+            result_bytes: c.result.and_then(|r| r.bytes),
+            result_items: c.result.and_then(|r| r.items),
+            result_empty: c.result.map(|r| r.empty),
+            state: ToolState {
+                counted: c.counted,
+                outcome: c.outcome,
+                error_type: c.error_type.clone(),
+                tool: c.tool.clone(),
+                peer: c.peer_span_id,
+                overhead_us: c.overhead_us,
+            },
+        }
+    }
+}
+
+/// Joins the calls of one batch among themselves before they are written: the two sides of a
+/// call that arrive together (one process traced on both sides, or two exports in one batch)
+/// are written joined, and the join after the commit finds nothing to change for them.
+pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) {
+    let mut calls: Vec<&mut ToolCall> = batches
+        .into_iter()
+        .flat_map(|n| n.tool_calls.iter_mut())
+        .collect();
+    if calls.len() < 2 {
+        return;
+    }
+    calls.sort_by_key(|c| c.span.trace_id);
+    for group in calls.chunk_by_mut(|a, b| a.span.trace_id == b.span.trace_id) {
+        if group.len() < 2 {
+            continue;
+        }
+        let rows: Vec<ToolRow> = group.iter().map(|c| ToolRow::of(c)).collect();
+        for ((c, row), s) in group.iter_mut().zip(&rows).zip(resolve_tools(&rows)) {
+            c.own_outcome = (row.own != s.outcome).then_some(row.own);
+            c.counted = s.counted;
+            c.outcome = s.outcome;
+            c.error_type = s.error_type;
+            c.tool = s.tool;
+            c.peer_span_id = s.peer;
+            c.overhead_us = s.overhead_us;
+        }
+    }
+}
+
 /// Which client requests of one trace are nested in another of the same method. Pure.
 pub fn resolve_methods(rows: &[MethodRow]) -> Vec<bool> {
     let by_id: HashMap<SpanId, &MethodRow> = rows.iter().map(|r| (r.span_id, r)).collect();
@@ -275,41 +335,32 @@ pub async fn join(
     method_traces: &[Vec<u8>],
     shard: i16,
 ) -> Result<Joined, StoreError> {
+    // Optimistic: read without locks; almost always nothing changes (one side only, or both
+    // sides joined before they were written). Only traces with something to change are read
+    // again under row locks, and the changes recomputed from what is then stored.
+    let tools = load_tools(conn, tool_traces, false).await?;
+    let methods = load_methods(conn, method_traces, false).await?;
+    let (tool_changes, method_changes) = changes(&tools, &methods);
+    if tool_changes.is_empty() && method_changes.is_empty() {
+        return Ok(Joined::default());
+    }
+    let traces_of = |ids: Vec<TraceId>| {
+        let mut v: Vec<Vec<u8>> = ids.into_iter().map(|t| t.to_vec()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let tool_traces = traces_of(tool_changes.iter().map(|(r, _)| r.trace_id).collect());
+    let method_traces = traces_of(method_changes.iter().map(|r| r.trace_id).collect());
+    let tools = load_tools(conn, &tool_traces, true).await?;
+    let methods = load_methods(conn, &method_traces, true).await?;
+    let (tool_changes, method_changes) = changes(&tools, &methods);
     let mut joined = Joined::default();
-    let tools = if tool_traces.is_empty() {
-        Vec::new()
-    } else {
-        load_tools(conn, tool_traces).await?
-    };
-    let methods = if method_traces.is_empty() {
-        Vec::new()
-    } else {
-        load_methods(conn, method_traces).await?
-    };
-    let mut tool_changes: Vec<(&ToolRow, ToolState)> = Vec::new();
-    for trace in tools.chunk_by(|a, b| a.trace_id == b.trace_id) {
-        if trace.len() < 2 {
-            continue;
-        }
-        for (row, state) in trace.iter().zip(resolve_tools(trace)) {
-            if state != row.state {
-                joined.pairs +=
-                    u64::from(!row.client && row.state.peer.is_none() && state.peer.is_some());
-                joined.nested += u64::from(row.state.counted && !state.counted);
-                tool_changes.push((row, state));
-            }
-        }
+    for (row, state) in &tool_changes {
+        joined.pairs += u64::from(!row.client && row.state.peer.is_none() && state.peer.is_some());
+        joined.nested += u64::from(row.state.counted && !state.counted);
     }
-    let mut method_changes: Vec<&MethodRow> = Vec::new();
-    for trace in methods.chunk_by(|a, b| a.trace_id == b.trace_id) {
-        for (row, counted) in trace.iter().zip(resolve_methods(trace)) {
-            // A nested request once found stays nested.
-            if row.counted && !counted {
-                joined.nested += 1;
-                method_changes.push(row);
-            }
-        }
-    }
+    joined.nested += method_changes.len() as u64;
     if tool_changes.is_empty() && method_changes.is_empty() {
         return Ok(joined);
     }
@@ -327,21 +378,70 @@ pub async fn join(
     Ok(joined)
 }
 
-async fn load_tools(
-    conn: &mut PgConnection,
-    traces: &[Vec<u8>],
-) -> Result<Vec<ToolRow>, StoreError> {
-    let rows = sqlx::query(
+/// What the stored rows of these traces should say and do not.
+fn changes<'a>(
+    tools: &'a [ToolRow],
+    methods: &'a [MethodRow],
+) -> (Vec<(&'a ToolRow, ToolState)>, Vec<&'a MethodRow>) {
+    let mut tool_changes = Vec::new();
+    for trace in tools.chunk_by(|a, b| a.trace_id == b.trace_id) {
+        if trace.len() < 2 {
+            continue;
+        }
+        for (row, state) in trace.iter().zip(resolve_tools(trace)) {
+            if state != row.state {
+                tool_changes.push((row, state));
+            }
+        }
+    }
+    let mut method_changes = Vec::new();
+    for trace in methods.chunk_by(|a, b| a.trace_id == b.trace_id) {
+        for (row, counted) in trace.iter().zip(resolve_methods(trace)) {
+            // A nested request once found stays nested.
+            if row.counted && !counted {
+                method_changes.push(row);
+            }
+        }
+    }
+    (tool_changes, method_changes)
+}
+
+macro_rules! tools_sql {
+    () => {
         "SELECT trace_id, span_id, parent_span_id, inner_span_id, side, outcome, own_outcome,
                 error_type, request_id, service,
                 (extract(epoch FROM start_time) * 1000000)::int8 AS start_us, duration_us,
                 result_bytes, result_items, result_empty, tool, counted, peer_span_id, overhead_us
          FROM tool_calls WHERE trace_id = ANY($1)
-         ORDER BY trace_id, span_id FOR UPDATE",
-    )
-    .bind(traces)
-    .fetch_all(&mut *conn)
-    .await?;
+         ORDER BY trace_id, span_id"
+    };
+}
+const TOOLS: &str = tools_sql!();
+const TOOLS_LOCKED: &str = concat!(tools_sql!(), " FOR UPDATE");
+
+macro_rules! methods_sql {
+    () => {
+        "SELECT trace_id, span_id, parent_span_id, method, service,
+                (extract(epoch FROM start_time) * 1000000)::int8, duration_us, outcome, orphan, counted
+         FROM mcp_requests WHERE trace_id = ANY($1) AND side = 'client'
+         ORDER BY trace_id, span_id"
+    };
+}
+const METHODS: &str = methods_sql!();
+const METHODS_LOCKED: &str = concat!(methods_sql!(), " FOR UPDATE");
+
+async fn load_tools(
+    conn: &mut PgConnection,
+    traces: &[Vec<u8>],
+    lock: bool,
+) -> Result<Vec<ToolRow>, StoreError> {
+    if traces.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(if lock { TOOLS_LOCKED } else { TOOLS })
+        .bind(traces)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let outcome = outcome_of(r.try_get::<&str, _>("outcome")?);
@@ -381,15 +481,24 @@ async fn load_tools(
 async fn load_methods(
     conn: &mut PgConnection,
     traces: &[Vec<u8>],
+    lock: bool,
 ) -> Result<Vec<MethodRow>, StoreError> {
+    if traces.is_empty() {
+        return Ok(Vec::new());
+    }
     #[allow(clippy::type_complexity)]
-    let rows: Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>, String, String, i64, i64, String, bool, bool)> =
-        sqlx::query_as(
-            "SELECT trace_id, span_id, parent_span_id, method, service,
-                    (extract(epoch FROM start_time) * 1000000)::int8, duration_us, outcome, orphan, counted
-             FROM mcp_requests WHERE trace_id = ANY($1) AND side = 'client'
-             ORDER BY trace_id, span_id FOR UPDATE",
-        )
+    let rows: Vec<(
+        Vec<u8>,
+        Vec<u8>,
+        Option<Vec<u8>>,
+        String,
+        String,
+        i64,
+        i64,
+        String,
+        bool,
+        bool,
+    )> = sqlx::query_as(if lock { METHODS_LOCKED } else { METHODS })
         .bind(traces)
         .fetch_all(&mut *conn)
         .await?;
@@ -686,32 +795,6 @@ mod tests {
         assert_eq!(s[2].peer, None);
     }
 
-    fn stored(c: &crate::normalize::ToolCall) -> ToolRow {
-        ToolRow {
-            trace_id: c.span.trace_id,
-            span_id: c.span.span_id,
-            parent: c.span.parent_span_id,
-            inner: c.inner_span_id,
-            client: c.side == crate::normalize::Side::Client,
-            own: c.outcome,
-            request_id: c.request_id.clone(),
-            service: c.span.service.clone(),
-            start_unix_nanos: c.span.start_unix_nanos,
-            duration_us: c.span.duration_us,
-            result_bytes: c.result.and_then(|r| r.bytes),
-            result_items: c.result.and_then(|r| r.items),
-            result_empty: c.result.map(|r| r.empty),
-            state: ToolState {
-                counted: c.counted,
-                outcome: c.outcome,
-                error_type: c.error_type.clone(),
-                tool: c.tool.clone(),
-                peer: None,
-                overhead_us: None,
-            },
-        }
-    }
-
     /// tool, side, outcome, own outcome when different, rate limited.
     type CallKey<'a> = (&'a str, &'a str, &'a str, &'a str, bool);
 
@@ -732,7 +815,7 @@ mod tests {
         let mut rows: Vec<ToolRow> = exports
             .iter()
             .flat_map(|e| crate::normalize::normalize(e, now, &Default::default()).tool_calls)
-            .map(|c| stored(&c))
+            .map(|c| ToolRow::of(&c))
             .collect();
         // 9 calls: FastMCP's client span, the SDK's `MCP send` (its own export) and the server's.
         assert_eq!(rows.len(), 27);

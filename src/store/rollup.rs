@@ -178,6 +178,10 @@ impl<'a> Rollups<'a> {
             }
             a.duration_us_sum += c.span.duration_us;
             a.hist.add(c.span.duration_us);
+            if let Some(o) = c.overhead_us {
+                a.overhead_calls += 1;
+                a.overhead_us_sum += o;
+            }
         }
         for m in &r.mcp_requests {
             if !fresh(&mut inserted.mcp_requests, &m.span) {

@@ -268,6 +268,8 @@ async fn run_writer(
         }
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
         let started = Instant::now();
+        // Sides of a call that arrive in one batch are written joined.
+        correlate::prejoin(jobs.iter_mut().map(|j| &mut j.records));
         let result = write_with_retry(&pool, &jobs, shard).await;
         metrics
             .write_seconds
