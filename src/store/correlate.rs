@@ -244,13 +244,19 @@ impl ToolRow {
 /// Joins the calls of one batch among themselves before they are written: the two sides of a
 /// call that arrive together (one process traced on both sides, or two exports in one batch)
 /// are written joined, and the join after the commit finds nothing to change for them.
-pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) {
+///
+/// Returns the traces whose calls are complete within the batch (every counted call joined with
+/// its other side, every uncounted one nested in a call of the batch): once all of the batch's
+/// rows are stored as new, nothing stored before can change them, and the join after the commit
+/// need not read them.
+pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) -> HashSet<TraceId> {
+    let mut complete = HashSet::new();
     let mut calls: Vec<&mut ToolCall> = batches
         .into_iter()
         .flat_map(|n| n.tool_calls.iter_mut())
         .collect();
     if calls.len() < 2 {
-        return;
+        return complete;
     }
     calls.sort_by_key(|c| c.span.trace_id);
     for group in calls.chunk_by_mut(|a, b| a.span.trace_id == b.span.trace_id) {
@@ -258,7 +264,15 @@ pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) {
             continue;
         }
         let rows: Vec<ToolRow> = group.iter().map(|c| ToolRow::of(c)).collect();
-        for ((c, row), s) in group.iter_mut().zip(&rows).zip(resolve_tools(&rows)) {
+        let states = resolve_tools(&rows);
+        let ids: HashSet<SpanId> = rows.iter().map(|r| r.span_id).collect();
+        if rows.iter().zip(&states).all(|(r, s)| {
+            (s.counted && s.peer.is_some())
+                || (!s.counted && r.parent.is_some_and(|p| ids.contains(&p)))
+        }) {
+            complete.insert(rows[0].trace_id);
+        }
+        for ((c, row), s) in group.iter_mut().zip(&rows).zip(states) {
             c.own_outcome = (row.own != s.outcome).then_some(row.own);
             c.counted = s.counted;
             c.outcome = s.outcome;
@@ -268,6 +282,7 @@ pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) {
             c.overhead_us = s.overhead_us;
         }
     }
+    complete
 }
 
 /// Which client requests of one trace are nested in another of the same method. Pure.
@@ -286,11 +301,17 @@ pub fn resolve_methods(rows: &[MethodRow]) -> Vec<bool> {
 /// requests (a nested `MCP send` may arrive before or after the span it is nested in).
 pub fn traces_of<'a>(
     batches: impl IntoIterator<Item = &'a Normalized>,
+    complete: &HashSet<TraceId>,
 ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut tools: HashSet<TraceId> = HashSet::new();
     let mut methods: HashSet<TraceId> = HashSet::new();
     for n in batches {
-        tools.extend(n.tool_calls.iter().map(|c| c.span.trace_id));
+        tools.extend(
+            n.tool_calls
+                .iter()
+                .map(|c| c.span.trace_id)
+                .filter(|t| !complete.contains(t)),
+        );
         methods.extend(
             n.mcp_requests
                 .iter()

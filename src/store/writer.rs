@@ -269,12 +269,19 @@ async fn run_writer(
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
         let started = Instant::now();
         // Sides of a call that arrive in one batch are written joined.
-        correlate::prejoin(jobs.iter_mut().map(|j| &mut j.records));
+        let complete = correlate::prejoin(jobs.iter_mut().map(|j| &mut j.records));
         let result = write_with_retry(&pool, &jobs, shard).await;
         metrics
             .write_seconds
             .observe(started.elapsed().as_secs_f64());
         metrics.batch_rows.observe(rows as f64);
+        // A batch stored whole, every row new: its complete traces need no join.
+        let all_new = result.as_ref().is_ok_and(|w| *w == kind_counts(&jobs));
+        let complete = if all_new {
+            complete
+        } else {
+            Default::default()
+        };
         let acks: Vec<Result<(), SubmitError>> = match result {
             Ok(written) => {
                 count_written(&metrics, written);
@@ -310,7 +317,7 @@ async fn run_writer(
             .zip(&acks)
             .filter(|(_, a)| a.is_ok())
             .map(|(j, _)| &j.records);
-        join_stored(&pool, stored, shard, &metrics).await;
+        join_stored(&pool, stored, &complete, shard, &metrics).await;
         metrics.queue_depth_rows.dec_by(rows as i64);
         for (job, ack) in jobs.into_iter().zip(acks) {
             // The exporter may have gone away; its records are committed all the same.
@@ -324,10 +331,11 @@ async fn run_writer(
 async fn join_stored<'a>(
     pool: &PgPool,
     stored: impl IntoIterator<Item = &'a Normalized>,
+    complete: &HashSet<[u8; 16]>,
     shard: i16,
     metrics: &Metrics,
 ) {
-    let (tools, methods) = correlate::traces_of(stored);
+    let (tools, methods) = correlate::traces_of(stored, complete);
     if tools.is_empty() && methods.is_empty() {
         return;
     }
