@@ -354,8 +354,29 @@ pub async fn join(
     conn: &mut PgConnection,
     tool_traces: &[Vec<u8>],
     method_traces: &[Vec<u8>],
+    batch_rows: Option<&HashMap<Vec<u8>, i64>>,
     shard: i16,
 ) -> Result<Joined, StoreError> {
+    // When every row of the batch was new, a trace holding no more rows than the batch wrote
+    // (one side only, nothing before it) has nothing to join: only the others are read.
+    let narrowed;
+    let tool_traces = match batch_rows {
+        Some(batch) if !tool_traces.is_empty() => {
+            let stored: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+                "SELECT trace_id, count(*) FROM tool_calls WHERE trace_id = ANY($1) GROUP BY 1",
+            )
+            .bind(tool_traces)
+            .fetch_all(&mut *conn)
+            .await?;
+            narrowed = stored
+                .into_iter()
+                .filter(|(t, n)| batch.get(t).is_none_or(|b| n > b))
+                .map(|(t, _)| t)
+                .collect::<Vec<_>>();
+            narrowed.as_slice()
+        }
+        _ => tool_traces,
+    };
     // Optimistic: read without locks; almost always nothing changes (one side only, or both
     // sides joined before they were written). Only traces with something to change are read
     // again under row locks, and the changes recomputed from what is then stored.

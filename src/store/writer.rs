@@ -317,7 +317,7 @@ async fn run_writer(
             .zip(&acks)
             .filter(|(_, a)| a.is_ok())
             .map(|(j, _)| &j.records);
-        join_stored(&pool, stored, &complete, shard, &metrics).await;
+        join_stored(&pool, stored, &complete, all_new, shard, &metrics).await;
         metrics.queue_depth_rows.dec_by(rows as i64);
         for (job, ack) in jobs.into_iter().zip(acks) {
             // The exporter may have gone away; its records are committed all the same.
@@ -332,10 +332,20 @@ async fn join_stored<'a>(
     pool: &PgPool,
     stored: impl IntoIterator<Item = &'a Normalized>,
     complete: &HashSet<[u8; 16]>,
+    all_new: bool,
     shard: i16,
     metrics: &Metrics,
 ) {
-    let (tools, methods) = correlate::traces_of(stored, complete);
+    let stored: Vec<&Normalized> = stored.into_iter().collect();
+    let (tools, methods) = correlate::traces_of(stored.iter().copied(), complete);
+    // Rows per trace this batch wrote, when all of them were new (see `correlate::join`).
+    let batch_rows = all_new.then(|| {
+        let mut rows: std::collections::HashMap<Vec<u8>, i64> = Default::default();
+        for c in stored.iter().flat_map(|n| &n.tool_calls) {
+            *rows.entry(c.span.trace_id.to_vec()).or_default() += 1;
+        }
+        rows
+    });
     if tools.is_empty() && methods.is_empty() {
         return;
     }
@@ -344,7 +354,8 @@ async fn join_stored<'a>(
         let result = async {
             let mut conn = pool.acquire().await?;
             let mut tx = conn.begin().await?;
-            let joined = correlate::join(&mut tx, &tools, &methods, shard).await?;
+            let joined =
+                correlate::join(&mut tx, &tools, &methods, batch_rows.as_ref(), shard).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(joined)
         }
