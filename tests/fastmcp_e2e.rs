@@ -97,7 +97,7 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
     }
 }
 
-/// A FastMCP server and client in two processes over streamable HTTP, each exporting every span
+/// A FastMCP server and client in two processes, over streamable HTTP and over stdio, each exporting every span
 /// on its own (SimpleSpanProcessor): the sides of a call arrive in different exports from
 /// different services, the server's often first, and the MCP SDK's `MCP send` span before
 /// FastMCP's client span around it. Each call is stored once per side, with the outcome either
@@ -105,45 +105,54 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_and_server_processes_are_joined_per_call() {
     let python = tokio::task::spawn_blocking(python).await.unwrap();
-    let svc = Service::start("two_processes").await;
-    let endpoint = format!("http://{}", svc.http);
-    let port = common::free_port();
-    let log = std::env::temp_dir().join(format!("toolsight-two-processes-{port}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let _server = common::Process(
-        Command::new(&python)
-            .args([TWO_PROCESSES, "server", &port.to_string()])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    );
-    common::eventually("the MCP server listening", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-    })
-    .await;
-    run_script(
-        &python,
-        &[
-            TWO_PROCESSES,
-            "client",
-            &format!("http://127.0.0.1:{port}/mcp"),
-        ],
-        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)],
-    )
-    .await;
-    // The server side of the slow call ends (and is exported) 3 s after it started.
-    common::eventually("all 9 server calls stored", || async {
-        (svc.count("SELECT count(*) FROM tool_calls WHERE service = 'demo-server'")
-            .await
-            == 9)
-            .then_some(())
-    })
-    .await;
+    for transport in ["http", "stdio"] {
+        let svc = Service::start(&format!("two_processes_{transport}")).await;
+        let endpoint = format!("http://{}", svc.http);
+        // Over HTTP the server runs on its own; over stdio the client starts it.
+        let mut server = None;
+        let target = if transport == "http" {
+            let port = common::free_port();
+            let log = std::env::temp_dir().join(format!("toolsight-two-processes-{port}.log"));
+            let out = std::fs::File::create(&log).unwrap();
+            server = Some(common::Process(
+                Command::new(&python)
+                    .args([TWO_PROCESSES, "server", &port.to_string()])
+                    .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+                    .stdout(out.try_clone().unwrap())
+                    .stderr(out)
+                    .spawn()
+                    .unwrap(),
+            ));
+            common::eventually("the MCP server listening", || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+            })
+            .await;
+            format!("http://127.0.0.1:{port}/mcp")
+        } else {
+            "stdio".to_owned()
+        };
+        run_script(
+            &python,
+            &[TWO_PROCESSES, "client", &target],
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)],
+        )
+        .await;
+        common::eventually("all 9 server calls stored", || async {
+            (svc.count("SELECT count(*) FROM tool_calls WHERE service = 'demo-server'")
+                .await
+                == 9)
+                .then_some(())
+        })
+        .await;
+        drop(server);
+        check_two_processes(&svc, transport).await;
+        svc.stop().await.unwrap();
+    }
+}
 
+async fn check_two_processes(svc: &Service, transport: &str) {
     type Row = (String, String, String, String, String, i64);
     let table: Vec<Row> = sqlx::query_as(
         "SELECT tool, side, outcome, coalesce(own_outcome, ''),
@@ -175,7 +184,7 @@ async fn client_and_server_processes_are_joined_per_call() {
     .into_iter()
     .map(|(t, s, o, own, e, n)| (t.into(), s.into(), o.into(), own.into(), e.into(), n))
     .collect();
-    assert_eq!(table, want, "per call and side");
+    assert_eq!(table, want, "{transport}: per call and side");
     // Every call joined once; each `MCP send` span (exported before FastMCP's) counted with it.
     assert_eq!(
         svc.count(
@@ -209,7 +218,6 @@ async fn client_and_server_processes_are_joined_per_call() {
         tools.iter().all(|t| t.tool != "(unknown)"),
         "no call left unnamed: {tools:?}"
     );
-    svc.stop().await.unwrap();
 }
 
 /// Logfire and OpenLLMetry on an MCP SDK 1.x server and client over stdio (and the SDK 2.x's own

@@ -5,8 +5,9 @@ it ends, so the two sides of a call and the MCP SDK span nested in FastMCP's cli
 separately and in the order they end.
 
 Usage:
-  python two_process_demo.py server PORT     # serves until killed
+  python two_process_demo.py server PORT     # serves streamable HTTP until killed
   python two_process_demo.py client URL      # runs the workload against URL, then exits
+  python two_process_demo.py client stdio    # the same, the server a child process over stdio
 
 The workload: a tool returning rows, one returning an empty list, one raising, one returning an
 `isError` result without raising, a slow one the client gives up on after 0.5 s, and one behind
@@ -72,11 +73,24 @@ def server(port: int) -> None:
     def limited(x: int) -> int:
         return x
 
-    mcp.run(transport="http", host="127.0.0.1", port=port, show_banner=False)
+    if port == "stdio":
+        mcp.run(transport="stdio", show_banner=False)
+    else:
+        mcp.run(transport="http", host="127.0.0.1", port=int(port), show_banner=False)
 
 
 async def client(url: str) -> None:
-    async with Client(url) as c:
+    if url == "stdio":
+        import os
+
+        from fastmcp.client.transports import PythonStdioTransport
+
+        target = PythonStdioTransport(
+            __file__, args=["server", "stdio"], env=dict(os.environ), keep_alive=False
+        )
+    else:
+        target = url
+    async with Client(target) as c:
         await c.call_tool("rows", {"n": 5})
         await c.call_tool("list_items", {"query": "nothing"})
         r = await c.call_tool("fail_tool", {"reason": "demo"}, raise_on_error=False)
@@ -96,11 +110,13 @@ async def client(url: str) -> None:
         )
         refused = sum(1 for r in results if isinstance(r, Exception) or r.is_error)
         assert refused == 2, results
+        # A stdio server ends with the session: let it export its last spans first.
+        await asyncio.sleep(1)
     print("done", flush=True)
 
 
 if role == "server":
-    server(int(where))
+    server(where)
 else:
     asyncio.run(client(where))
     provider.shutdown()
