@@ -51,7 +51,7 @@ fn python() -> PathBuf {
         "import fastmcp, opentelemetry.exporter.otlp.proto.http, \
          opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.json.http, \
          openai, opentelemetry.instrumentation.openai_v2, \
-         opentelemetry.instrumentation.requests, opentelemetry.instrumentation.httpx",
+         opentelemetry.instrumentation.requests, opentelemetry.instrumentation.httpx, logfire",
         |pip| {
             run(pip().args(["-r", REQUIREMENTS]));
             run(pip().args(["--no-deps", "fastmcp==4.1.6", "fastmcp-slim==4.1.6"]));
@@ -229,11 +229,18 @@ async fn check_two_processes(svc: &Service, transport: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
     let sdk1 = tokio::task::spawn_blocking(python_sdk1).await.unwrap();
-    // The same workload on mcp 2.3 with the SDK's own tracing (its client span stays UNSET for a
-    // tool error: the server side says it).
+    // The same workload on mcp 2.3 with the SDK's own tracing, alone and under Logfire (its client
+    // span stays UNSET for a tool error: the server side says it).
     let sdk2 = tokio::task::spawn_blocking(python).await.unwrap();
-    for (python, instrumentation) in [(&sdk1, "logfire"), (&sdk1, "openllmetry"), (&sdk2, "sdk")] {
-        let svc = Service::start(&format!("sdk1_{instrumentation}")).await;
+    // Logfire on mcp 2.x hands the tracing to the SDK's own spans.
+    for (python, instrumentation, mcp2) in [
+        (&sdk1, "logfire", false),
+        (&sdk1, "openllmetry", false),
+        (&sdk2, "sdk", true),
+        (&sdk2, "logfire", true),
+    ] {
+        let case = format!("{instrumentation}{}", if mcp2 { " on mcp 2.x" } else { "" });
+        let svc = Service::start(&format!("sdk_{instrumentation}_{}", u8::from(mcp2))).await;
         run_script(
             python,
             &[SDK1, instrumentation],
@@ -269,7 +276,7 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
                 "fail_tool",
                 "client",
                 "error",
-                if instrumentation == "sdk" { "ok" } else { "" },
+                if mcp2 { "ok" } else { "" },
                 1,
             ),
             ("fail_tool", "server", "error", "", 1),
@@ -284,7 +291,7 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
         .into_iter()
         .map(|(t, s, o, own, n)| (t.into(), s.into(), o.into(), own.into(), n))
         .collect();
-        assert_eq!(table, want, "{instrumentation}: per call and side");
+        assert_eq!(table, want, "{case}: per call and side");
         assert_eq!(
             svc.count(
                 "SELECT count(*) FROM tool_calls c JOIN tool_calls s
@@ -294,7 +301,7 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
             )
             .await,
             6,
-            "{instrumentation}: every call joined once"
+            "{case}: every call joined once"
         );
         // The server captured whole results: 3 rows, an empty list.
         let (items, empty): (Option<i32>, Option<bool>) = sqlx::query_as(
@@ -305,12 +312,12 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
         .await
         .unwrap();
         // The SDK's own tracing captures no content: unknown, not empty.
-        let captured = if instrumentation == "sdk" {
+        let captured = if mcp2 {
             (None, None)
         } else {
             (Some(3), Some(true))
         };
-        assert_eq!((items, empty), captured, "{instrumentation}");
+        assert_eq!((items, empty), captured, "{case}");
         assert_eq!(
             common::rollup_mismatches(&svc.pool).await,
             vec![],
