@@ -139,10 +139,10 @@ async fn client_and_server_processes_are_joined_per_call() {
             vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)],
         )
         .await;
-        common::eventually("all 9 server calls stored", || async {
+        common::eventually("all 14 server calls stored", || async {
             (svc.count("SELECT count(*) FROM tool_calls WHERE service = 'demo-server'")
                 .await
-                == 9)
+                == 14)
                 .then_some(())
         })
         .await;
@@ -163,8 +163,8 @@ async fn check_two_processes(svc: &Service, transport: &str) {
     .await
     .unwrap();
     let want: Vec<Row> = [
-        ("fail_tool", "client", "error", "", "", 1),
-        ("fail_tool", "server", "error", "", "", 1),
+        ("fail_tool", "client", "error", "", "", 6),
+        ("fail_tool", "server", "error", "", "", 6),
         ("limited", "client", "error", "", "rate_limited", 2),
         ("limited", "client", "ok", "", "", 2),
         // Refused before the tool was resolved: named by the client side.
@@ -191,17 +191,17 @@ async fn check_two_processes(svc: &Service, transport: &str) {
             "SELECT count(*) FROM tool_calls WHERE side = 'client' AND peer_span_id IS NOT NULL"
         )
         .await,
-        9
+        14
     );
     assert_eq!(
         svc.count("SELECT count(*) FROM tool_calls WHERE NOT counted")
             .await,
-        9
+        14
     );
     assert_eq!(
         svc.count("SELECT count(*) FROM tool_calls WHERE overhead_us >= 0")
             .await,
-        8,
+        13,
         "every joined client call but the cancelled one has an overhead"
     );
     assert_eq!(common::rollup_mismatches(&svc.pool).await, vec![]);
@@ -218,6 +218,13 @@ async fn check_two_processes(svc: &Service, transport: &str) {
         tools.iter().all(|t| t.tool != "(unknown)"),
         "no call left unnamed: {tools:?}"
     );
+    // The stuck agent is one retry loop of 6 calls, the client's process its session: a call
+    // traced in two processes counts once.
+    let fired = retry_loops(svc).await;
+    assert_eq!(fired.len(), 1, "{transport}: {fired:?}");
+    assert_eq!(fired[0].labels["tool"], "fail_tool");
+    assert_eq!(fired[0].labels["service"], "demo-client");
+    assert_eq!(fired[0].value, Some(6.0), "{transport}: a call is one call");
 }
 
 /// Logfire and OpenLLMetry on an MCP SDK 1.x server and client over stdio (and the SDK 2.x's own
@@ -484,6 +491,19 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
     // The stuck agent is one retry loop of 6 calls: client and server in one service count a
     // call once, FastMCP captures no arguments so the repeats are the failures, and the
     // client's process is the session.
+    let fired = retry_loops(svc).await;
+    assert_eq!(fired.len(), 1, "{protocol}: {fired:?}");
+    assert_eq!(fired[0].labels["tool"], "fail_tool");
+    assert!(fired[0].labels["session"].starts_with("instance:"));
+    assert_eq!(fired[0].value, Some(6.0), "{protocol}: a call is one call");
+    assert_eq!(
+        fired[0].annotations["summary"],
+        "got 6 failed or empty results from fail_tool (its arguments are not captured)"
+    );
+}
+
+/// The firings of a retry-loop rule (5 repeats in 10 minutes) evaluated now.
+async fn retry_loops(svc: &Service) -> Vec<toolsight::evaluate::engine::Notice> {
     let rules = toolsight::evaluate::rules::parse(
         "loop.yaml",
         "groups:
@@ -503,18 +523,9 @@ async fn check_demo_rows(svc: &Service, protocol: &str) {
         svc.pool.clone(),
         vec![("loop.yaml".to_owned(), rules)],
     );
-    let fired = ev
-        .evaluate_all_at(chrono::Utc::now() + chrono::Duration::seconds(1))
+    ev.evaluate_all_at(chrono::Utc::now() + chrono::Duration::seconds(1))
         .await
-        .unwrap();
-    assert_eq!(fired.len(), 1, "{protocol}: {fired:?}");
-    assert_eq!(fired[0].labels["tool"], "fail_tool");
-    assert!(fired[0].labels["session"].starts_with("instance:"));
-    assert_eq!(fired[0].value, Some(6.0), "{protocol}: a call is one call");
-    assert_eq!(
-        fired[0].annotations["summary"],
-        "got 6 failed or empty results from fail_tool (its arguments are not captured)"
-    );
+        .unwrap()
 }
 
 /// An OpenAI-compatible chat endpoint: the k-th completion reports 100·k prompt tokens and

@@ -9,7 +9,8 @@ Usage:
   python two_process_demo.py client URL      # runs the workload against URL, then exits
   python two_process_demo.py client stdio    # the same, the server a child process over stdio
 
-The workload: a tool returning rows, one returning an empty list, one raising, one returning an
+The workload: a tool returning rows, one returning an empty list, one raising (called six times,
+an agent stuck retrying it), one returning an
 `isError` result without raising, a slow one the client gives up on after 0.5 s, and one behind
 a rate limiter (burst of 2) called 4 times at once.
 """
@@ -93,8 +94,10 @@ async def client(url: str) -> None:
     async with Client(target) as c:
         await c.call_tool("rows", {"n": 5})
         await c.call_tool("list_items", {"query": "nothing"})
-        r = await c.call_tool("fail_tool", {"reason": "demo"}, raise_on_error=False)
-        assert r.is_error
+        # An agent stuck retrying a failing tool: the same call six times.
+        for _ in range(6):
+            r = await c.call_tool("fail_tool", {"reason": "demo"}, raise_on_error=False)
+            assert r.is_error
         r = await c.call_tool("soft_fail", {"reason": "demo"}, raise_on_error=False)
         assert r.is_error
         try:
