@@ -97,7 +97,8 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
     }
 }
 
-/// A FastMCP server and client in two processes, over streamable HTTP and over stdio, each exporting every span
+/// A FastMCP server and client in two processes, over streamable HTTP and over stdio, with the
+/// current protocol and (over HTTP) the legacy one, each exporting every span
 /// on its own (SimpleSpanProcessor): the sides of a call arrive in different exports from
 /// different services, the server's often first, and the MCP SDK's `MCP send` span before
 /// FastMCP's client span around it. Each call is stored once per side, with the outcome either
@@ -105,8 +106,8 @@ async fn fastmcp_server_and_client_traced_into_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_and_server_processes_are_joined_per_call() {
     let python = tokio::task::spawn_blocking(python).await.unwrap();
-    for transport in ["http", "stdio"] {
-        let svc = Service::start(&format!("two_processes_{transport}")).await;
+    for (transport, mode) in [("http", "auto"), ("stdio", "auto"), ("http", "legacy")] {
+        let svc = Service::start(&format!("two_processes_{transport}_{mode}")).await;
         let endpoint = format!("http://{}", svc.http);
         // Over HTTP the server runs on its own; over stdio the client starts it.
         let mut server = None;
@@ -135,7 +136,7 @@ async fn client_and_server_processes_are_joined_per_call() {
         };
         run_script(
             &python,
-            &[TWO_PROCESSES, "client", &target],
+            &[TWO_PROCESSES, "client", &target, mode],
             vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)],
         )
         .await;
@@ -147,7 +148,23 @@ async fn client_and_server_processes_are_joined_per_call() {
         })
         .await;
         drop(server);
-        check_two_processes(&svc, transport).await;
+        check_two_processes(&svc, &format!("{transport} ({mode} protocol)")).await;
+        // The legacy protocol has stable sessions; under the current one the client's process
+        // is its session.
+        let source = if mode == "legacy" {
+            "mcp.session.id"
+        } else {
+            "service.instance.id"
+        };
+        assert_eq!(
+            svc.count(&format!(
+                "SELECT count(*) FROM tool_calls
+                 WHERE side = 'client' AND counted AND session_source <> '{source}'"
+            ))
+            .await,
+            0,
+            "{transport} ({mode})"
+        );
         svc.stop().await.unwrap();
     }
 }

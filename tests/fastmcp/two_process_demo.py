@@ -8,6 +8,7 @@ Usage:
   python two_process_demo.py server PORT     # serves streamable HTTP until killed
   python two_process_demo.py client URL      # runs the workload against URL, then exits
   python two_process_demo.py client stdio    # the same, the server a child process over stdio
+  python two_process_demo.py client URL legacy   # over the legacy protocol (2025-11-25 handshake)
 
 The workload: a tool returning rows, one returning an empty list, one raising (called six times,
 an agent stuck retrying it), one returning an
@@ -80,7 +81,7 @@ def server(port: int) -> None:
         mcp.run(transport="http", host="127.0.0.1", port=int(port), show_banner=False)
 
 
-async def client(url: str) -> None:
+async def client(url: str, mode: str) -> None:
     if url == "stdio":
         import os
 
@@ -91,7 +92,7 @@ async def client(url: str) -> None:
         )
     else:
         target = url
-    async with Client(target) as c:
+    async with Client(target, mode=mode) as c:
         await c.call_tool("rows", {"n": 5})
         await c.call_tool("list_items", {"query": "nothing"})
         # An agent stuck retrying a failing tool: the same call six times.
@@ -121,5 +122,5 @@ async def client(url: str) -> None:
 if role == "server":
     server(where)
 else:
-    asyncio.run(client(where))
+    asyncio.run(client(where, sys.argv[3] if len(sys.argv) > 3 else "auto"))
     provider.shutdown()
