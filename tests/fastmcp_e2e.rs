@@ -275,12 +275,12 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
         )
         .await;
         let server = format!("mcp1-{instrumentation}-server");
-        common::eventually("the server side of all 6 calls", || async {
+        common::eventually("the server side of all 7 calls", || async {
             (svc.count(&format!(
                 "SELECT count(*) FROM tool_calls WHERE service = '{server}' AND counted"
             ))
             .await
-                == 6)
+                == 7)
                 .then_some(())
         })
         .await;
@@ -311,6 +311,15 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
             ("slow", "client", "cancelled", "", 1),
             // The server finished "ok" after the client had given up.
             ("slow", "server", "cancelled", "ok", 1),
+            // An isError result the tool returned without raising.
+            (
+                "soft_fail",
+                "client",
+                "error",
+                if mcp2 { "ok" } else { "" },
+                1,
+            ),
+            ("soft_fail", "server", "error", "", 1),
         ]
         .into_iter()
         .map(|(t, s, o, own, n)| (t.into(), s.into(), o.into(), own.into(), n))
@@ -324,7 +333,7 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
                  WHERE c.side = 'client' AND s.side = 'server'"
             )
             .await,
-            6,
+            7,
             "{case}: every call joined once"
         );
         // The server captured whole results: 3 rows, an empty list.

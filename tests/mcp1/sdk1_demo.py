@@ -6,8 +6,9 @@ Usage: python sdk1_demo.py logfire|openllmetry|sdk     # the client; it starts t
 
 `sdk` is the MCP SDK 2.x's own tracing (no instrumentation package), run with mcp 2.x installed.
 
-The workload: `rows` (3 rows), `list_items` (empty), `fail_tool` (raises), `echo` twice with the
-same arguments, and `slow` (3 s) that the client gives up on after 0.5 s.
+The workload: `rows` (3 rows), `list_items` (empty), `fail_tool` (raises), `soft_fail` (an
+`isError` result without raising), `echo` twice with the same arguments, and `slow` (3 s) that
+the client gives up on after 0.5 s.
 """
 import asyncio
 import importlib.metadata
@@ -58,6 +59,10 @@ else:
 
 from mcp import ClientSession, StdioServerParameters  # noqa: E402
 from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp.types import CallToolResult, TextContent  # noqa: E402
+
+# The field is `isError` in mcp 1.x and `is_error` in 2.x.
+IS_ERROR = "isError" if MCP_1 else "is_error"
 try:
     from mcp.server.fastmcp import FastMCP  # noqa: E402  (mcp 1.x)
 except ModuleNotFoundError:
@@ -84,6 +89,13 @@ def server() -> None:
         return text
 
     @mcp.tool()
+    def soft_fail(reason: str) -> CallToolResult:
+        """Reports a failure as an isError result, without raising."""
+        return CallToolResult(
+            content=[TextContent(type="text", text=f"no: {reason}")], **{IS_ERROR: True}
+        )
+
+    @mcp.tool()
     async def slow(seconds: float) -> str:
         await asyncio.sleep(seconds)
         return "done"
@@ -107,6 +119,8 @@ async def client() -> None:
             await session.call_tool("rows", {"n": 3})
             await session.call_tool("list_items", {"query": "nothing"})
             r = await session.call_tool("fail_tool", {"reason": "demo"})
+            assert getattr(r, "is_error", None) or getattr(r, "isError", None)
+            r = await session.call_tool("soft_fail", {"reason": "demo"})
             assert getattr(r, "is_error", None) or getattr(r, "isError", None)
             await session.call_tool("echo", {"text": "same"})
             await session.call_tool("echo", {"text": "same"})
