@@ -222,6 +222,16 @@ async fn check_two_processes(svc: &Service, transport: &str) {
         "every joined client call but the cancelled one has an overhead"
     );
     assert_eq!(common::rollup_mismatches(&svc.pool).await, vec![]);
+    // FastMCP captures no result content: sizes and emptiness are unknown, never 0 or false.
+    assert_eq!(
+        svc.count(
+            "SELECT count(*) FROM tool_calls
+             WHERE result_empty IS NOT NULL OR result_bytes IS NOT NULL OR result_items IS NOT NULL"
+        )
+        .await,
+        0,
+        "{transport}"
+    );
     let tools = toolsight::store::queries::tool_summary(&svc.pool, 3600)
         .await
         .unwrap();
@@ -275,12 +285,12 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
         )
         .await;
         let server = format!("mcp1-{instrumentation}-server");
-        common::eventually("the server side of all 7 calls", || async {
+        common::eventually("the server side of all 15 calls", || async {
             (svc.count(&format!(
                 "SELECT count(*) FROM tool_calls WHERE service = '{server}' AND counted"
             ))
             .await
-                == 7)
+                == 15)
                 .then_some(())
         })
         .await;
@@ -301,9 +311,19 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
                 "client",
                 "error",
                 if mcp2 { "ok" } else { "" },
+                6,
+            ),
+            ("fail_tool", "server", "error", "", 6),
+            (
+                "limited",
+                "client",
+                "error",
+                if mcp2 { "ok" } else { "" },
                 1,
             ),
-            ("fail_tool", "server", "error", "", 1),
+            ("limited", "client", "ok", "", 2),
+            ("limited", "server", "error", "", 1),
+            ("limited", "server", "ok", "", 2),
             ("list_items", "client", "ok", "", 1),
             ("list_items", "server", "ok", "", 1),
             ("rows", "client", "ok", "", 1),
@@ -333,7 +353,7 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
                  WHERE c.side = 'client' AND s.side = 'server'"
             )
             .await,
-            7,
+            15,
             "{case}: every call joined once"
         );
         // The server captured whole results: 3 rows, an empty list.
@@ -351,11 +371,22 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
             (Some(3), Some(true))
         };
         assert_eq!((items, empty), captured, "{case}");
+        assert_eq!(common::rollup_mismatches(&svc.pool).await, vec![], "{case}");
         assert_eq!(
-            common::rollup_mismatches(&svc.pool).await,
-            vec![],
-            "{instrumentation}"
+            svc.count(
+                "SELECT count(*) FROM tool_calls
+                 WHERE tool = 'limited' AND counted AND error_type = 'rate_limited'"
+            )
+            .await,
+            // The SDK 2.x's spans of a refused call carry no message and no content: an error,
+            // not recognisable as a rate limit.
+            if mcp2 { 0 } else { 2 },
+            "{case}: the refusal is a rate limit on both sides"
         );
+        let fired = retry_loops(&svc).await;
+        assert_eq!(fired.len(), 1, "{case}: {fired:?}");
+        assert_eq!(fired[0].labels["tool"], "fail_tool");
+        assert_eq!(fired[0].value, Some(6.0), "{case}: a call is one call");
         svc.stop().await.unwrap();
     }
 }

@@ -352,11 +352,20 @@ fn push_tool_call(
     out: &mut Normalized,
 ) {
     let a = &ctx.span.attributes;
-    let (outcome, error_type) = outcome(
+    let (outcome, mut error_type) = outcome(
         ctx.span,
         attrs::get_str(a, "error.type"),
         result.and_then(|r| r.is_error),
     );
+    // A refusal reported as an `isError` result says so only in its text.
+    if outcome == Outcome::Error
+        && error_type.as_deref() != Some(RATE_LIMITED)
+        && result_json
+            .as_ref()
+            .is_some_and(|v| mentions_rate_limit(&v.to_string()))
+    {
+        error_type = Some(RATE_LIMITED.to_owned());
+    }
     let (session_key, session_source) = session(ctx, &mut out.scrubbed);
     // Scrubbed arguments would hash equal for distinct calls: such a call gets no hash.
     let args_hash = match &args {
@@ -451,17 +460,18 @@ fn outcome(
 /// `RateLimitError` before the tool is resolved; JSON-RPC servers answer "rate limit exceeded").
 pub const RATE_LIMITED: &str = "rate_limited";
 
+fn mentions_rate_limit(s: &str) -> bool {
+    let s = s.to_ascii_lowercase();
+    s.contains("ratelimit")
+        || s.contains("rate limit")
+        || s.contains("rate_limit")
+        || s.contains("too many requests")
+}
+
 fn is_rate_limited(error_type: Option<&str>, message: &str, span: &Span) -> bool {
-    let limited = |s: &str| {
-        let s = s.to_ascii_lowercase();
-        s.contains("ratelimit")
-            || s.contains("rate limit")
-            || s.contains("rate_limit")
-            || s.contains("too many requests")
-    };
-    error_type.is_some_and(limited)
-        || limited(message)
-        || exception_type(span).is_some_and(|t| limited(&t))
+    error_type.is_some_and(mentions_rate_limit)
+        || mentions_rate_limit(message)
+        || exception_type(span).is_some_and(|t| mentions_rate_limit(&t))
 }
 
 fn is_cancellation(error_type: Option<&str>, message: &str) -> bool {

@@ -6,8 +6,9 @@ Usage: python sdk1_demo.py logfire|openllmetry|sdk     # the client; it starts t
 
 `sdk` is the MCP SDK 2.x's own tracing (no instrumentation package), run with mcp 2.x installed.
 
-The workload: `rows` (3 rows), `list_items` (empty), `fail_tool` (raises), `soft_fail` (an
-`isError` result without raising), `echo` twice with the same arguments, and `slow` (3 s) that
+The workload: `rows` (3 rows), `list_items` (empty), `fail_tool` (raises; called six times, an
+agent stuck retrying it), `limited` three times behind a rate limiter that refuses the third,
+`soft_fail` (an `isError` result without raising), `echo` twice with the same arguments, and `slow` (3 s) that
 the client gives up on after 0.5 s.
 """
 import asyncio
@@ -95,6 +96,16 @@ def server() -> None:
             content=[TextContent(type="text", text=f"no: {reason}")], **{IS_ERROR: True}
         )
 
+    calls = {"limited": 0}
+
+    @mcp.tool()
+    def limited(x: int) -> int:
+        """Behind a rate limiter: the third call and later are refused."""
+        calls["limited"] += 1
+        if calls["limited"] > 2:
+            raise RuntimeError("rate limit exceeded: 2 calls per minute")
+        return x
+
     @mcp.tool()
     async def slow(seconds: float) -> str:
         await asyncio.sleep(seconds)
@@ -112,14 +123,27 @@ async def client() -> None:
         args=[os.path.abspath(__file__), instrumentation, "server"],
         env=dict(os.environ),
     )
+    # The agent's task is one span: its calls are one session (one trace).
+    from opentelemetry import trace as otel_trace
+
+    with otel_trace.get_tracer("sdk1-demo-agent").start_as_current_span("agent task"):
+        await workload(params)
+    print("done", flush=True)
+
+
+async def workload(params) -> None:
     async with stdio_client(params) as (read, write):
         async with ClientSession(read, write) as session:
             await session.initialize()
             await session.list_tools()
             await session.call_tool("rows", {"n": 3})
             await session.call_tool("list_items", {"query": "nothing"})
-            r = await session.call_tool("fail_tool", {"reason": "demo"})
-            assert getattr(r, "is_error", None) or getattr(r, "isError", None)
+            # An agent stuck retrying a failing tool: the same call six times.
+            for _ in range(6):
+                r = await session.call_tool("fail_tool", {"reason": "demo"})
+                assert getattr(r, "is_error", None) or getattr(r, "isError", None)
+            for i in range(3):
+                await session.call_tool("limited", {"x": i})
             r = await session.call_tool("soft_fail", {"reason": "demo"})
             assert getattr(r, "is_error", None) or getattr(r, "isError", None)
             await session.call_tool("echo", {"text": "same"})
@@ -135,7 +159,6 @@ async def client() -> None:
                 pass
             # Let the server finish the slow call and export its side before it is stopped.
             await asyncio.sleep(3)
-    print("done", flush=True)
 
 
 if role == "server":
