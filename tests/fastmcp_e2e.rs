@@ -346,13 +346,7 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
         .collect();
         assert_eq!(table, want, "{case}: per call and side");
         assert_eq!(
-            svc.count(
-                "SELECT count(*) FROM tool_calls c JOIN tool_calls s
-                   ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id
-                  AND s.peer_span_id = c.span_id
-                 WHERE c.side = 'client' AND s.side = 'server'"
-            )
-            .await,
+            svc.count(common::JOINED_PAIRS).await,
             15,
             "{case}: every call joined once"
         );

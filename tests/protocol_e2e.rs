@@ -626,14 +626,7 @@ async fn the_two_sides_of_a_call_are_joined_in_any_order_across_a_restart() {
         let pool = &svc.pool;
         let expected: usize = PAIRS.iter().map(|p| p.2).sum();
         // Exactly one joined pair per call, each side pointing at the other.
-        let pairs = svc
-            .count(
-                "SELECT count(*) FROM tool_calls c JOIN tool_calls s
-                   ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id
-                  AND s.peer_span_id = c.span_id
-                 WHERE c.side = 'client' AND s.side = 'server' AND c.counted AND s.counted",
-            )
-            .await;
+        let pairs = svc.count(common::JOINED_PAIRS).await;
         assert_eq!(pairs as usize, expected, "{name}: joined pairs");
         assert_eq!(
             svc.count("SELECT count(*) FROM tool_calls WHERE peer_span_id IS NOT NULL")

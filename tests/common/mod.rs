@@ -467,3 +467,8 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, Stri
     .await
     .unwrap()
 }
+
+/// Counted client and server rows of one call that point at each other: the joined calls.
+pub const JOINED_PAIRS: &str = "SELECT count(*) FROM tool_calls c JOIN tool_calls s
+       ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id AND s.peer_span_id = c.span_id
+     WHERE c.side = 'client' AND s.side = 'server' AND c.counted AND s.counted";
