@@ -50,7 +50,21 @@ pub fn hist_quantile(hist: &[i64], q: f64) -> Option<f64> {
 const MINUTE_NANOS: i64 = 60_000_000_000;
 
 fn minute_of(s: &SpanRef) -> i64 {
-    s.start_unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS
+    minute_at(s.start_unix_nanos)
+}
+
+fn minute_at(unix_nanos: i64) -> i64 {
+    unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS
+}
+
+/// What one tool call adds to its rollup row: result emptiness, bytes and items where known.
+struct CallFacts {
+    outcome: Outcome,
+    result_empty: Option<bool>,
+    result_bytes: Option<i64>,
+    result_items: Option<i32>,
+    duration_us: i64,
+    overhead_us: Option<i64>,
 }
 
 #[derive(Default)]
@@ -88,6 +102,33 @@ struct ToolAgg {
     /// Client calls joined with their server side, and the sum of their overheads.
     overhead_calls: i64,
     overhead_us_sum: i64,
+}
+
+impl ToolAgg {
+    /// Adds one call's facts `sign` times (-1 takes back what a call counted before).
+    fn count(&mut self, f: &CallFacts, sign: i64) {
+        self.calls += sign;
+        self.errors += sign * i64::from(f.outcome == Outcome::Error);
+        self.cancellations += sign * i64::from(f.outcome == Outcome::Cancelled);
+        if let Some(empty) = f.result_empty {
+            self.with_result += sign;
+            self.empty_results += sign * i64::from(empty);
+            if let Some(b) = f.result_bytes {
+                self.sized_results += sign;
+                self.result_bytes += sign * b;
+            }
+            if let Some(i) = f.result_items {
+                self.counted_results += sign;
+                self.result_items += sign * i64::from(i);
+            }
+        }
+        self.duration_us_sum += sign * f.duration_us;
+        self.hist.add_n(f.duration_us, sign);
+        if let Some(o) = f.overhead_us {
+            self.overhead_calls += sign;
+            self.overhead_us_sum += sign * o;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -161,27 +202,17 @@ impl<'a> Rollups<'a> {
                     minute_of(&c.span),
                 ))
                 .or_default();
-            a.calls += 1;
-            a.errors += i64::from(c.outcome == Outcome::Error);
-            a.cancellations += i64::from(c.outcome == Outcome::Cancelled);
-            if let Some(res) = c.result {
-                a.with_result += 1;
-                a.empty_results += i64::from(res.empty);
-                if let Some(b) = res.bytes {
-                    a.sized_results += 1;
-                    a.result_bytes += b;
-                }
-                if let Some(i) = res.items {
-                    a.counted_results += 1;
-                    a.result_items += i64::from(i);
-                }
-            }
-            a.duration_us_sum += c.span.duration_us;
-            a.hist.add(c.span.duration_us);
-            if let Some(o) = c.overhead_us {
-                a.overhead_calls += 1;
-                a.overhead_us_sum += o;
-            }
+            a.count(
+                &CallFacts {
+                    outcome: c.outcome,
+                    result_empty: c.result.map(|r| r.empty),
+                    result_bytes: c.result.and_then(|r| r.bytes),
+                    result_items: c.result.and_then(|r| r.items),
+                    duration_us: c.span.duration_us,
+                    overhead_us: c.overhead_us,
+                },
+                1,
+            );
         }
         for m in &r.mcp_requests {
             if !fresh(&mut inserted.mcp_requests, &m.span) {
@@ -244,40 +275,37 @@ impl<'a> Rollups<'a> {
             return;
         }
         let side = if row.client { "client" } else { "server" };
-        let minute = row.start_unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS;
-        let a = self
-            .tools
-            .entry((&row.service, &state.tool, side, minute))
-            .or_default();
-        a.calls += sign;
-        a.errors += sign * i64::from(state.outcome == Outcome::Error);
-        a.cancellations += sign * i64::from(state.outcome == Outcome::Cancelled);
-        if let Some(empty) = row.result_empty {
-            a.with_result += sign;
-            a.empty_results += sign * i64::from(empty);
-            if let Some(b) = row.result_bytes {
-                a.sized_results += sign;
-                a.result_bytes += sign * b;
-            }
-            if let Some(i) = row.result_items {
-                a.counted_results += sign;
-                a.result_items += sign * i64::from(i);
-            }
-        }
-        a.duration_us_sum += sign * row.duration_us;
-        a.hist.add_n(row.duration_us, sign);
-        if let Some(o) = state.overhead_us {
-            a.overhead_calls += sign;
-            a.overhead_us_sum += sign * o;
-        }
+        self.tools
+            .entry((
+                &row.service,
+                &state.tool,
+                side,
+                minute_at(row.start_unix_nanos),
+            ))
+            .or_default()
+            .count(
+                &CallFacts {
+                    outcome: state.outcome,
+                    result_empty: row.result_empty,
+                    result_bytes: row.result_bytes,
+                    result_items: row.result_items,
+                    duration_us: row.duration_us,
+                    overhead_us: state.overhead_us,
+                },
+                sign,
+            );
     }
 
     /// The contribution of a stored client MCP request, times `sign`.
     pub fn add_method_row(&mut self, row: &'a MethodRow, sign: i64) {
-        let minute = row.start_unix_nanos.div_euclid(MINUTE_NANOS) * MINUTE_NANOS;
         let a = self
             .methods
-            .entry((&row.service, &row.method, "client", minute))
+            .entry((
+                &row.service,
+                &row.method,
+                "client",
+                minute_at(row.start_unix_nanos),
+            ))
             .or_default();
         a.calls += sign;
         a.errors += sign * i64::from(row.error);

@@ -349,27 +349,14 @@ async fn join_stored<'a>(
     if tools.is_empty() && methods.is_empty() {
         return;
     }
-    let mut attempt = 0;
-    let result = loop {
-        let result = async {
-            let mut conn = pool.acquire().await?;
-            let mut tx = conn.begin().await?;
-            let joined =
-                correlate::join(&mut tx, &tools, &methods, batch_rows.as_ref(), shard).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(joined)
-        }
-        .await;
-        match result {
-            Err(StoreError::Unavailable(sqlx::Error::Database(db)))
-                if attempt < 2 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
-            {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-            }
-            other => break other,
-        }
-    };
+    let result = retry_conflicts(|| async {
+        let mut conn = pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let joined = correlate::join(&mut tx, &tools, &methods, batch_rows.as_ref(), shard).await?;
+        tx.commit().await?;
+        Ok::<_, StoreError>(joined)
+    })
+    .await;
     match result {
         Ok(joined) => {
             for (kind, n) in [("pair", joined.pairs), ("nested", joined.nested)] {
@@ -446,9 +433,16 @@ type Written = [usize; 4];
 
 /// Writes a batch; a lost deadlock or serialization conflict is retried twice.
 async fn write_with_retry(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<Written, StoreError> {
+    retry_conflicts(|| write_batch(pool, jobs, shard)).await
+}
+
+/// Runs `f`; a lost deadlock or serialization conflict runs it again, twice at most.
+async fn retry_conflicts<T, F: std::future::Future<Output = Result<T, StoreError>>>(
+    mut f: impl FnMut() -> F,
+) -> Result<T, StoreError> {
     let mut attempt = 0;
     loop {
-        match write_batch(pool, jobs, shard).await {
+        match f().await {
             Err(StoreError::Unavailable(sqlx::Error::Database(db)))
                 if attempt < 2 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
             {
