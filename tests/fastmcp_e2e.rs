@@ -254,9 +254,9 @@ async fn check_two_processes(svc: &Service, transport: &str) {
     assert_eq!(fired[0].value, Some(6.0), "{transport}: a call is one call");
 }
 
-/// Logfire and OpenLLMetry on an MCP SDK 1.x server and client over stdio (and the SDK 2.x's own
-/// tracing on the same workload), each process exporting
-/// span by span: OpenLLMetry's server side is only its `ResponseStreamWriter` spans (named by the
+/// Logfire and OpenLLMetry on an MCP SDK 1.x server and client over stdio and over streamable HTTP
+/// (and the SDK 2.x's own tracing, alone and under Logfire, on the same workload), each process
+/// exporting span by span: OpenLLMetry's server side is only its `ResponseStreamWriter` spans (named by the
 /// client side once joined), Logfire leaves both spans OK for a tool error (its `response` says
 /// it) and exports every span twice (stored once). Per call and side: one row, the outcome either
 /// side saw, the result the server captured.
@@ -267,21 +267,35 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
     // span stays UNSET for a tool error: the server side says it).
     let sdk2 = tokio::task::spawn_blocking(python).await.unwrap();
     // Logfire on mcp 2.x hands the tracing to the SDK's own spans.
-    for (python, instrumentation, mcp2) in [
+    let runs = [
         (&sdk1, "logfire", false),
         (&sdk1, "openllmetry", false),
         (&sdk2, "sdk", true),
         (&sdk2, "logfire", true),
-    ] {
-        let case = format!("{instrumentation}{}", if mcp2 { " on mcp 2.x" } else { "" });
-        let svc = Service::start(&format!("sdk_{instrumentation}_{}", u8::from(mcp2))).await;
+    ]
+    .into_iter()
+    // Over stdio with OTLP/HTTP protobuf, over streamable HTTP with OTLP/HTTP JSON.
+    .flat_map(|run| [(run, "stdio", "http/protobuf"), (run, "http", "http/json")]);
+    for ((python, instrumentation, mcp2), transport, protocol) in runs {
+        let case = format!(
+            "{instrumentation}{} over {transport}",
+            if mcp2 { " on mcp 2.x" } else { "" }
+        );
+        let svc = Service::start(&format!(
+            "sdk_{instrumentation}_{}_{transport}",
+            u8::from(mcp2)
+        ))
+        .await;
         run_script(
             python,
-            &[SDK1, instrumentation],
-            vec![(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                format!("http://{}", svc.http),
-            )],
+            &[SDK1, instrumentation, transport],
+            vec![
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://{}", svc.http),
+                ),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
+            ],
         )
         .await;
         let server = format!("mcp1-{instrumentation}-server");

@@ -840,27 +840,23 @@ mod tests {
     /// tool, side, outcome, own outcome when different, rate limited.
     type CallKey<'a> = (&'a str, &'a str, &'a str, &'a str, bool);
 
-    /// A live capture: a FastMCP 4.1.6 server and client in two processes over streamable
-    /// HTTP, each exporting span by span (40 exports, in the order they arrived). What the join
-    /// makes of the stored records is the table the live test asserts.
-    #[test]
-    fn the_two_process_capture_joins_into_one_row_per_call_and_side() {
-        let text = include_str!("../../tests/fixtures/fastmcp/two-process-http-simple.jsonl");
+    /// What the join makes of a live capture (one OTLP/JSON export per line, in the order
+    /// toolsight received them): per tool, side, outcome, own outcome (when it differs) and
+    /// whether the call was refused by a rate limiter, the number of counted rows; `rows` is how
+    /// many tool-call records the capture normalizes into. Every counted row must be joined.
+    fn joined_capture(text: &str) -> (usize, Vec<(CallKey<'static>, usize)>) {
         let exports: Vec<
             opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
         > = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(exports.len(), 40);
         let now = exports[0].resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano as i64;
         let mut rows: Vec<ToolRow> = exports
             .iter()
             .flat_map(|e| crate::normalize::normalize(e, now, &Default::default()).tool_calls)
             .map(|c| ToolRow::of(&c))
             .collect();
-        // 9 calls: FastMCP's client span, the SDK's `MCP send` (its own export) and the server's.
-        assert_eq!(rows.len(), 27);
         rows.sort_by_key(|r| (r.trace_id, r.span_id));
         let mut table: std::collections::BTreeMap<(String, &str, &str, &str, bool), usize> =
             Default::default();
@@ -882,6 +878,66 @@ mod tests {
                 assert!(s.peer.is_some(), "{} {side} joined", s.tool);
             }
         }
+        // Tool names as the expected tables spell them, so the two compare as they print.
+        let name = |t: &str| -> &'static str {
+            [
+                "echo",
+                "fail_tool",
+                "limited",
+                "list_items",
+                "rows",
+                "slow",
+                "soft_fail",
+            ]
+            .into_iter()
+            .find(|n| *n == t)
+            .unwrap_or_else(|| panic!("a tool the demos do not have: {t}"))
+        };
+        let table = table
+            .into_iter()
+            .map(|((t, s, o, own, l), n)| ((name(&t), s, o, own, l), n))
+            .collect();
+        (rows.len(), table)
+    }
+
+    /// The per-call table of the MCP SDK demo (`tests/mcp1/sdk1_demo.py`), the same for every
+    /// instrumentation but for what its client span says itself of a tool error (`client_own`:
+    /// the SDK 2.x's own spans say "ok") and whether a rate limiter's refusal is recognisable
+    /// (`limited`: the SDK 2.x's spans carry no message).
+    fn sdk_demo_table(client_own: &'static str, limited: bool) -> Vec<(CallKey<'static>, usize)> {
+        let mut want = vec![
+            (("echo", "client", "ok", "", false), 2),
+            (("echo", "server", "ok", "", false), 2),
+            (("fail_tool", "client", "error", client_own, false), 6),
+            (("fail_tool", "server", "error", "", false), 6),
+            (("limited", "client", "error", client_own, limited), 1),
+            (("limited", "client", "ok", "", false), 2),
+            (("limited", "server", "error", "", limited), 1),
+            (("limited", "server", "ok", "", false), 2),
+            (("list_items", "client", "ok", "", false), 1),
+            (("list_items", "server", "ok", "", false), 1),
+            (("rows", "client", "ok", "", false), 1),
+            (("rows", "server", "ok", "", false), 1),
+            (("slow", "client", "cancelled", "", false), 1),
+            // The server finished "ok" after the client had given up.
+            (("slow", "server", "cancelled", "ok", false), 1),
+            (("soft_fail", "client", "error", client_own, false), 1),
+            (("soft_fail", "server", "error", "", false), 1),
+        ];
+        want.sort();
+        want
+    }
+
+    /// A live capture: a FastMCP 4.1.6 server and client in two processes over streamable
+    /// HTTP, each exporting span by span (40 exports, in the order they arrived). What the join
+    /// makes of the stored records is the table the live test asserts.
+    #[test]
+    fn the_two_process_capture_joins_into_one_row_per_call_and_side() {
+        let text = include_str!("../../tests/fixtures/fastmcp/two-process-http-simple.jsonl");
+        assert_eq!(text.lines().count(), 40);
+        let (rows, got) = joined_capture(text);
+        // 9 calls: FastMCP's client span, the SDK's `MCP send` (its own export) and the server's.
+        assert_eq!(rows, 27);
         let want: Vec<(CallKey, usize)> = vec![
             (("fail_tool", "client", "error", "", false), 1),
             (("fail_tool", "server", "error", "", false), 1),
@@ -898,11 +954,44 @@ mod tests {
             (("soft_fail", "client", "error", "", false), 1),
             (("soft_fail", "server", "error", "ok", false), 1),
         ];
-        let got: Vec<(CallKey, usize)> = table
-            .iter()
-            .map(|((t, s, o, own, l), n)| ((t.as_str(), *s, *o, *own, *l), *n))
-            .collect();
         assert_eq!(got, want);
+    }
+
+    /// Live captures of the MCP SDK demo over streamable HTTP, each process exporting span by
+    /// span: Logfire 5.4 and OpenLLMetry 0.62.4 on mcp 1.30, and on mcp 2.3 the SDK's own
+    /// tracing alone and under Logfire 5.4. Each joins into the table the live test asserts.
+    #[test]
+    fn the_sdk_captures_over_streamable_http_join_into_one_row_per_call_and_side() {
+        let cases = [
+            (
+                "logfire on mcp 1.x",
+                include_str!("../../tests/fixtures/logfire/sdk1-http.jsonl"),
+                "",
+                true,
+            ),
+            (
+                "openllmetry on mcp 1.x",
+                include_str!("../../tests/fixtures/traceloop/sdk1-http.jsonl"),
+                "",
+                true,
+            ),
+            (
+                "the sdk on mcp 2.x",
+                include_str!("../../tests/fixtures/mcp-sdk/sdk2-http.jsonl"),
+                "ok",
+                false,
+            ),
+            (
+                "logfire on mcp 2.x",
+                include_str!("../../tests/fixtures/logfire/sdk2-http.jsonl"),
+                "ok",
+                false,
+            ),
+        ];
+        for (case, text, client_own, limited) in cases {
+            let (_, got) = joined_capture(text);
+            assert_eq!(got, sdk_demo_table(client_own, limited), "{case}");
+        }
     }
 
     #[test]

@@ -24,10 +24,16 @@ pub fn can(python: &Path, code: &str) -> bool {
 }
 
 /// The interpreter of the venv `name`, created (with `install` given a pip command) unless
-/// `check` already runs in it.
+/// `check` already runs in it. Tests of one binary run at once and several binaries may share a
+/// venv, so the creation holds an exclusive lock on a file beside it: the others wait and then
+/// find it ready.
 pub fn venv(name: &str, check: &str, install: impl Fn(&dyn Fn() -> Command)) -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let venv = dir.join(name);
     let python = venv.join("bin/python");
+    let lock = std::fs::File::create(dir.join(format!("{name}.lock")))
+        .unwrap_or_else(|e| panic!("{name}.lock: {e}"));
+    lock.lock().unwrap_or_else(|e| panic!("locking {name}.lock: {e}"));
     if can(&python, check) {
         return python;
     }
