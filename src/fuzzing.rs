@@ -1,5 +1,5 @@
 //! The bodies of the fuzz targets, shared by the `cargo fuzz` targets in `fuzz/` and by the
-//! corpus replay test (`tests/fuzz_corpus.rs`), so every input the fuzzer ever kept is also
+//! corpus replay test (`tests/it/fuzz_corpus.rs`), so every input the fuzzer ever kept is also
 //! checked by `cargo test` on the stable toolchain.
 //!
 //! Each function takes arbitrary bytes, drives one layer that faces untrusted input the way the

@@ -1,7 +1,7 @@
 //! The latency histogram SQL functions every p95 in toolsight comes from.
 
-mod common;
 
+use crate::common;
 use sqlx::PgPool;
 
 /// A fresh, migrated database named `toolsight_it_{name}`.

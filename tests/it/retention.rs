@@ -1,8 +1,8 @@
 //! Retention: `toolsight prune` deletes raw rows and rollups past their retention, in bounded
 //! batches, keeps the rest, and ingest goes on meanwhile.
 
-mod common;
 
+use crate::common;
 use chrono::{Duration, Utc};
 use common::Service;
 use common::spans::{Spans, send};

@@ -2,8 +2,8 @@
 //! exports get retryable errors, ingest resumes by itself when the database returns, and every
 //! acknowledged span is in the database exactly once.
 
-mod common;
 
+use crate::common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;

@@ -2,8 +2,8 @@
 //! running service; the evaluator (the live loop's code, driven at chosen instants) fires, does
 //! not fire on low-traffic noise, survives a restart without re-firing, and resolves.
 
-mod common;
 
+use crate::common;
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, TimeZone, Utc};

@@ -5,8 +5,8 @@
 //! The Python environment is created on first use under the cargo target directory (or taken
 //! from `TOOLSIGHT_TEST_PYTHON`): `python3 -m venv` and pip, from PyPI.
 
-mod common;
 
+use crate::common;
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -2,8 +2,8 @@
 //! file reloaded without a restart, the admin API's own token, and redaction proven by scanning
 //! every column of the database for a configured secret.
 
-mod common;
 
+use crate::common;
 use std::time::Duration;
 
 use chrono::Utc;

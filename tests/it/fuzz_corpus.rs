@@ -2,7 +2,7 @@
 //! were fixed (`fuzz/regressions/<target>/`) through the same functions the `cargo fuzz` targets
 //! run, on the stable toolchain; and every real fixture whole and span by span.
 //!
-//! `TOOLSIGHT_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_corpus` (re)writes the seed inputs
+//! `TOOLSIGHT_WRITE_FUZZ_SEEDS=1 cargo test --test it fuzz_corpus::` (re)writes the seed inputs
 //! derived from the fixtures (`seed-*` files) into the corpus directories.
 
 use std::fs;
