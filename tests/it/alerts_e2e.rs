@@ -2,7 +2,6 @@
 //! running service; the evaluator (the live loop's code, driven at chosen instants) fires, does
 //! not fire on low-traffic noise, survives a restart without re-firing, and resolves.
 
-
 use crate::common;
 use std::collections::BTreeSet;
 

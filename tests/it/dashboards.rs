@@ -6,7 +6,6 @@
 //! Grafana expands them, over a short and a long time range. The p95 a panel shows is compared
 //! with the p95 the rule engine computes for the same tool and window.
 
-
 use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -5,7 +5,6 @@
 //! The Python environment is created on first use under the cargo target directory (or taken
 //! from `TOOLSIGHT_TEST_PYTHON`): `python3 -m venv` and pip, from PyPI.
 
-
 use crate::common;
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,6 +1,5 @@
 //! The latency histogram SQL functions every p95 in toolsight comes from.
 
-
 use crate::common;
 use sqlx::PgPool;
 

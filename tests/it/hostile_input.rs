@@ -2,7 +2,6 @@
 //! ids of the wrong length, timestamps far away, messages over the gRPC limit. Each gets the
 //! right status and is counted, and the service keeps serving.
 
-
 use crate::common;
 use common::Service;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;

@@ -1,7 +1,6 @@
 //! End to end: the real `opentelemetry-otlp` exporter (gRPC, HTTP/protobuf, HTTP/JSON) sends to
 //! the running service; the rows and rollups are read back from PostgreSQL.
 
-
 use crate::common;
 use std::time::{Duration, SystemTime};
 

@@ -5,7 +5,6 @@
 //! The alert is a retry loop (three identical calls in a 20 s window, evaluated every second):
 //! it fires on the first evaluation after the spans land and resolves when they leave the window. The window is wide so that an evaluator slowed by a busy machine still sees the calls.
 
-
 use crate::common;
 use std::net::SocketAddr;
 use std::path::PathBuf;

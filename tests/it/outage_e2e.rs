@@ -2,7 +2,6 @@
 //! exports get retryable errors, ingest resumes by itself when the database returns, and every
 //! acknowledged span is in the database exactly once.
 
-
 use crate::common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

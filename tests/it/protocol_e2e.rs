@@ -1,7 +1,6 @@
 //! OTLP protocol behaviour of the running service: idempotent retries, errors with the right
 //! status (and counted), partial success, backpressure, and flushing on shutdown.
 
-
 use crate::common;
 use std::io::Write;
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! Retention: `toolsight prune` deletes raw rows and rollups past their retention, in bounded
 //! batches, keeps the rest, and ingest goes on meanwhile.
 
-
 use crate::common;
 use chrono::{Duration, Utc};
 use common::Service;

@@ -2,7 +2,6 @@
 //! file reloaded without a restart, the admin API's own token, and redaction proven by scanning
 //! every column of the database for a configured secret.
 
-
 use crate::common;
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! TLS on the listeners: OTLP/HTTP and OTLP/gRPC need a client certificate signed by the
 //! configured CA; the admin port serves TLS without one; plain-text clients get nowhere.
 
-
 use crate::common;
 use std::path::PathBuf;
 

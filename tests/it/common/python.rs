@@ -33,7 +33,8 @@ pub fn venv(name: &str, check: &str, install: impl Fn(&dyn Fn() -> Command)) -> 
     let python = venv.join("bin/python");
     let lock = std::fs::File::create(dir.join(format!("{name}.lock")))
         .unwrap_or_else(|e| panic!("{name}.lock: {e}"));
-    lock.lock().unwrap_or_else(|e| panic!("locking {name}.lock: {e}"));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("locking {name}.lock: {e}"));
     if can(&python, check) {
         return python;
     }
