@@ -379,6 +379,16 @@ async fn mcp_sdk_1x_and_2x_instrumentations_are_joined_per_call() {
         };
         assert_eq!((items, empty), captured, "{case}");
         assert_eq!(common::rollup_mismatches(&svc.pool).await, vec![], "{case}");
+        // The agent's task is one trace and none of these instrumentations sets a session id
+        // or an instance id: both sides of every call are one session, keyed on the trace.
+        let sessions: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT session_source, count(DISTINCT session_key) FROM tool_calls
+             WHERE counted GROUP BY 1",
+        )
+        .fetch_all(&svc.pool)
+        .await
+        .unwrap();
+        assert_eq!(sessions, [("trace_id".to_owned(), 1)], "{case}: sessions");
         assert_eq!(
             svc.count(
                 "SELECT count(*) FROM tool_calls
