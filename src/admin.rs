@@ -14,6 +14,26 @@ use sqlx::PgPool;
 use crate::metrics::Metrics;
 use crate::store;
 
+/// The `[admin]` settings.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: std::net::SocketAddr,
+    /// How often this service's own metrics are written to PostgreSQL (for the collector
+    /// health dashboard); 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub record_metrics_every: std::time::Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: ([127, 0, 0, 1], 9464).into(),
+            record_metrics_every: std::time::Duration::from_secs(15),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AdminState {
     pub pool: PgPool,

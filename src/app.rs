@@ -386,13 +386,12 @@ async fn record_own_metrics(
 /// Prunes old data on `retention.every` (the first run an interval after start).
 async fn prune_periodically(
     pool: sqlx::PgPool,
-    retention: crate::config::Retention,
+    retention: crate::store::retention::Retention,
     stop: CancellationToken,
 ) {
     if retention.every.is_zero() {
         return;
     }
-    let policy = retention.policy();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -401,7 +400,7 @@ async fn prune_periodically(
         let started = Instant::now();
         let result = store::retention::prune(
             &pool,
-            &policy,
+            &retention,
             chrono::Utc::now(),
             false,
             |table, before, n| {

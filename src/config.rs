@@ -1,300 +1,59 @@
 //! Configuration: defaults, overridden by a TOML file, overridden by environment variables
 //! (`TOOLSIGHT_<SECTION>__<KEY>`, and `DATABASE_URL`). Loading reports every problem at once.
+//!
+//! Each section is a type next to the code it configures (`[otlp]` is `receive::Otlp`,
+//! `[notify]` is `notify::config::Notify`, ...), deserialized with serde, defaults in its
+//! `Default`, unknown keys refused. This module holds only the layering, the mapping of
+//! environment variables to keys, and the checks that span sections.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use crate::store::DEFAULT_DATABASE_URL;
 
 /// The whole configuration. See `toolsight.example.toml` for every setting explained.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct Config {
-    pub database: Database,
-    pub otlp: Otlp,
-    pub admin: Admin,
-    pub ingest: Ingest,
-    pub privacy: Privacy,
-    pub rules: Rules,
+    pub database: crate::store::Database,
+    pub otlp: crate::receive::Otlp,
+    pub admin: crate::admin::AdminConfig,
+    pub ingest: crate::store::writer::Ingest,
+    pub privacy: crate::normalize::Privacy,
+    pub rules: crate::evaluate::Rules,
     pub notify: crate::notify::config::Notify,
-    pub auth: Auth,
-    pub retention: Retention,
-    pub tls: Tls,
+    pub auth: crate::receive::auth::AuthConfig,
+    pub retention: crate::store::retention::Retention,
+    pub tls: crate::tls::TlsConfig,
     pub log: Log,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Tls {
-    /// PEM certificate chain and private key: set both to serve TLS on every listener.
-    pub cert_file: Option<std::path::PathBuf>,
-    pub key_file: Option<std::path::PathBuf>,
-    /// PEM CA certificates: OTLP clients must present a certificate signed by one of them.
-    pub client_ca_file: Option<std::path::PathBuf>,
-    /// Serve the admin listener without TLS (e.g. for a local metrics scraper).
-    pub plain_admin: bool,
-}
-
-impl Tls {
-    pub fn files(&self) -> Option<crate::tls::TlsFiles> {
-        Some(crate::tls::TlsFiles {
-            cert: self.cert_file.clone()?,
-            key: self.key_file.clone()?,
-            client_ca: self.client_ca_file.clone(),
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Retention {
-    /// Raw rows (tool calls, MCP requests, LLM and upstream calls).
-    #[serde(with = "humantime_serde_compat")]
-    pub raw: Duration,
-    /// Per-minute rollups and alert events.
-    #[serde(with = "humantime_serde_compat")]
-    pub rollups: Duration,
-    /// Delivered and failed notifications.
-    #[serde(with = "humantime_serde_compat")]
-    pub notifications: Duration,
-    /// The service's own metric samples (`collector_metrics`).
-    #[serde(with = "humantime_serde_compat")]
-    pub own_metrics: Duration,
-    /// How often the service prunes (0: never; `toolsight prune` still works).
-    #[serde(with = "humantime_serde_compat")]
-    pub every: Duration,
-    /// Rows per DELETE statement.
-    pub batch_rows: i64,
-}
-
-impl Retention {
-    pub fn policy(&self) -> crate::store::retention::Policy {
-        crate::store::retention::Policy {
-            raw: self.raw,
-            rollups: self.rollups,
-            notifications: self.notifications,
-            own_metrics: self.own_metrics,
-            batch_rows: self.batch_rows,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Auth {
-    /// Ingest bearer tokens, each scoped to service names.
-    pub tokens: Vec<crate::receive::auth::TokenConfig>,
-    /// A TOML file of `[[tokens]]`, re-read when it changes.
-    pub tokens_file: Option<std::path::PathBuf>,
-    /// Run without ingest or admin tokens on a non-loopback address (logged at start).
-    pub allow_unauthenticated: bool,
-    /// The admin API's own token (never one of the ingest tokens).
-    pub admin_token: Option<crate::secret::Secret>,
-}
-
-impl Auth {
-    /// Whether ingest needs a token.
-    pub fn ingest_required(&self) -> bool {
-        !self.tokens.is_empty() || self.tokens_file.is_some()
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Rules {
-    /// Evaluate alert rules in this process (one replica leads; the others stand by).
-    pub enabled: bool,
-    /// Rule files; empty means the built-in `alerts/default.yaml`.
-    pub files: Vec<std::path::PathBuf>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Database {
-    pub url: String,
-    pub create_database: bool,
-    pub query_connections: u32,
-    #[serde(with = "humantime_serde_compat")]
-    pub connect_timeout: Duration,
-    /// When `toolsight serve` runs a private PostgreSQL cluster of its own.
-    pub embedded: Embedded,
-    /// Where that cluster lives; `None` is the default place (`store::cluster::default_dir`).
-    pub embedded_dir: Option<std::path::PathBuf>,
-}
-
-/// When `toolsight serve` starts a private PostgreSQL cluster (from the system's PostgreSQL
-/// binaries) instead of connecting to `database.url`. An explicit `database.url` is never
-/// replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Embedded {
-    /// When `database.url` is left at its default and nothing answers there.
-    Auto,
-    /// Whenever `database.url` is left at its default.
-    Always,
-    Never,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Otlp {
-    pub grpc_listen: SocketAddr,
-    pub http_listen: SocketAddr,
-    pub max_request_bytes: usize,
-    pub max_decompressed_bytes: usize,
-    pub max_concurrent_exports: usize,
-    /// Time an OTLP/HTTP client has to send a whole request body once its headers are in.
-    #[serde(with = "humantime_serde_compat")]
-    pub body_timeout: Duration,
-    /// On shutdown, how long exports in progress may take before their connections are cut.
-    #[serde(with = "humantime_serde_compat")]
-    pub drain_timeout: Duration,
-    /// Estimated decoded memory of all exports in progress, at most; one export may take half.
-    pub decode_budget_bytes: usize,
-    /// Connections open at most on each OTLP port; beyond, new ones are closed at once.
-    pub max_connections: usize,
-    /// A connection with no byte either way and no export in progress for this long is closed
-    /// (also bounds an HTTP/1.1 client's time to send its headers, and a TLS handshake).
-    #[serde(with = "humantime_serde_compat")]
-    pub idle_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Admin {
-    pub listen: SocketAddr,
-    /// How often this service's own metrics are written to PostgreSQL (for the collector
-    /// health dashboard); 0 turns it off.
-    #[serde(with = "humantime_serde_compat")]
-    pub record_metrics_every: Duration,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Ingest {
-    pub writers: usize,
-    pub batch_rows: usize,
-    pub queue_rows: usize,
-    #[serde(with = "humantime_serde_compat")]
-    pub max_span_age: Duration,
-    #[serde(with = "humantime_serde_compat")]
-    pub max_clock_skew: Duration,
-    /// Cardinality guard: distinct services, and tools (methods, models, upstreams) per
-    /// service, beyond which new keys fold into `__overflow__`.
-    pub max_services: usize,
-    pub max_keys_per_service: usize,
-    /// Distinct session keys per hour, across services.
-    pub max_sessions_per_hour: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Privacy {
-    pub store_redacted_content: bool,
-    pub redact_keys: Vec<String>,
-    pub redact_patterns: Vec<String>,
-    pub max_redacted_bytes: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
+/// The `[log]` settings: the process's own log lines (set up by the binary).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Log {
     pub level: String,
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
-}
-
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/toolsight";
-
-/// Key names whose values are replaced in stored copies (case-insensitive substrings).
-pub const DEFAULT_REDACT_KEYS: &[&str] = &[
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "api_key",
-    "apikey",
-    "authorization",
-    "cookie",
-    "credential",
-    "private_key",
-    "ssn",
-];
-
-/// Patterns replaced inside stored string values: email addresses, bearer tokens, common API
-/// key shapes, card-like digit runs.
-pub const DEFAULT_REDACT_PATTERNS: &[&str] = &[
-    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
-    r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+",
-    r"\b(?:sk|pk|rk|ghp|gho|ghs|xox[abprs])[-_][A-Za-z0-9_-]{10,}",
-    r"\b(?:\d[ -]?){13,19}\b",
-];
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            database: Database {
-                url: DEFAULT_DATABASE_URL.into(),
-                create_database: true,
-                query_connections: 4,
-                connect_timeout: Duration::from_secs(30),
-                embedded: Embedded::Auto,
-                embedded_dir: None,
-            },
-            otlp: Otlp {
-                grpc_listen: "127.0.0.1:4317".parse().expect("valid default"),
-                http_listen: "127.0.0.1:4318".parse().expect("valid default"),
-                max_request_bytes: 16 << 20,
-                max_decompressed_bytes: 64 << 20,
-                max_concurrent_exports: 64,
-                body_timeout: Duration::from_secs(15),
-                drain_timeout: Duration::from_secs(20),
-                decode_budget_bytes: 512 << 20,
-                max_connections: 4096,
-                idle_timeout: Duration::from_secs(60),
-            },
-            admin: Admin {
-                listen: "127.0.0.1:9464".parse().expect("valid default"),
-                record_metrics_every: Duration::from_secs(15),
-            },
-            ingest: Ingest {
-                writers: 2,
-                batch_rows: 10_000,
-                queue_rows: 100_000,
-                max_span_age: Duration::from_secs(7 * 24 * 3600),
-                max_clock_skew: Duration::from_secs(3600),
-                max_services: 1000,
-                max_keys_per_service: 500,
-                max_sessions_per_hour: 200_000,
-            },
-            privacy: Privacy {
-                store_redacted_content: false,
-                redact_keys: DEFAULT_REDACT_KEYS.iter().map(|s| s.to_string()).collect(),
-                redact_patterns: DEFAULT_REDACT_PATTERNS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                max_redacted_bytes: 2048,
-            },
-            rules: Rules {
-                enabled: true,
-                files: Vec::new(),
-            },
-            notify: Default::default(),
-            auth: Auth::default(),
-            tls: Tls::default(),
-            retention: Retention {
-                raw: Duration::from_secs(7 * 86_400),
-                rollups: Duration::from_secs(90 * 86_400),
-                notifications: Duration::from_secs(30 * 86_400),
-                own_metrics: Duration::from_secs(30 * 86_400),
-                every: Duration::from_secs(3600),
-                batch_rows: 10_000,
-            },
-            log: Log {
-                level: "info".into(),
-                format: LogFormat::Text,
-            },
-        }
-    }
 }
 
 /// Why the configuration could not be loaded.
@@ -330,7 +89,7 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut values: BTreeMap<String, (toml::Value, String)> = BTreeMap::new();
+        let mut layers = Layers::default();
         if let Some(path) = path {
             let shown = path.display().to_string();
             let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -343,129 +102,40 @@ impl Config {
                         path: shown.clone(),
                         message: e.to_string(),
                     })?;
-            flatten("", toml::Value::Table(table), &shown, &mut values);
+            layers.file(table, &shown);
         }
         for (k, v) in env {
-            if k == "DATABASE_URL" {
-                values.insert(
-                    "database.url".into(),
-                    (toml::Value::String(v), "env DATABASE_URL".into()),
-                );
-            } else if let Some(rest) = k.strip_prefix(ENV_PREFIX) {
-                if rest == "CONFIG" {
-                    continue;
-                }
-                let key = rest.to_ascii_lowercase().replace("__", ".");
-                values.insert(key, (env_value(&v), format!("env {k}")));
+            let key = if k == "DATABASE_URL" {
+                "database.url".to_owned()
+            } else if let Some(rest) = k.strip_prefix(ENV_PREFIX)
+                && rest != "CONFIG"
+            {
+                rest.to_ascii_lowercase().replace("__", ".")
+            } else {
+                continue;
+            };
+            layers.env(&key, &k, &v);
+        }
+        let mut cfg = Config::default();
+        let sections = std::mem::take(&mut layers.table);
+        for (name, value) in sections {
+            let l = &mut layers;
+            match name.as_str() {
+                "database" => cfg.database = l.section(&name, value),
+                "otlp" => cfg.otlp = l.section(&name, value),
+                "admin" => cfg.admin = l.section(&name, value),
+                "ingest" => cfg.ingest = l.section(&name, value),
+                "privacy" => cfg.privacy = l.section(&name, value),
+                "rules" => cfg.rules = l.section(&name, value),
+                "notify" => cfg.notify = l.section(&name, value),
+                "auth" => cfg.auth = l.section(&name, value),
+                "retention" => cfg.retention = l.section(&name, value),
+                "tls" => cfg.tls = l.section(&name, value),
+                "log" => cfg.log = l.section(&name, value),
+                _ => l.unknown(&name, &value),
             }
         }
-        let mut l = Loader {
-            values,
-            used: BTreeSet::new(),
-            problems: Vec::new(),
-        };
-        let d = Config::default();
-        let cfg = Config {
-            database: Database {
-                url: l.get("database.url", d.database.url),
-                create_database: l.get("database.create_database", d.database.create_database),
-                query_connections: l
-                    .get("database.query_connections", d.database.query_connections),
-                connect_timeout: l.duration("database.connect_timeout", d.database.connect_timeout),
-                embedded: l.get("database.embedded", d.database.embedded),
-                embedded_dir: l.get("database.embedded_dir", d.database.embedded_dir),
-            },
-            otlp: Otlp {
-                grpc_listen: l.get("otlp.grpc_listen", d.otlp.grpc_listen),
-                http_listen: l.get("otlp.http_listen", d.otlp.http_listen),
-                max_request_bytes: l.get("otlp.max_request_bytes", d.otlp.max_request_bytes),
-                max_decompressed_bytes: l
-                    .get("otlp.max_decompressed_bytes", d.otlp.max_decompressed_bytes),
-                max_concurrent_exports: l
-                    .get("otlp.max_concurrent_exports", d.otlp.max_concurrent_exports),
-                body_timeout: l.duration("otlp.body_timeout", d.otlp.body_timeout),
-                drain_timeout: l.duration("otlp.drain_timeout", d.otlp.drain_timeout),
-                decode_budget_bytes: l.get("otlp.decode_budget_bytes", d.otlp.decode_budget_bytes),
-                max_connections: l.get("otlp.max_connections", d.otlp.max_connections),
-                idle_timeout: l.duration("otlp.idle_timeout", d.otlp.idle_timeout),
-            },
-            admin: Admin {
-                listen: l.get("admin.listen", d.admin.listen),
-                record_metrics_every: l
-                    .duration("admin.record_metrics_every", d.admin.record_metrics_every),
-            },
-            ingest: Ingest {
-                writers: l.get("ingest.writers", d.ingest.writers),
-                batch_rows: l.get("ingest.batch_rows", d.ingest.batch_rows),
-                queue_rows: l.get("ingest.queue_rows", d.ingest.queue_rows),
-                max_span_age: l.duration("ingest.max_span_age", d.ingest.max_span_age),
-                max_clock_skew: l.duration("ingest.max_clock_skew", d.ingest.max_clock_skew),
-                max_services: l.get("ingest.max_services", d.ingest.max_services),
-                max_keys_per_service: l
-                    .get("ingest.max_keys_per_service", d.ingest.max_keys_per_service),
-                max_sessions_per_hour: l.get(
-                    "ingest.max_sessions_per_hour",
-                    d.ingest.max_sessions_per_hour,
-                ),
-            },
-            privacy: Privacy {
-                store_redacted_content: l.get(
-                    "privacy.store_redacted_content",
-                    d.privacy.store_redacted_content,
-                ),
-                redact_keys: l.get("privacy.redact_keys", d.privacy.redact_keys),
-                redact_patterns: l.get("privacy.redact_patterns", d.privacy.redact_patterns),
-                max_redacted_bytes: l
-                    .get("privacy.max_redacted_bytes", d.privacy.max_redacted_bytes),
-            },
-            rules: Rules {
-                enabled: l.get("rules.enabled", d.rules.enabled),
-                files: l.get("rules.files", d.rules.files),
-            },
-            notify: crate::notify::config::Notify {
-                external_url: l.get("notify.external_url", d.notify.external_url),
-                grafana_url: l.get("notify.grafana_url", d.notify.grafana_url),
-                receivers: l.get("notify.receivers", d.notify.receivers),
-                receiver: l.get("notify.receiver", d.notify.receiver),
-                group_by: l.get("notify.group_by", d.notify.group_by),
-                group_wait: l.duration("notify.group_wait", d.notify.group_wait),
-                group_interval: l.duration("notify.group_interval", d.notify.group_interval),
-                repeat_interval: l.duration("notify.repeat_interval", d.notify.repeat_interval),
-                send_resolved: l.get("notify.send_resolved", d.notify.send_resolved),
-                routes: l.get("notify.routes", d.notify.routes),
-                retry_initial: l.duration("notify.retry_initial", d.notify.retry_initial),
-                retry_max: l.duration("notify.retry_max", d.notify.retry_max),
-                give_up_after: l.duration("notify.give_up_after", d.notify.give_up_after),
-                breaker_failures: l.get("notify.breaker_failures", d.notify.breaker_failures),
-                breaker_cooldown: l.duration("notify.breaker_cooldown", d.notify.breaker_cooldown),
-            },
-            auth: Auth {
-                tokens: l.get("auth.tokens", d.auth.tokens),
-                tokens_file: l.get("auth.tokens_file", d.auth.tokens_file),
-                allow_unauthenticated: l
-                    .get("auth.allow_unauthenticated", d.auth.allow_unauthenticated),
-                admin_token: l.get("auth.admin_token", d.auth.admin_token),
-            },
-            tls: Tls {
-                cert_file: l.get("tls.cert_file", d.tls.cert_file),
-                key_file: l.get("tls.key_file", d.tls.key_file),
-                client_ca_file: l.get("tls.client_ca_file", d.tls.client_ca_file),
-                plain_admin: l.get("tls.plain_admin", d.tls.plain_admin),
-            },
-            retention: Retention {
-                raw: l.duration("retention.raw", d.retention.raw),
-                rollups: l.duration("retention.rollups", d.retention.rollups),
-                notifications: l.duration("retention.notifications", d.retention.notifications),
-                own_metrics: l.duration("retention.own_metrics", d.retention.own_metrics),
-                every: l.duration("retention.every", d.retention.every),
-                batch_rows: l.get("retention.batch_rows", d.retention.batch_rows),
-            },
-            log: Log {
-                level: l.get("log.level", d.log.level),
-                format: l.get("log.format", d.log.format),
-            },
-        };
-        let mut problems = l.finish();
+        let mut problems = layers.problems;
         cfg.validate(&mut problems);
         if problems.is_empty() {
             Ok(cfg)
@@ -681,106 +351,137 @@ impl Config {
     }
 }
 
-struct Loader {
-    values: BTreeMap<String, (toml::Value, String)>,
-    used: BTreeSet<String>,
+/// The file and the environment merged into one table of sections, with where each key came
+/// from (for messages) and the problems found so far.
+#[derive(Default)]
+struct Layers {
+    table: toml::Table,
+    /// `section.key` → "path/to/file.toml" or "env TOOLSIGHT_SECTION__KEY".
+    origin: BTreeMap<String, String>,
+    /// `section.key` → the raw text of an environment value that was read as TOML (a number, a
+    /// boolean, an array): used as a plain string instead when the setting takes a string.
+    raw_env: BTreeMap<String, String>,
     problems: Vec<String>,
 }
 
-impl Loader {
-    fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
-        self.used.insert(key.to_owned());
-        let Some((value, origin)) = self.values.get(key) else {
-            return default;
+impl Layers {
+    fn file(&mut self, table: toml::Table, shown: &str) {
+        for (section, value) in table {
+            match &value {
+                toml::Value::Table(t) => {
+                    for key in t.keys() {
+                        self.origin
+                            .insert(format!("{section}.{key}"), shown.to_owned());
+                    }
+                }
+                _ => {
+                    self.origin.insert(section.clone(), shown.to_owned());
+                }
+            }
+            self.table.insert(section, value);
+        }
+    }
+
+    fn env(&mut self, key: &str, var: &str, raw: &str) {
+        let value = env_value(raw);
+        if !value.is_str() {
+            self.raw_env.insert(key.to_owned(), raw.to_owned());
+        }
+        self.origin.insert(key.to_owned(), format!("env {var}"));
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap_or_default();
+        let mut table = &mut self.table;
+        for part in parts {
+            let entry = table
+                .entry(part)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(inner) = entry else {
+                self.problems
+                    .push(format!("{key} (from env {var}): {part} is not a table"));
+                return;
+            };
+            table = inner;
+        }
+        table.insert(last.to_owned(), value);
+    }
+
+    fn from(&self, key: &str) -> String {
+        self.origin
+            .get(key)
+            .map(|o| format!(" (from {o})"))
+            .unwrap_or_default()
+    }
+
+    /// The section `name`, each problem in it listed; a key that cannot be read keeps its
+    /// default.
+    fn section<T: DeserializeOwned + Default>(&mut self, name: &str, value: toml::Value) -> T {
+        let toml::Value::Table(mut table) = value else {
+            self.problems.push(format!(
+                "{name}{}: must be a table ([{name}])",
+                self.from(name)
+            ));
+            return T::default();
         };
-        // Env values arrive as strings: let "4" stand for 4 and "true" for true.
-        let attempt = value.clone().try_into::<T>().or_else(|e| match value {
-            toml::Value::String(s) => toml::from_str::<toml::Table>(&format!("v = {s}"))
-                .ok()
-                .and_then(|t| t.get("v").cloned())
-                .and_then(|v| v.try_into::<T>().ok())
-                .ok_or(e),
-            _ => Err(e),
-        });
-        match attempt {
-            Ok(v) => v,
-            Err(e) => {
-                self.problems
-                    .push(format!("{key} (from {origin}): {}", e.to_string().trim()));
-                default
+        let mut first = BTreeMap::new();
+        // Each round either succeeds, or takes one key out, or turns one environment value
+        // into its text (once): it ends.
+        loop {
+            let error = match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+                Ok(section) => return section,
+                Err(e) => e,
+            };
+            let message = error.inner().to_string();
+            let message = message.lines().next().unwrap_or_default().trim();
+            let Some(serde_path_to_error::Segment::Map { key: field }) = error.path().iter().next()
+            else {
+                self.problems.push(format!("{name}: {message}"));
+                return T::default();
+            };
+            let key = format!("{name}.{field}");
+            if let Some(raw) = self.raw_env.remove(&key) {
+                // Read as its own text; should that fail too, the first reading's problem is
+                // the one to show.
+                first.insert(key, (error.path().to_string(), message.to_owned()));
+                table.insert(field.clone(), toml::Value::String(raw));
+                continue;
             }
+            let (at, message) = first
+                .remove(&key)
+                .unwrap_or_else(|| (error.path().to_string(), message.to_owned()));
+            let hint = if message.contains("expected a duration") {
+                r#"; use e.g. "30s", "15m", "7d""#
+            } else {
+                ""
+            };
+            self.problems
+                .push(format!("{name}.{at}{}: {message}{hint}", self.from(&key)));
+            table.remove(field);
         }
     }
 
-    fn duration(&mut self, key: &str, default: Duration) -> Duration {
-        let raw: Option<String> = self
-            .values
-            .contains_key(key)
-            .then(|| self.get(key, String::new()));
-        match raw {
-            None => default,
-            Some(s) if s.is_empty() => default,
-            Some(s) => humantime::parse_duration(&s).unwrap_or_else(|e| {
-                self.problems.push(format!(
-                    "{key}: {s:?} is not a duration ({e}); use e.g. \"30s\", \"15m\", \"7d\""
-                ));
-                default
-            }),
-        }
-    }
-
-    fn finish(mut self) -> Vec<String> {
-        for (key, (_, origin)) in &self.values {
-            if !self.used.contains(key) {
-                self.problems
-                    .push(format!("{key} (from {origin}): unknown setting"));
+    fn unknown(&mut self, name: &str, value: &toml::Value) {
+        match value {
+            toml::Value::Table(t) => {
+                for key in t.keys() {
+                    let key = format!("{name}.{key}");
+                    let from = self.from(&key);
+                    self.problems.push(format!("{key}{from}: unknown setting"));
+                }
             }
-        }
-        self.problems
-    }
-}
-
-fn flatten(
-    prefix: &str,
-    v: toml::Value,
-    origin: &str,
-    out: &mut BTreeMap<String, (toml::Value, String)>,
-) {
-    match v {
-        toml::Value::Table(t) => {
-            for (k, v) in t {
-                let key = if prefix.is_empty() {
-                    k
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, v, origin, out);
+            _ => {
+                let from = self.from(name);
+                self.problems.push(format!("{name}{from}: unknown setting"));
             }
-        }
-        other => {
-            out.insert(prefix.to_owned(), (other, origin.to_owned()));
         }
     }
 }
 
 /// An env value is TOML when it parses as such (`["a", "b"]`, `4`, `true`), else a string.
 fn env_value(raw: &str) -> toml::Value {
-    if raw.trim_start().starts_with('[')
-        && let Some(v) = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|t| t.get("v").cloned())
-    {
-        return v;
-    }
-    toml::Value::String(raw.to_owned())
-}
-
-/// Serializes durations as humantime strings in the effective-config dump.
-mod humantime_serde_compat {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
 }
 
 #[cfg(test)]
@@ -906,6 +607,66 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
         assert_eq!(problems.len(), 6, "{text}");
+    }
+
+    /// Each section refuses keys it does not have, and says where each problem came from.
+    #[test]
+    fn unknown_keys_and_bad_values_are_named_with_their_origin() {
+        let dir =
+            std::env::temp_dir().join(format!("toolsight-cfg-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("typo.toml");
+        std::fs::write(
+            &path,
+            "[otlp]\ngrpc_listn = \"0.0.0.0:4317\"\n[retention]\nraw = \"1 fortnight\"\n\
+             [notify]\nreceivers = [{ name = \"a\", type = \"pager\" }]\n",
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&path), env(&[("TOOLSIGHT_INGEST__BATCH_ROWS", "-1")]))
+            .unwrap_err();
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        let shown = path.display();
+        let want = [
+            "ingest.batch_rows (from env TOOLSIGHT_INGEST__BATCH_ROWS): invalid value: integer `-1`, expected usize".to_owned(),
+            format!(
+                "notify.receivers[0].type (from {shown}): unknown variant `pager`, expected one of `webhook`, `email`, `alertmanager`"
+            ),
+            format!("otlp.grpc_listn (from {shown}): unknown field `grpc_listn`, expected one of"),
+            format!(
+                "retention.raw (from {shown}): invalid value: string \"1 fortnight\", expected a duration; use e.g."
+            ),
+        ];
+        for (problem, want) in problems.iter().zip(&want) {
+            assert!(problem.starts_with(want.as_str()), "{problem}\nwant {want}");
+        }
+        assert_eq!(problems.len(), want.len(), "{err}");
+    }
+
+    /// An environment value that reads as a number is still a string where the setting is one.
+    #[test]
+    fn an_env_value_is_taken_as_the_type_the_setting_has() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_AUTH__ADMIN_TOKEN", "12345678901234567890"),
+                ("TOOLSIGHT_LOG__LEVEL", "true"),
+                ("TOOLSIGHT_INGEST__WRITERS", "3"),
+                ("TOOLSIGHT_RULES__ENABLED", "false"),
+                ("TOOLSIGHT_PRIVACY__REDACT_KEYS", "[\"pin\"]"),
+            ]),
+        )
+        .unwrap();
+        // A filter that enables a target named "true": odd, but a string.
+        assert_eq!(c.log.level, "true");
+        assert_eq!(
+            c.auth.admin_token.as_ref().map(|t| t.expose()),
+            Some("12345678901234567890")
+        );
+        assert_eq!(c.ingest.writers, 3);
+        assert!(!c.rules.enabled);
+        assert_eq!(c.privacy.redact_keys, ["pin"]);
     }
 }
 
@@ -1071,7 +832,7 @@ mod example_file {
         assert_eq!(loaded.to_toml(), Config::default().to_toml());
 
         let text = std::fs::read_to_string(&path).unwrap();
-        let mut documented: BTreeSet<String> = BTreeSet::new();
+        let mut documented: std::collections::BTreeSet<String> = Default::default();
         let mut section = String::new();
         for line in text.lines() {
             let line = line.trim_start_matches('#').trim();

@@ -182,7 +182,7 @@ static CONFIG: LazyLock<(Config, normalize::Options)> = LazyLock::new(|| {
 
 /// The secret-shaped patterns every stored copy is checked against: the defaults.
 static SECRET_PATTERNS: LazyLock<Vec<Regex>> = LazyLock::new(|| {
-    crate::config::DEFAULT_REDACT_PATTERNS
+    crate::normalize::DEFAULT_REDACT_PATTERNS
         .iter()
         .map(|p| Regex::new(p).expect("default patterns compile"))
         .collect()

@@ -7,6 +7,29 @@ use std::sync::Arc;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// The `[tls]` settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain and private key: set both to serve TLS on every listener.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates: OTLP clients must present a certificate signed by one of them.
+    pub client_ca_file: Option<PathBuf>,
+    /// Serve the admin listener without TLS (e.g. for a local metrics scraper).
+    pub plain_admin: bool,
+}
+
+impl TlsConfig {
+    pub fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.cert_file.clone()?,
+            key: self.key_file.clone()?,
+            client_ca: self.client_ca_file.clone(),
+        })
+    }
+}
+
 /// Certificate files, as configured.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {

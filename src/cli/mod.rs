@@ -101,7 +101,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             let verb = if dry_run { "would delete" } else { "deleted" };
             let total = store::retention::prune(
                 &pool,
-                &config.retention.policy(),
+                &config.retention,
                 chrono::Utc::now(),
                 dry_run,
                 |table, before, n| {

@@ -15,3 +15,22 @@ pub mod rules;
 pub mod run;
 pub mod state;
 pub mod unittest;
+
+/// The `[rules]` settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rules {
+    /// Evaluate alert rules in this process (one replica leads; the others stand by).
+    pub enabled: bool,
+    /// Rule files; empty means the built-in `alerts/default.yaml`.
+    pub files: Vec<std::path::PathBuf>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            enabled: true,
+            files: Vec::new(),
+        }
+    }
+}

@@ -20,6 +20,55 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 pub use content::{Redactor, ResultShape};
 pub use ratelimit::RateLimit;
 
+/// The `[privacy]` settings: whether redacted copies of arguments and results are stored, and
+/// what is redacted in them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Privacy {
+    pub store_redacted_content: bool,
+    pub redact_keys: Vec<String>,
+    pub redact_patterns: Vec<String>,
+    pub max_redacted_bytes: usize,
+}
+
+impl Default for Privacy {
+    fn default() -> Self {
+        Privacy {
+            store_redacted_content: false,
+            redact_keys: DEFAULT_REDACT_KEYS.iter().map(|s| s.to_string()).collect(),
+            redact_patterns: DEFAULT_REDACT_PATTERNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            max_redacted_bytes: 2048,
+        }
+    }
+}
+
+/// Key names whose values are replaced in stored copies (case-insensitive substrings).
+pub const DEFAULT_REDACT_KEYS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "cookie",
+    "credential",
+    "private_key",
+    "ssn",
+];
+
+/// Patterns replaced inside stored string values: email addresses, bearer tokens, common API
+/// key shapes, card-like digit runs.
+pub const DEFAULT_REDACT_PATTERNS: &[&str] = &[
+    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+    r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+",
+    r"\b(?:sk|pk|rk|ghp|gho|ghs|xox[abprs])[-_][A-Za-z0-9_-]{10,}",
+    r"\b(?:\d[ -]?){13,19}\b",
+];
+
 /// Which side of an MCP exchange a span describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Side {

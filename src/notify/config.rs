@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::route::Matcher;
 
 /// Notification settings. The `[notify]` table itself is the default route.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Notify {
     /// This service's URL, sent as `externalURL`.
     pub external_url: String,

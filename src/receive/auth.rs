@@ -13,6 +13,27 @@ use sha2::Digest;
 
 use crate::secret::Secret;
 
+/// The `[auth]` settings.
+#[derive(Debug, Clone, serde::Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Ingest bearer tokens, each scoped to service names.
+    pub tokens: Vec<TokenConfig>,
+    /// A TOML file of `[[tokens]]`, re-read when it changes.
+    pub tokens_file: Option<PathBuf>,
+    /// Run without ingest or admin tokens on a non-loopback address (logged at start).
+    pub allow_unauthenticated: bool,
+    /// The admin API's own token (never one of the ingest tokens).
+    pub admin_token: Option<Secret>,
+}
+
+impl AuthConfig {
+    /// Whether ingest needs a token.
+    pub fn ingest_required(&self) -> bool {
+        !self.tokens.is_empty() || self.tokens_file.is_some()
+    }
+}
+
 /// One token as configured: `{ name = "billing", token = "env:BILLING_TOKEN", services = ["billing-*"] }`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]

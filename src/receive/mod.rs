@@ -15,6 +15,48 @@ use crate::metrics::{ExportLabel, KindLabel, Metrics, ReasonLabel, TransportLabe
 use crate::normalize::{self, Options};
 use crate::store::{SubmitError, Writer};
 
+/// The `[otlp]` settings: the two OTLP listeners and the bounds on what a client may send.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Otlp {
+    pub grpc_listen: std::net::SocketAddr,
+    pub http_listen: std::net::SocketAddr,
+    pub max_request_bytes: usize,
+    pub max_decompressed_bytes: usize,
+    pub max_concurrent_exports: usize,
+    /// Time an OTLP/HTTP client has to send a whole request body once its headers are in.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: std::time::Duration,
+    /// On shutdown, how long exports in progress may take before their connections are cut.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: std::time::Duration,
+    /// Estimated decoded memory of all exports in progress, at most; one export may take half.
+    pub decode_budget_bytes: usize,
+    /// Connections open at most on each OTLP port; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// A connection with no byte either way and no export in progress for this long is closed
+    /// (also bounds an HTTP/1.1 client's time to send its headers, and a TLS handshake).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for Otlp {
+    fn default() -> Self {
+        Otlp {
+            grpc_listen: ([127, 0, 0, 1], 4317).into(),
+            http_listen: ([127, 0, 0, 1], 4318).into(),
+            max_request_bytes: 16 << 20,
+            max_decompressed_bytes: 64 << 20,
+            max_concurrent_exports: 64,
+            body_timeout: std::time::Duration::from_secs(15),
+            drain_timeout: std::time::Duration::from_secs(20),
+            decode_budget_bytes: 512 << 20,
+            max_connections: 4096,
+            idle_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// Errors answered to an exporter. Each maps to one HTTP status and one gRPC code, and says
 /// whether the client should retry.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::config::{DEFAULT_DATABASE_URL, Database, Embedded};
+use super::{DEFAULT_DATABASE_URL, Database, Embedded};
 
 /// Why the private cluster could not be used. None of these is retryable by waiting.
 #[derive(Debug, thiserror::Error)]

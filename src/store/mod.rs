@@ -26,6 +26,49 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use writer::{SubmitError, Writer, WriterConfig};
 
+/// The `[database]` settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Database {
+    pub url: String,
+    pub create_database: bool,
+    pub query_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// When `toolsight serve` runs a private PostgreSQL cluster of its own.
+    pub embedded: Embedded,
+    /// Where that cluster lives; `None` is the default place (`cluster::default_dir`).
+    pub embedded_dir: Option<std::path::PathBuf>,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/toolsight";
+
+impl Default for Database {
+    fn default() -> Self {
+        Database {
+            url: DEFAULT_DATABASE_URL.into(),
+            create_database: true,
+            query_connections: 4,
+            connect_timeout: Duration::from_secs(30),
+            embedded: Embedded::Auto,
+            embedded_dir: None,
+        }
+    }
+}
+
+/// When `toolsight serve` starts a private PostgreSQL cluster (from the system's PostgreSQL
+/// binaries) instead of connecting to `database.url`. An explicit `database.url` is never
+/// replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Embedded {
+    /// When `database.url` is left at its default and nothing answers there.
+    Auto,
+    /// Whenever `database.url` is left at its default.
+    Always,
+    Never,
+}
+
 /// Errors of the storage layer. Each says whether trying again later can succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -79,17 +79,44 @@ pub async fn count_older(
     .await?)
 }
 
-/// How long each class of data is kept.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
+/// The `[retention]` settings: how long each class of rows is kept, and how pruning runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Raw rows (tool calls, MCP requests, LLM and upstream calls).
+    #[serde(with = "humantime_serde")]
     pub raw: std::time::Duration,
+    /// Per-minute rollups and alert events.
+    #[serde(with = "humantime_serde")]
     pub rollups: std::time::Duration,
+    /// Delivered and failed notifications.
+    #[serde(with = "humantime_serde")]
     pub notifications: std::time::Duration,
+    /// The service's own metric samples (`collector_metrics`).
+    #[serde(with = "humantime_serde")]
     pub own_metrics: std::time::Duration,
+    /// How often the service prunes (0: never; `toolsight prune` still works).
+    #[serde(with = "humantime_serde")]
+    pub every: std::time::Duration,
+    /// Rows per DELETE statement.
     pub batch_rows: i64,
 }
 
-impl Policy {
+impl Default for Retention {
+    fn default() -> Self {
+        let days = |d: u64| std::time::Duration::from_secs(d * 86_400);
+        Retention {
+            raw: days(7),
+            rollups: days(90),
+            notifications: days(30),
+            own_metrics: days(30),
+            every: std::time::Duration::from_secs(3600),
+            batch_rows: 10_000,
+        }
+    }
+}
+
+impl Retention {
     fn keep(&self, class: Class) -> std::time::Duration {
         match class {
             Class::Raw => self.raw,
@@ -114,7 +141,7 @@ impl Policy {
 /// With `dry_run`, counts instead of deleting.
 pub async fn prune(
     pool: &PgPool,
-    policy: &Policy,
+    policy: &Retention,
     now: DateTime<Utc>,
     dry_run: bool,
     mut on_table: impl FnMut(&str, DateTime<Utc>, u64),
@@ -151,11 +178,12 @@ mod tests {
     #[test]
     fn a_retention_longer_than_the_calendar_keeps_everything() {
         let year = std::time::Duration::from_secs(365 * 86_400);
-        let policy = Policy {
+        let policy = Retention {
             raw: year,
             rollups: year * 300_000,
             notifications: std::time::Duration::MAX,
             own_metrics: year,
+            every: year,
             batch_rows: 1,
         };
         let now = Utc::now();

@@ -21,6 +21,41 @@ use super::rollup::{Inserted, Key, Rollups};
 use crate::metrics::{KindLabel, Metrics, RetryableLabel};
 use crate::normalize::Normalized;
 
+/// The `[ingest]` settings: the writers and their queue, and the bounds the normalizer applies
+/// to what they write (span age, clock skew, the cardinality guard).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ingest {
+    pub writers: usize,
+    pub batch_rows: usize,
+    pub queue_rows: usize,
+    #[serde(with = "humantime_serde")]
+    pub max_span_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// Cardinality guard: distinct services, and tools (methods, models, upstreams) per
+    /// service, beyond which new keys fold into `__overflow__`.
+    pub max_services: usize,
+    pub max_keys_per_service: usize,
+    /// Distinct session keys per hour, across services.
+    pub max_sessions_per_hour: usize,
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Ingest {
+            writers: 2,
+            batch_rows: 10_000,
+            queue_rows: 100_000,
+            max_span_age: Duration::from_secs(7 * 24 * 3600),
+            max_clock_skew: Duration::from_secs(3600),
+            max_services: 1000,
+            max_keys_per_service: 500,
+            max_sessions_per_hour: 200_000,
+        }
+    }
+}
+
 /// Writer settings.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
