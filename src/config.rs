@@ -698,7 +698,9 @@ mod notify_tests {
         .unwrap();
         assert_eq!(c.notify.group_wait, Duration::from_secs(10));
         assert_eq!(c.notify.receivers.len(), 2);
-        let hook = &c.notify.receivers[0];
+        let crate::notify::config::ReceiverConfig::Webhook(hook) = &c.notify.receivers[0] else {
+            panic!("{:?}", c.notify.receivers[0])
+        };
         assert_eq!(hook.hmac_secret.as_ref().unwrap().expose(), "k3y-from-file");
         assert_eq!(
             c.notify.routes[0].repeat_interval,
@@ -711,6 +713,30 @@ mod notify_tests {
             "{shown}"
         );
         assert!(!format!("{c:?}").contains("XSECRETX"));
+    }
+
+    /// A receiver takes the fields of its type only: an Alertmanager's `urls` on a webhook is a
+    /// mistake worth naming, not a setting to ignore.
+    #[test]
+    fn a_receiver_refuses_the_fields_of_another_type() {
+        let err = load(
+            "[[notify.receivers]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\nurls = [\"http://127.0.0.1:9093\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("notify.receivers[0] (from ") && err.contains("unknown field `urls`"),
+            "{err}"
+        );
+        let ok = load(
+            "[[notify.receivers]]\nname = \"am\"\ntype = \"alertmanager\"\nurls = [\"http://127.0.0.1:9093\"]\nresend_every = \"2m\"\n",
+        )
+        .unwrap();
+        let crate::notify::config::ReceiverConfig::Alertmanager(am) = &ok.notify.receivers[0]
+        else {
+            panic!("{:?}", ok.notify.receivers)
+        };
+        assert_eq!(am.resend_every(), Duration::from_secs(120));
     }
 
     #[test]

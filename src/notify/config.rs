@@ -65,8 +65,8 @@ impl Default for Notify {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// What a receiver is, for routing and grouping decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReceiverKind {
     Webhook,
     Email,
@@ -85,25 +85,41 @@ pub enum SmtpTls {
     None,
 }
 
-/// One receiver. Which fields apply depends on `type`.
+/// One receiver, by its `type`: each takes the fields that apply to it and refuses the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ReceiverConfig {
+    Webhook(WebhookReceiver),
+    Email(EmailReceiver),
+    Alertmanager(AlertmanagerReceiver),
+}
+
+/// A JSON POST per notification.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ReceiverConfig {
+pub struct WebhookReceiver {
     pub name: String,
-    #[serde(rename = "type")]
-    pub kind: ReceiverKind,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
-    /// webhook: the URL (a secret: webhook URLs often carry tokens).
+    /// The URL (a secret: webhook URLs often carry tokens).
     pub url: Option<Secret>,
-    /// webhook: signs the body with HMAC-SHA256 in `X-Toolsight-Signature: sha256=<hex>`.
+    /// Signs the body with HMAC-SHA256 in `X-Toolsight-Signature: sha256=<hex>`.
     pub hmac_secret: Option<Secret>,
-    /// webhook: extra headers (values may be secrets).
+    /// Extra headers (values may be secrets).
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
-    /// webhook: at most this many alerts per message (the rest are counted in `truncatedAlerts`).
+    /// At most this many alerts per message (the rest are counted in `truncatedAlerts`).
     pub max_alerts: Option<usize>,
-    /// email: `host:port` of the SMTP server.
+}
+
+/// A mail per notification, over SMTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailReceiver {
+    pub name: String,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// `host:port` of the SMTP server.
     pub smarthost: Option<String>,
     pub tls: Option<SmtpTls>,
     pub username: Option<String>,
@@ -111,21 +127,55 @@ pub struct ReceiverConfig {
     pub from: Option<String>,
     #[serde(default)]
     pub to: Vec<String>,
-    /// alertmanager: base URLs of the instances (`http://host:9093`).
+}
+
+/// Alerts pushed to Prometheus Alertmanager instances, which group and route them themselves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertmanagerReceiver {
+    pub name: String,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Base URLs of the instances (`http://host:9093`).
     #[serde(default)]
     pub urls: Vec<String>,
-    /// alertmanager: resend firing alerts this often.
+    /// Resend firing alerts this often.
     #[serde(default, with = "humantime_serde")]
     pub resend_every: Option<Duration>,
-    /// alertmanager: keep resending resolved alerts this long.
+    /// Keep resending resolved alerts this long.
     #[serde(default, with = "humantime_serde")]
     pub resolved_for: Option<Duration>,
 }
 
 impl ReceiverConfig {
-    pub fn timeout(&self) -> Duration {
-        self.timeout.unwrap_or(Duration::from_secs(10))
+    pub fn name(&self) -> &str {
+        match self {
+            ReceiverConfig::Webhook(r) => &r.name,
+            ReceiverConfig::Email(r) => &r.name,
+            ReceiverConfig::Alertmanager(r) => &r.name,
+        }
     }
+
+    pub fn kind(&self) -> ReceiverKind {
+        match self {
+            ReceiverConfig::Webhook(_) => ReceiverKind::Webhook,
+            ReceiverConfig::Email(_) => ReceiverKind::Email,
+            ReceiverConfig::Alertmanager(_) => ReceiverKind::Alertmanager,
+        }
+    }
+
+    /// The delivery timeout (10 s unless set).
+    pub fn timeout(&self) -> Duration {
+        match self {
+            ReceiverConfig::Webhook(r) => r.timeout,
+            ReceiverConfig::Email(r) => r.timeout,
+            ReceiverConfig::Alertmanager(r) => r.timeout,
+        }
+        .unwrap_or(Duration::from_secs(10))
+    }
+}
+
+impl AlertmanagerReceiver {
     pub fn resend_every(&self) -> Duration {
         self.resend_every.unwrap_or(Duration::from_secs(60))
     }
@@ -161,15 +211,15 @@ impl Notify {
     pub fn validate(&self, p: &mut Vec<String>) {
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.receivers.iter().enumerate() {
-            let at = format!("notify.receivers[{i}] ({})", r.name);
-            if r.name.is_empty() {
+            let at = format!("notify.receivers[{i}] ({})", r.name());
+            if r.name().is_empty() {
                 p.push(format!("notify.receivers[{i}]: `name` is required"));
             }
-            if !names.insert(r.name.as_str()) {
+            if !names.insert(r.name()) {
                 p.push(format!("{at}: the name is used twice"));
             }
-            match r.kind {
-                ReceiverKind::Webhook => match &r.url {
+            match r {
+                ReceiverConfig::Webhook(w) => match &w.url {
                     None => p.push(format!("{at}: webhook needs `url`")),
                     Some(u) => {
                         if reqwest::Url::parse(u.expose()).is_err() {
@@ -177,33 +227,33 @@ impl Notify {
                         }
                     }
                 },
-                ReceiverKind::Email => {
-                    match r.smarthost.as_deref().and_then(|h| h.rsplit_once(':')) {
+                ReceiverConfig::Email(e) => {
+                    match e.smarthost.as_deref().and_then(|h| h.rsplit_once(':')) {
                         Some((_, port)) if port.parse::<u16>().is_ok() => {}
                         _ => p.push(format!("{at}: email needs `smarthost` as host:port")),
                     }
-                    if r.from.is_none() {
+                    if e.from.is_none() {
                         p.push(format!("{at}: email needs `from`"));
                     }
-                    if r.to.is_empty() {
+                    if e.to.is_empty() {
                         p.push(format!("{at}: email needs at least one address in `to`"));
                     }
-                    for a in r.from.iter().chain(&r.to) {
+                    for a in e.from.iter().chain(&e.to) {
                         if a.parse::<lettre::message::Mailbox>().is_err() {
                             p.push(format!("{at}: {a:?} is not an email address"));
                         }
                     }
-                    if r.password.is_some() && r.username.is_none() {
+                    if e.password.is_some() && e.username.is_none() {
                         p.push(format!("{at}: `password` without `username`"));
                     }
                 }
-                ReceiverKind::Alertmanager => {
-                    if r.urls.is_empty() {
+                ReceiverConfig::Alertmanager(a) => {
+                    if a.urls.is_empty() {
                         p.push(format!(
                             "{at}: alertmanager needs at least one URL in `urls`"
                         ));
                     }
-                    for u in &r.urls {
+                    for u in &a.urls {
                         if reqwest::Url::parse(u).is_err() {
                             p.push(format!("{at}: {u:?} is not a valid URL"));
                         }
@@ -211,7 +261,7 @@ impl Notify {
                 }
             }
         }
-        let known = |name: &str| self.receivers.iter().any(|r| r.name == name);
+        let known = |name: &str| self.receivers.iter().any(|r| r.name() == name);
         if !self.receiver.is_empty() && !known(&self.receiver) {
             p.push(format!(
                 "notify.receiver: no receiver is named {:?}",

@@ -12,7 +12,7 @@ use lettre::AsyncTransport;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{Notify, ReceiverConfig, ReceiverKind, SmtpTls};
+use super::config::{EmailReceiver, Notify, ReceiverConfig, SmtpTls};
 use super::payload;
 use crate::metrics::{DeliveryLabel, Metrics, ReceiverLabel};
 use crate::store::notify::{self as outbox, OutboxRow};
@@ -87,8 +87,8 @@ impl Sender {
             .user_agent(concat!("toolsight/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| DeliveryError::Rejected(format!("http client: {e}")))?;
-        let smtp = match receiver.kind {
-            ReceiverKind::Email => Some(smtp_transport(&receiver)?),
+        let smtp = match &receiver {
+            ReceiverConfig::Email(e) => Some(smtp_transport(e, receiver.timeout())?),
             _ => None,
         };
         Ok(Sender {
@@ -99,9 +99,8 @@ impl Sender {
     }
 
     pub async fn send(&self, row: &OutboxRow) -> Result<(), DeliveryError> {
-        let r = &self.receiver;
-        match r.kind {
-            ReceiverKind::Webhook => {
+        match &self.receiver {
+            ReceiverConfig::Webhook(r) => {
                 let url = r
                     .url
                     .as_ref()
@@ -121,7 +120,7 @@ impl Sender {
                 }
                 check_status(req.body(body).send().await.map_err(http_error)?).await
             }
-            ReceiverKind::Alertmanager => {
+            ReceiverConfig::Alertmanager(r) => {
                 let ends = Utc::now()
                     + chrono::Duration::from_std(r.resend_every() * 4).unwrap_or_default();
                 let body = payload::alertmanager_at_send(&row.payload.0, ends);
@@ -136,13 +135,12 @@ impl Sender {
                 )
                 .await
             }
-            ReceiverKind::Email => self.email(row).await,
+            ReceiverConfig::Email(r) => self.email(r, row).await,
         }
     }
 
-    async fn email(&self, row: &OutboxRow) -> Result<(), DeliveryError> {
+    async fn email(&self, r: &EmailReceiver, row: &OutboxRow) -> Result<(), DeliveryError> {
         use lettre::message::{Mailbox, MultiPart, SinglePart, header::ContentType};
-        let r = &self.receiver;
         let p = &row.payload.0;
         let text = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
         let bad = |e: String| DeliveryError::Rejected(e);
@@ -189,7 +187,8 @@ impl Sender {
 }
 
 fn smtp_transport(
-    r: &ReceiverConfig,
+    r: &EmailReceiver,
+    timeout: std::time::Duration,
 ) -> Result<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, DeliveryError> {
     use lettre::transport::smtp::authentication::Credentials;
     type T = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
@@ -206,7 +205,7 @@ fn smtp_transport(
         SmtpTls::None => T::builder_dangerous(&host),
     }
     .port(port)
-    .timeout(Some(r.timeout()));
+    .timeout(Some(timeout));
     if let (Some(user), Some(pass)) = (&r.username, &r.password) {
         b = b.credentials(Credentials::new(user.clone(), pass.expose().to_owned()));
     }
@@ -263,7 +262,7 @@ pub async fn run(
     wake: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
-    let name = sender.receiver.name.clone();
+    let name = sender.receiver.name().to_owned();
     let mut breakers: HashMap<String, Breaker> = HashMap::new();
     let label = |result: &'static str| DeliveryLabel {
         receiver: name.clone(),

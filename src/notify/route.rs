@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sha2::Digest;
 
-use super::config::{Notify, ReceiverKind};
+use super::config::{Notify, ReceiverConfig, ReceiverKind};
 
 /// A label matcher: `name=value`, `name!=value`, `name=~regex`, `name!~regex` (regexes are
 /// anchored, as in Alertmanager).
@@ -130,8 +130,8 @@ impl Routes {
         let kind_of = |name: &str| {
             n.receivers
                 .iter()
-                .find(|r| r.name == name)
-                .map(|r| (r.kind, r))
+                .find(|r| r.name() == name)
+                .map(|r| (r.kind(), r))
         };
         let make = |receiver: &str,
                     matchers: &[String],
@@ -160,7 +160,7 @@ impl Routes {
             };
             // Alertmanager groups by itself: push each alert as it changes, resend firing
             // ones periodically and resolved ones for a while, as Prometheus does.
-            if kind == ReceiverKind::Alertmanager {
+            if let ReceiverConfig::Alertmanager(r) = r {
                 route.per_alert = true;
                 route.group_by.clear();
                 route.timing = Timing {
@@ -282,11 +282,13 @@ mod tests {
 
     fn receiver(name: &str, kind: ReceiverKind) -> ReceiverConfig {
         toml::from_str(&format!(
-            "name = \"{name}\"\ntype = \"{}\"\nurl = \"http://127.0.0.1:1/\"\nurls = [\"http://127.0.0.1:9093\"]",
+            "name = \"{name}\"\n{}",
             match kind {
-                ReceiverKind::Webhook => "webhook",
-                ReceiverKind::Email => "email",
-                ReceiverKind::Alertmanager => "alertmanager",
+                ReceiverKind::Webhook => "type = \"webhook\"\nurl = \"http://127.0.0.1:1/\"",
+                ReceiverKind::Email => "type = \"email\"",
+                ReceiverKind::Alertmanager => {
+                    "type = \"alertmanager\"\nurls = [\"http://127.0.0.1:9093\"]"
+                }
             }
         ))
         .unwrap()

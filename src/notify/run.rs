@@ -12,7 +12,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::NotifyError;
-use super::config::{Notify, ReceiverConfig, ReceiverKind};
+use super::config::{Notify, ReceiverConfig};
 use super::group::{Group, GroupAlert, Status};
 use super::payload::{self, Links};
 use super::route::{self, Matcher, Routes};
@@ -70,7 +70,7 @@ impl Notifier {
             receivers: settings
                 .receivers
                 .iter()
-                .map(|r| (r.name.clone(), r.clone()))
+                .map(|r| (r.name().to_owned(), r.clone()))
                 .collect(),
             pool,
             groups: HashMap::new(),
@@ -157,27 +157,27 @@ impl Notifier {
                 continue;
             };
             let (name, key) = (&id.0, &id.1);
-            match receiver.kind {
-                ReceiverKind::Webhook => {
+            match receiver {
+                ReceiverConfig::Webhook(webhook) => {
                     let p = payload::webhook(
                         name,
                         key,
                         &g.labels,
                         &alerts,
-                        receiver.max_alerts,
+                        webhook.max_alerts,
                         &self.links,
                     );
                     store::insert_outbox(&mut tx, name, "", key, &p).await?;
                     written += 1;
                 }
-                ReceiverKind::Email => {
+                ReceiverConfig::Email(_) => {
                     let p = payload::email(&g.labels, &alerts, &self.links);
                     store::insert_outbox(&mut tx, name, "", key, &p).await?;
                     written += 1;
                 }
-                ReceiverKind::Alertmanager => {
+                ReceiverConfig::Alertmanager(am) => {
                     let p = payload::alertmanager(&alerts, &self.links);
-                    for url in &receiver.urls {
+                    for url in &am.urls {
                         store::insert_outbox(&mut tx, name, url, key, &p).await?;
                         written += 1;
                     }
@@ -253,7 +253,7 @@ pub async fn run(
                                 ));
                             }
                             Err(e) => {
-                                tracing::error!(receiver = %r.name, error = %e, "receiver cannot be used")
+                                tracing::error!(receiver = %r.name(), error = %e, "receiver cannot be used")
                             }
                         }
                     }

@@ -185,7 +185,7 @@ impl Hook {
 async fn notifying(name: &str, receiver_toml: &str) -> Service {
     let rules = rules_file(name);
     let r = receiver(receiver_toml);
-    let notify = fast(vec![r.clone()], &r.name);
+    let notify = fast(vec![r.clone()], r.name());
     let svc = Service::start_with(name, move |c| {
         c.rules.files = vec![rules];
         c.notify = notify;
