@@ -163,9 +163,92 @@ async fn tools(State(s): State<AdminState>, Query(q): Query<ToolsQuery>) -> Resp
     };
     match store::queries::tool_summary(&s.pool, since).await {
         Ok(rows) => {
-            axum::Json(serde_json::json!({ "since_seconds": since, "tools": rows })).into_response()
+            let tools: Vec<ToolStats> = rows.into_iter().map(ToolStats::from).collect();
+            axum::Json(serde_json::json!({ "since_seconds": since, "tools": tools }))
+                .into_response()
         }
         Err(e) => store_error(e),
+    }
+}
+
+/// A row of `/api/v1/tools` (and `toolsight tools --json`): the API's own type, so the stored
+/// columns can change without changing what clients read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ToolStats {
+    pub service: String,
+    pub tool: String,
+    pub side: String,
+    pub calls: i64,
+    pub errors: i64,
+    pub cancellations: i64,
+    /// Calls whose result content was captured (the denominator of `empty_results`).
+    pub with_result: i64,
+    pub empty_results: i64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Over the results whose size was known.
+    pub mean_result_bytes: Option<f64>,
+    /// Client calls whose server side is stored too.
+    pub joined_calls: i64,
+    /// Transport overhead (client duration minus server duration), mean over the joined calls.
+    pub mean_overhead_ms: Option<f64>,
+}
+
+impl From<store::queries::ToolSummary> for ToolStats {
+    fn from(t: store::queries::ToolSummary) -> Self {
+        ToolStats {
+            service: t.service,
+            tool: t.tool,
+            side: t.side,
+            calls: t.calls,
+            errors: t.errors,
+            cancellations: t.cancellations,
+            with_result: t.with_result,
+            empty_results: t.empty_results,
+            p50_ms: t.p50_ms,
+            p95_ms: t.p95_ms,
+            p99_ms: t.p99_ms,
+            mean_result_bytes: t.mean_result_bytes,
+            joined_calls: t.joined_calls,
+            mean_overhead_ms: t.mean_overhead_ms,
+        }
+    }
+}
+
+/// A silence as the API shows it, with its state at `now`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SilenceView {
+    pub id: i64,
+    pub matchers: Vec<String>,
+    pub starts_at: chrono::DateTime<chrono::Utc>,
+    pub ends_at: chrono::DateTime<chrono::Utc>,
+    pub created_by: String,
+    pub comment: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// `pending`, `active` or `expired`.
+    pub state: &'static str,
+}
+
+impl SilenceView {
+    pub fn at(x: store::notify::Silence, now: chrono::DateTime<chrono::Utc>) -> SilenceView {
+        let state = if x.ends_at <= now {
+            "expired"
+        } else if x.starts_at > now {
+            "pending"
+        } else {
+            "active"
+        };
+        SilenceView {
+            id: x.id,
+            matchers: x.matchers.0,
+            starts_at: x.starts_at,
+            ends_at: x.ends_at,
+            created_by: x.created_by,
+            comment: x.comment,
+            created_at: x.created_at,
+            state,
+        }
     }
 }
 
@@ -307,7 +390,8 @@ async fn add_silence(
     {
         Ok(silence) => {
             tracing::info!(id = silence.id, matchers = ?n.matchers, until = %ends, by = %n.created_by, "silence created");
-            (StatusCode::CREATED, axum::Json(silence)).into_response()
+            let shown = SilenceView::at(silence, chrono::Utc::now());
+            (StatusCode::CREATED, axum::Json(shown)).into_response()
         }
         Err(e) => store_error(e),
     }
@@ -318,21 +402,8 @@ async fn list_silences(State(s): State<AdminState>) -> Response {
     let now = chrono::Utc::now();
     match store::notify::silences(&s.pool, now - chrono::Duration::hours(24)).await {
         Ok(rows) => {
-            let shown: Vec<_> = rows
-                .into_iter()
-                .map(|x| {
-                    let state = if x.ends_at <= now {
-                        "expired"
-                    } else if x.starts_at > now {
-                        "pending"
-                    } else {
-                        "active"
-                    };
-                    let mut v = serde_json::to_value(&x).unwrap_or_default();
-                    v["state"] = state.into();
-                    v
-                })
-                .collect();
+            let shown: Vec<SilenceView> =
+                rows.into_iter().map(|x| SilenceView::at(x, now)).collect();
             axum::Json(serde_json::json!({ "silences": shown })).into_response()
         }
         Err(e) => store_error(e),

@@ -2,7 +2,8 @@
 //!
 //! The data path, in pipeline order: [`receive`] → [`normalize`] → [`store`]; then
 //! [`evaluate`] (alert rules over what is stored) → [`notify`] (receivers). [`app`] wires them,
-//! [`config`] configures them, [`listener`] and [`tls`] serve their connections, [`admin`] and
+//! [`config`] configures them ([`watch`] notices the files re-read while running),
+//! [`listener`] and [`tls`] serve their connections, [`admin`] and
 //! [`metrics`] observe them. Beside the service: [`loadgen`] and [`bench`] (traffic and the
 //! benchmark), [`fuzzing`] (the fuzz targets' bodies). ARCHITECTURE.md has the codemap.
 
@@ -21,6 +22,7 @@ pub mod receive;
 pub mod secret;
 pub mod store;
 pub mod tls;
+pub mod watch;
 
 /// Installs the process's TLS crypto provider (ring) for outgoing HTTPS (webhooks,
 /// Alertmanager). Idempotent.

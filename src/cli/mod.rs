@@ -84,7 +84,11 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = store::query_pool(&opts, 1)
                 .await
                 .context("connecting to the database")?;
-            let rows = store::queries::tool_summary(&pool, secs).await?;
+            let rows: Vec<toolsight::admin::ToolStats> = store::queries::tool_summary(&pool, secs)
+                .await?
+                .into_iter()
+                .map(Into::into)
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

@@ -1,8 +1,8 @@
 //! `toolsight tools`: the per-tool table.
 
-use toolsight::store;
+use toolsight::admin::ToolStats;
 
-pub(super) fn print_tools(rows: &[store::queries::ToolSummary], since: &str) {
+pub(super) fn print_tools(rows: &[ToolStats], since: &str) {
     if rows.is_empty() {
         println!("no tool calls in the last {since}");
         return;

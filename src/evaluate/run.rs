@@ -237,13 +237,6 @@ pub struct RuleSource {
 }
 
 /// The files' modification times: a change triggers a reload.
-fn stamps(files: &[std::path::PathBuf]) -> Vec<Option<std::time::SystemTime>> {
-    files
-        .iter()
-        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-        .collect()
-}
-
 /// The live loop: the replica holding the advisory lock evaluates each group on its interval;
 /// the others wait and take over within a second or two of the leader's connection dying.
 /// Rule files are re-read when they change; a file with problems keeps the previous rules.
@@ -262,14 +255,12 @@ pub async fn run(
     let mut due: HashMap<usize, DateTime<Utc>> = HashMap::new();
     // The group evaluations in flight, by group index.
     let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
-    let mut seen = stamps(&source.files);
+    let mut watched = crate::watch::Watched::new(source.files.clone());
     let mut last_check = Instant::now();
     loop {
-        if !source.files.is_empty() && last_check.elapsed() >= Duration::from_secs(2) {
+        if !watched.is_empty() && last_check.elapsed() >= crate::watch::EVERY {
             last_check = Instant::now();
-            let now_stamps = stamps(&source.files);
-            if now_stamps != seen {
-                seen = now_stamps;
+            if watched.changed() {
                 let loaded = load_rules(&source.files);
                 metrics.reloaded("rules", loaded.is_ok());
                 match loaded {

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -275,18 +274,13 @@ impl Auth {
         let Some(path) = self.file.clone() else {
             return;
         };
-        let stamp = |p: &PathBuf| -> Option<SystemTime> {
-            std::fs::metadata(p).and_then(|m| m.modified()).ok()
-        };
-        let mut seen = stamp(&path);
+        let mut watched = crate::watch::Watched::new(vec![path]);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::time::sleep(crate::watch::EVERY) => {}
             }
-            let now = stamp(&path);
-            if now != seen {
-                seen = now;
+            if watched.changed() {
                 let result = self.reload();
                 metrics.reloaded("tokens", result.is_ok());
                 match result {

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 
@@ -185,7 +184,7 @@ pub async fn outbox_pending(pool: &PgPool) -> Result<i64, StoreError> {
 }
 
 /// A silence.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Silence {
     pub id: i64,
     pub matchers: Json<Vec<String>>,

@@ -1,12 +1,11 @@
 //! Read queries over the rollups, for the API and the CLI.
 
-use serde::Serialize;
 use sqlx::PgPool;
 
 use super::StoreError;
 
 /// Per (service, tool, side) totals over a time range, computed from the per-minute rollups.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
 pub struct ToolSummary {
     pub service: String,
     pub tool: String,

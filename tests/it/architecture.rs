@@ -114,6 +114,45 @@ fn no_unbounded_queues() {
     }
 }
 
+/// Stored rows are not the API: no type under `src/store/` is serialized to clients (the API's
+/// shapes are `admin`'s own). Only the configuration sections kept there derive `Serialize`, to
+/// print the effective configuration.
+#[test]
+fn store_rows_are_not_api_responses() {
+    let sections = [
+        "pub struct Database",
+        "pub enum Embedded",
+        "pub struct Ingest",
+        "pub struct Retention",
+    ];
+    for file in rust_files(&src().join("store")) {
+        let text = code(&file);
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("Serialize") {
+            let after = &rest[i..];
+            let item = after
+                .find("pub struct ")
+                .into_iter()
+                .chain(after.find("pub enum "))
+                .min()
+                .map(|j| {
+                    after[j..]
+                        .split(['{', '(', '\n'])
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                })
+                .unwrap_or_default();
+            assert!(
+                sections.contains(&item),
+                "{}: `{item}` derives Serialize; give the API a type of its own in admin",
+                file.display()
+            );
+            rest = &after["Serialize".len()..];
+        }
+    }
+}
+
 /// ARCHITECTURE.md's codemap names every source file: by its path, or (a module folder with its
 /// files listed) the folder's path and the file's name in the same row.
 #[test]
