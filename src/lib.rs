@@ -4,17 +4,17 @@
 //! [`evaluate`] (alert rules over what is stored) → [`notify`] (receivers). [`app`] wires them,
 //! [`config`] configures them ([`watch`] notices the files re-read while running),
 //! [`listener`] and [`tls`] serve their connections, [`admin`] and
-//! [`metrics`] observe them. Beside the service: [`loadgen`] and [`bench`] (traffic and the
-//! benchmark), [`fuzzing`] (the fuzz targets' bodies). ARCHITECTURE.md has the codemap.
+//! [`metrics`] observe them. Beside the service: `fuzzing` (the fuzz targets' bodies, behind the
+//! `fuzzing` feature); the load generator and the benchmark are the `toolsight-loadgen` crate
+//! (`loadgen/`). ARCHITECTURE.md has the codemap.
 
 pub mod admin;
 pub mod app;
-pub mod bench;
 pub mod config;
 pub mod evaluate;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod listener;
-pub mod loadgen;
 pub mod metrics;
 pub mod normalize;
 pub mod notify;

@@ -49,10 +49,6 @@ pub(crate) enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Send realistic MCP telemetry to a running toolsight (or any OTLP receiver).
-    Loadgen(LoadgenArgs),
-    /// Benchmark: start the service on a fresh database, drive it, verify and report.
-    Bench(toolsight::bench::BenchArgs),
     /// Alert rule files.
     Rules {
         #[command(subcommand)]
@@ -127,48 +123,6 @@ pub(crate) enum RulesCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(clap::Args)]
-pub(crate) struct LoadgenArgs {
-    /// OTLP transport.
-    #[arg(long, value_enum, default_value = "grpc")]
-    protocol: toolsight::loadgen::Protocol,
-    /// Receiver host:port (default 127.0.0.1:4317 for grpc, 127.0.0.1:4318 for http).
-    #[arg(long)]
-    endpoint: Option<String>,
-    /// Spans per second (open loop). Without it, sends as fast as the receiver answers.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Concurrent exporters (closed loop) or most requests in flight (open loop).
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
-    #[arg(long, default_value_t = 1000)]
-    spans_per_request: usize,
-    /// Compress requests with gzip.
-    #[arg(long)]
-    gzip: bool,
-    /// How long to run, e.g. 30s, 5m.
-    #[arg(long, default_value = "30s")]
-    duration: humantime::Duration,
-    /// Per-request timeout.
-    #[arg(long, default_value = "10s")]
-    timeout: humantime::Duration,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
-    /// No progress line.
-    #[arg(long)]
-    quiet: bool,
-    /// `incidents`: healthy traffic, then every failure the alert rules catch, then healthy
-    /// again (one small export per second; --duration sets the whole timeline, default 6m).
-    #[arg(long, value_enum)]
-    scenario: Option<Scenario>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub(crate) enum Scenario {
-    Incidents,
 }
 
 #[tokio::main]

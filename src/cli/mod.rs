@@ -16,7 +16,7 @@ use rules::{parse_instant, print_backtest};
 use silence::silence;
 use tools::print_tools;
 
-use crate::{Cli, Command, RulesCommand, Scenario};
+use crate::{Cli, Command, RulesCommand};
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
@@ -126,36 +126,6 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config.to_toml());
             Ok(())
         }
-        Command::Loadgen(a) => {
-            use toolsight::loadgen::{self, LoadConfig, Protocol};
-            let endpoint = a.endpoint.unwrap_or_else(|| match a.protocol {
-                Protocol::Grpc => "127.0.0.1:4317".into(),
-                _ => "127.0.0.1:4318".into(),
-            });
-            let cfg = LoadConfig {
-                protocol: a.protocol,
-                endpoint,
-                gzip: a.gzip,
-                concurrency: a.concurrency,
-                spans_per_request: a.spans_per_request,
-                rate: a.rate,
-                duration: a.duration.into(),
-                progress: !a.quiet,
-                run_id: (std::process::id() & 0xFFFF) as u16,
-                timeout: a.timeout.into(),
-            };
-            let report = match a.scenario {
-                Some(Scenario::Incidents) => loadgen::incidents::run(&cfg).await?,
-                None => loadgen::run(cfg).await?,
-            };
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                report.print();
-            }
-            Ok(())
-        }
-        Command::Bench(args) => toolsight::bench::run(args).await,
         Command::Rules {
             command: RulesCommand::Check { files },
         } => {

@@ -3,12 +3,12 @@
 //! the join of a call's sides after each write (`correlate`), the API and CLI's reads
 //! (`queries`), the alert rules' windows and state (`alerts`), the backtest's history
 //! (`history`), the notification outbox (`notify`), pruning (`retention`), the service's own
-//! metric samples (`stats`) and the benchmark's database side (`bench`).
+//! metric samples (`stats`). `copy` (the binary COPY encoding) is public for the benchmark's
+//! reference COPY, in the `toolsight-loadgen` crate.
 
 pub mod alerts;
-pub mod bench;
 pub mod cluster;
-mod copy;
+pub mod copy;
 pub mod correlate;
 #[cfg(feature = "backtest")]
 pub mod history;
@@ -81,8 +81,6 @@ pub enum StoreError {
     Migrate(sqlx::migrate::MigrateError),
     #[error("invalid database url: {0}")]
     Url(String),
-    #[error("{0}")]
-    Internal(String),
 }
 
 impl StoreError {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Time from onset to firing and from recovery to resolution, per incident kind, with the default
 # rules, through the whole pipeline: `toolsight serve` (built-in rules, evaluated every minute)
-# takes `toolsight loadgen --scenario incidents` (healthy, every incident at once, healthy again,
+# takes `toolsight-loadgen --scenario incidents` (healthy, every incident at once, healthy again,
 # a third of DURATION each) and the alert events are read back from PostgreSQL.
 # Usage: tests/alerts/incidents.sh [DURATION, default 30m]. The healthy third must be longer than
 # the latency rule's window (10 m) for its baseline to exist. Alerts are then given 20 minutes to
@@ -11,7 +11,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 duration=${1:-30m}
 secs=$(python3 -c "import re,sys; d='$duration'; m=re.fullmatch(r'(\d+)([smh])',d); print(int(m[1])*{'s':1,'m':60,'h':3600}[m[2]])")
-cargo build -q
+cargo build -q --workspace
 B=${CARGO_TARGET_DIR:-target}/debug/toolsight
 DB=postgres://postgres@127.0.0.1:5432/toolsight_incidents_bench
 psql -q postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS toolsight_incidents_bench" \
@@ -25,7 +25,7 @@ trap 'kill $SERVE 2>/dev/null' EXIT
 until curl -sf 127.0.0.1:39464/readyz >/dev/null; do sleep 0.5; done
 start=$(date +%s)
 echo "incidents timeline of $duration from $(date -u -d @"$start" +%T): onset at +$((secs / 3)) s, recovery at +$((2 * secs / 3)) s"
-$B loadgen --scenario incidents --protocol grpc --endpoint 127.0.0.1:34317 --duration "$duration" --quiet >/dev/null
+${B}-loadgen --scenario incidents --protocol grpc --endpoint 127.0.0.1:34317 --duration "$duration" --quiet >/dev/null
 # Alerts resolve after keep_firing_for (up to 15 minutes): wait for every firing one to resolve.
 deadline=$(($(date +%s) + 1200))
 while [ "$(psql -tAq "$DB" -c "SELECT count(*) FROM alert_state WHERE phase = 'firing'")" != "0" ] \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode amplification against a release `toolsight serve` (BENCHMARKS.md, "Hostile clients"):
 # gzip bodies of empty spans (2 bytes each on the wire), the service's RSS and peak after each.
-# Needs PostgreSQL on 127.0.0.1:5432, python3, curl, and `cargo build --release`.
+# Needs PostgreSQL on 127.0.0.1:5432, python3, curl, and `cargo build --release --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=./target/release/toolsight
@@ -43,7 +43,7 @@ echo "two concurrent 8 KiB (8 MiB each): $(cat "$W/a" "$W/b") $(rss)"
 echo "60 KiB gzip (60 MiB, 31M empty spans): $(post bomb60.pb.gz) $(rss)"
 BOMBS=""
 for _ in 1 2 3 4 5 6 7 8; do post bomb8.pb.gz >/dev/null & BOMBS="$BOMBS $!"; done
-$B loadgen --protocol http-protobuf --endpoint 127.0.0.1:34318 --spans-per-request 1 \
+${B}-loadgen --protocol http-protobuf --endpoint 127.0.0.1:34318 --spans-per-request 1 \
     --concurrency 1 --rate 20 --duration 3s --quiet --json >"$W/small.json"
 wait $BOMBS
 echo "8 bombs beside a 1-span client: $(python3 -c "import json;d=json.load(open('$W/small.json'));print('p50', d['latency_p50_ms'], 'p99', d['latency_p99_ms'])") $(rss)"

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::loadgen::{self, LoadConfig, Protocol, Report, Traffic};
-use crate::{normalize, store};
+use crate::db;
+use crate::{LoadConfig, Protocol, Report, Traffic};
+use toolsight::{normalize, store};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -52,6 +53,27 @@ pub struct BenchArgs {
     /// Series per simulation (with --alerts).
     #[arg(long, default_value_t = 5000)]
     series: usize,
+    /// The `toolsight` binary under test (default: the one built beside this one).
+    #[arg(long)]
+    service: Option<PathBuf>,
+}
+
+/// The service binary: `--service`, else `toolsight` in this binary's own directory (both are
+/// built into the same target directory by `cargo build --release --workspace`).
+fn service_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.service {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe()?;
+    let beside = me.with_file_name("toolsight");
+    if beside.exists() {
+        Ok(beside)
+    } else {
+        bail!(
+            "no toolsight binary at {}: build it (`cargo build --release --workspace`) or pass --service",
+            beside.display()
+        )
+    }
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -110,6 +132,7 @@ struct Service {
 
 impl Service {
     async fn start(
+        binary: &std::path::Path,
         database_url: &str,
         writers: usize,
         batch_rows: usize,
@@ -118,7 +141,7 @@ impl Service {
         let (grpc, http, admin) = (free_port()?, free_port()?, free_port()?);
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(binary)
             .arg("serve")
             .env("DATABASE_URL", database_url)
             .env("TOOLSIGHT_OTLP__GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
@@ -138,7 +161,7 @@ impl Service {
             http: format!("127.0.0.1:{http}"),
             admin: format!("127.0.0.1:{admin}"),
         };
-        crate::install_crypto_provider();
+        toolsight::install_crypto_provider();
         let client = reqwest::Client::new();
         for _ in 0..300 {
             if let Ok(r) = client
@@ -173,10 +196,12 @@ impl Service {
 
 /// `toolsight bench --alerts`: the default rules' false firings on steady traffic.
 fn alert_quality(args: &BenchArgs) -> anyhow::Result<()> {
-    use crate::evaluate::quality::{Steady, steady};
-    let rules =
-        crate::evaluate::rules::parse("alerts/default.yaml", crate::evaluate::run::DEFAULT_RULES)
-            .map_err(|p| anyhow::anyhow!("the default rules: {p:?}"))?;
+    use toolsight::evaluate::quality::{Steady, steady};
+    let rules = toolsight::evaluate::rules::parse(
+        "alerts/default.yaml",
+        toolsight::evaluate::run::DEFAULT_RULES,
+    )
+    .map_err(|p| anyhow::anyhow!("the default rules: {p:?}"))?;
     println!(
         "steady traffic: {} series per rate, 1 hour each, 1% errors, 10% empty results, \
          log-normal latency (median 200 ms, sigma 0.5)\n",
@@ -218,15 +243,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.alerts {
         return tokio::task::spawn_blocking(move || alert_quality(&args)).await?;
     }
+    let binary = service_binary(&args)?;
     let server = store::connect_options(&args.server)?;
-    let db = store::bench::recreate_database(&server, "toolsight_bench").await?;
+    let db = db::recreate_database(&server, "toolsight_bench").await?;
     let db_url = format!("{}/toolsight_bench", args.server.trim_end_matches('/'));
     let log = PathBuf::from("target/bench-service.log");
     eprintln!(
         "== starting toolsight on a fresh database (log: {})",
         log.display()
     );
-    let svc = Service::start(&db_url, args.writers, args.batch_rows, &log).await?;
+    let svc = Service::start(&binary, &db_url, args.writers, args.batch_rows, &log).await?;
     let pid = svc.child.id();
 
     // RSS sampled every 250 ms for the whole run.
@@ -272,7 +298,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         async move {
             eprintln!("== {name}");
             let from = samples.lock().map(|s| s.len()).unwrap_or(0);
-            let report = loadgen::run(cfg).await?;
+            let report = crate::run(cfg).await?;
             let s = samples
                 .lock()
                 .map(|s| s[from.min(s.len())..].to_vec())
@@ -351,7 +377,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     sampler.abort();
     let peak_rss = rss_mib(pid).map_or(0.0, |(_, hwm)| hwm);
     let pool = store::query_pool(&db, 2).await?;
-    let records_in_postgres = store::bench::count_records(&pool).await?;
+    let records_in_postgres = db::count_records(&pool).await?;
     let records_expected: u64 = phases.iter().map(|p| p.report.records_expected).sum();
     pool.close().await;
     svc.stop()?;
@@ -373,10 +399,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &normalize::Options::default(),
         ));
     }
-    let ref_db = store::bench::recreate_database(&server, "toolsight_bench_copyref").await?;
+    let ref_db = db::recreate_database(&server, "toolsight_bench_copyref").await?;
     let ref_pool = store::query_pool(&ref_db, 2).await?;
     store::migrate(&ref_pool).await?;
-    let (copy_rows, copy_time) = store::bench::copy_reference(&ref_pool, batches, 2).await?;
+    let (copy_rows, copy_time) = db::copy_reference(&ref_pool, batches, 2).await?;
     ref_pool.close().await;
     let copy_rps = copy_rows as f64 / copy_time.as_secs_f64();
 

@@ -1,7 +1,12 @@
-//! `toolsight loadgen`: realistic MCP telemetry at a fixed rate (open loop) or as fast as the
-//! service takes it (closed loop), over any OTLP transport, with a live progress line.
+//! The load generator and the benchmark, apart from the service they drive (as the
+//! OpenTelemetry Collector ships telemetrygen): `toolsight-loadgen` sends realistic MCP telemetry
+//! at a fixed rate (open loop) or as fast as the service takes it (closed loop), over any OTLP
+//! transport, with a live progress line; `toolsight-bench` starts the service on a fresh
+//! database, drives it, verifies and reports (`bench`, with its database side in `db`).
 
+pub mod bench;
 pub mod client;
+mod db;
 pub mod incidents;
 pub mod traffic;
 
@@ -16,7 +21,7 @@ use tokio::sync::Mutex;
 pub use client::{Client, Outcome, Protocol};
 pub use traffic::Traffic;
 
-use crate::normalize;
+use toolsight::normalize;
 
 /// What to send, how fast, for how long.
 #[derive(Debug, Clone)]

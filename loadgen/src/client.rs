@@ -88,7 +88,7 @@ impl Client {
             }
             Protocol::HttpProtobuf | Protocol::HttpJson => Kind::Http {
                 client: {
-                    crate::install_crypto_provider();
+                    toolsight::install_crypto_provider();
                     reqwest::Client::builder()
                 }
                 .timeout(timeout)

@@ -1,18 +1,20 @@
-//! Database side of `toolsight bench`: fresh databases, row counts, and the bare-COPY reference.
+//! Database side of `toolsight-bench`: fresh databases, row counts, and the bare-COPY reference
+//! (the service's own COPY encoding, `toolsight::store::copy`, without its staging, conflict
+//! handling and rollups).
 
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use super::StoreError;
-use crate::normalize::Normalized;
+use anyhow::Context;
+use toolsight::normalize::Normalized;
 
 /// Drops and recreates `name` on the server `opts` points at; returns its options.
 pub async fn recreate_database(
     opts: &PgConnectOptions,
     name: &str,
-) -> Result<PgConnectOptions, StoreError> {
+) -> anyhow::Result<PgConnectOptions> {
     let mut conn = opts.clone().database("postgres").connect().await?;
     let ident = format!("\"{}\"", name.replace('"', "\"\""));
     sqlx::query(&format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)"))
@@ -26,7 +28,7 @@ pub async fn recreate_database(
 }
 
 /// Records in the raw tables (every record kind).
-pub async fn count_records(pool: &PgPool) -> Result<i64, StoreError> {
+pub async fn count_records(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM tool_calls) + (SELECT count(*) FROM mcp_requests)
               + (SELECT count(*) FROM llm_calls) + (SELECT count(*) FROM upstream_calls)",
@@ -42,7 +44,7 @@ pub async fn copy_reference(
     pool: &PgPool,
     batches: Vec<Normalized>,
     connections: usize,
-) -> Result<(u64, Duration), StoreError> {
+) -> anyhow::Result<(u64, Duration)> {
     let rows: u64 = batches.iter().map(|b| b.records() as u64).sum();
     let per = batches.len().div_ceil(connections.max(1)).max(1);
     let mut chunks: Vec<Vec<Normalized>> = Vec::new();
@@ -59,7 +61,7 @@ pub async fn copy_reference(
                 let mut conn = pool.acquire().await?;
                 // Batches of about 10k rows, as the writers use.
                 for group in chunk.chunks(10) {
-                    let bufs = super::copy::encode_records(group);
+                    let bufs = toolsight::store::copy::encode_records(group);
                     let mut tx = conn.begin().await?;
                     for (buf, table) in bufs.into_iter().zip([
                         "tool_calls",
@@ -78,13 +80,12 @@ pub async fn copy_reference(
                     }
                     tx.commit().await?;
                 }
-                Ok::<(), StoreError>(())
+                Ok::<(), sqlx::Error>(())
             })
         })
         .collect();
     for t in tasks {
-        t.await
-            .map_err(|e| StoreError::Internal(format!("copy task failed: {e}")))??;
+        t.await.context("copy task failed")?.context("copy")?;
     }
     Ok((rows, started.elapsed()))
 }
