@@ -42,7 +42,7 @@ pub struct AdminState {
     /// Background tasks that died (see `app::supervise`): the service is not ready.
     pub dead_tasks: DeadTasks,
     /// The loaded rule files, for `/api/v1/rules`.
-    pub rules: Arc<std::sync::RwLock<Vec<(String, crate::evaluate::rules::RuleFile)>>>,
+    pub rules: crate::evaluate::run::SharedRules,
     /// Required on everything but `/healthz` and `/readyz` when set.
     pub admin_token: Option<crate::secret::Secret>,
 }

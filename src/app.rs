@@ -6,8 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
@@ -73,6 +76,21 @@ pub async fn prepare_database(config: &Config) -> anyhow::Result<sqlx::PgPool> {
     }
 }
 
+/// What the service's tasks share.
+#[derive(Clone)]
+struct Parts {
+    pool: sqlx::PgPool,
+    opts: sqlx::postgres::PgConnectOptions,
+    metrics: Arc<Metrics>,
+    /// False while the database is unreachable: `/readyz` and ingest answer "unavailable".
+    ready: Arc<AtomicBool>,
+    dead_tasks: admin::DeadTasks,
+    /// The rules in force (reloaded by the evaluator, read by the API).
+    rules: crate::evaluate::run::SharedRules,
+    /// Cancelled at shutdown: every task and listener stops.
+    stop: CancellationToken,
+}
+
 /// Runs the service on `listeners` until `shutdown` resolves, then stops accepting, finishes
 /// the exports in flight, flushes the write queue and returns.
 pub async fn run(
@@ -83,174 +101,188 @@ pub async fn run(
     // Bad rule files stop the start, every problem listed.
     let rule_files = crate::evaluate::run::load_rules(&config.rules.files)?;
     let pool = prepare_database(&config).await?;
-    let opts = store::connect_options(&config.database.url)?;
-    let metrics = Arc::new(Metrics::new());
-    let ready = Arc::new(AtomicBool::new(true));
-    metrics.db_up.set(1);
-
+    let parts = Parts {
+        opts: store::connect_options(&config.database.url)?,
+        pool,
+        metrics: Arc::new(Metrics::new()),
+        ready: Arc::new(AtomicBool::new(true)),
+        dead_tasks: admin::DeadTasks::default(),
+        rules: Arc::new(std::sync::RwLock::new(rule_files.clone())),
+        stop: CancellationToken::new(),
+    };
+    parts.metrics.db_up.set(1);
     let close_writer = CancellationToken::new();
     let (writer, writer_task) = Writer::spawn(
-        &opts,
+        &parts.opts,
         &WriterConfig {
             writers: config.ingest.writers,
             batch_rows: config.ingest.batch_rows,
             queue_rows: config.ingest.queue_rows,
         },
-        metrics.clone(),
+        parts.metrics.clone(),
         close_writer.clone(),
     );
-    let auth = if config.auth.ingest_required() {
-        let auth = crate::receive::auth::Auth::new(
-            config.auth.tokens.clone(),
-            config.auth.tokens_file.clone(),
-            config.auth.admin_token.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
-        Arc::new(auth)
-    } else {
-        Arc::new(crate::receive::auth::Auth::open())
-    };
-    if config.auth.allow_unauthenticated {
-        for (key, addr) in config.exposed_listeners() {
-            let open = if key == "admin.listen" {
-                config.auth.admin_token.is_none()
-            } else {
-                !config.auth.ingest_required()
-            };
-            if open {
-                tracing::warn!(listener = key, address = %addr, "listening without authentication on a non-loopback address (auth.allow_unauthenticated)");
-            }
-        }
-    }
+    let auth = ingest_auth(&config)?;
     let ingest = Arc::new(
         Ingest::new(
             writer,
             config.normalize_options(),
             config.otlp.max_concurrent_exports,
-            metrics.clone(),
-            ready.clone(),
+            parts.metrics.clone(),
+            parts.ready.clone(),
         )
         .with_auth(auth.clone())
         .with_cardinality(config.cardinality())
         .with_decode_budget(config.otlp.decode_budget_bytes),
     );
+    let background = start_background(&config, &parts, auth, rule_files);
+    let servers = serve_listeners(&config, &parts, listeners, ingest)?;
 
-    let stop = CancellationToken::new();
-    let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down: no new exports, flushing accepted ones"),
+        _ = parts.stop.cancelled() => {}
+    }
+    parts.stop.cancel();
+    drain(servers, config.otlp.drain_timeout).await?;
+    // The write queue takes no more exports; what it holds is written, then the writers stop.
+    close_writer.cancel();
+    writer_task.await?;
+    background.wait().await;
+    parts.pool.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
 
-    let dead_tasks = admin::DeadTasks::default();
-    let supervise =
-        |name: &'static str, task| supervise(name, task, dead_tasks.clone(), metrics.clone());
-    let token_watch = supervise(
+/// Who may send: the configured tokens (and token file), or anyone.
+fn ingest_auth(config: &Config) -> anyhow::Result<Arc<crate::receive::auth::Auth>> {
+    if config.auth.allow_unauthenticated {
+        for (key, addr, _) in config.open_listeners() {
+            tracing::warn!(listener = key, address = %addr, "listening without authentication on a non-loopback address (auth.allow_unauthenticated)");
+        }
+    }
+    Ok(Arc::new(if config.auth.ingest_required() {
+        crate::receive::auth::Auth::new(
+            config.auth.tokens.clone(),
+            config.auth.tokens_file.clone(),
+            config.auth.admin_token.clone(),
+        )
+        .map_err(anyhow::Error::msg)?
+    } else {
+        crate::receive::auth::Auth::open()
+    }))
+}
+
+/// The background tasks, each watched (a panic makes the replica unready) and tracked, so
+/// shutdown waits for them all once they saw `stop`.
+fn start_background(
+    config: &Config,
+    parts: &Parts,
+    auth: Arc<crate::receive::auth::Auth>,
+    rule_files: Vec<(String, crate::evaluate::rules::RuleFile)>,
+) -> TaskTracker {
+    let background = TaskTracker::new();
+    let Parts {
+        pool,
+        opts,
+        metrics,
+        ready,
+        stop,
+        ..
+    } = parts.clone();
+    let spawn = |name: &'static str, task: BoxFuture| {
+        background.spawn(supervise(
+            name,
+            task,
+            parts.dead_tasks.clone(),
+            metrics.clone(),
+        ));
+    };
+    spawn(
         "token_watch",
-        tokio::spawn(auth.watch(metrics.clone(), stop.clone())),
+        Box::pin(auth.watch(metrics.clone(), stop.clone())),
     );
-    let pruner = supervise(
+    spawn(
         "pruner",
-        tokio::spawn(prune_periodically(
+        Box::pin(prune_periodically(
             pool.clone(),
             config.retention.clone(),
             stop.clone(),
         )),
     );
-    let own_metrics = supervise(
+    spawn(
         "own_metrics",
-        tokio::spawn(record_own_metrics(
+        Box::pin(record_own_metrics(
             pool.clone(),
             metrics.clone(),
             config.admin.record_metrics_every,
             stop.clone(),
         )),
     );
-    let health = supervise(
+    spawn(
         "database_probe",
-        tokio::spawn(watch_database(
+        Box::pin(watch_database(
             pool.clone(),
-            ready.clone(),
+            ready,
             metrics.clone(),
             stop.clone(),
         )),
     );
-    let tls_files = config.tls.files();
-    let acceptor = |verify_clients: bool| -> anyhow::Result<_> {
-        Ok(match &tls_files {
-            Some(f) => Some(tokio_rustls::TlsAcceptor::from(
-                f.server_config(verify_clients)?,
-            )),
-            None => None,
-        })
-    };
-    let connections = crate::listener::fit_descriptors(&config);
-    let otlp_limits = crate::listener::Limits {
-        max_connections: connections,
-        idle_timeout: config.otlp.idle_timeout,
-        handshake_timeout: config.otlp.idle_timeout.min(Duration::from_secs(10)),
-    };
-    let accept = |listener, name, tls, limits| {
-        crate::listener::accept(listener, name, tls, limits, metrics.clone(), stop.clone())
-    };
-    let grpc = tokio::spawn(receive::grpc::serve(
-        accept(listeners.grpc, "grpc", acceptor(true)?, otlp_limits),
-        ingest.clone(),
-        receive::grpc::Limits {
-            max_decoded_bytes: config.otlp.max_decompressed_bytes,
-            request_timeout: config.otlp.body_timeout * 2,
-        },
-        stop.clone().cancelled_owned(),
-    ));
-    let http_router = receive::http::router(
-        ingest.clone(),
-        receive::http::Limits {
-            max_body_bytes: config.otlp.max_request_bytes,
-            max_decoded_bytes: config.otlp.max_decompressed_bytes,
-            body_timeout: config.otlp.body_timeout,
-        },
-    );
-    let http = tokio::spawn(crate::listener::serve_http(
-        accept(listeners.http, "http", acceptor(true)?, otlp_limits),
-        http_router,
-        config.otlp.idle_timeout,
-        stop.clone(),
-    ));
-    let shared_rules = Arc::new(std::sync::RwLock::new(rule_files.clone()));
-    let admin_router = admin::router(AdminState {
-        pool: pool.clone(),
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        dead_tasks: dead_tasks.clone(),
-        rules: shared_rules.clone(),
-        admin_token: config.auth.admin_token.clone(),
-    });
-    let evaluator = config.rules.enabled.then(|| {
-        let ev = crate::evaluate::run::Evaluator::new(pool.clone(), rule_files);
+    // Notifications follow the rules: a replica that does not evaluate does not notify either.
+    if config.rules.enabled {
         let source = crate::evaluate::run::RuleSource {
             files: config.rules.files.clone(),
-            shared: shared_rules.clone(),
+            shared: parts.rules.clone(),
         };
-        supervise(
+        spawn(
             "evaluator",
-            tokio::spawn(crate::evaluate::run::run(
-                ev,
+            Box::pin(crate::evaluate::run::run(
+                crate::evaluate::run::Evaluator::new(pool.clone(), rule_files),
                 opts.clone(),
                 source,
                 metrics.clone(),
                 stop.clone(),
             )),
-        )
-    });
-    // Notifications follow the rules: a replica that does not evaluate does not notify either.
-    let notifier = config.rules.enabled.then(|| {
-        supervise(
+        );
+        spawn(
             "notifier",
-            tokio::spawn(crate::notify::run::run(
+            Box::pin(crate::notify::run::run(
                 Arc::new(config.notify.clone()),
-                pool.clone(),
-                opts.clone(),
+                pool,
+                opts,
                 metrics.clone(),
-                stop.clone(),
+                stop,
             )),
-        )
-    });
+        );
+    }
+    background.close();
+    background
+}
+
+/// The three listeners: one accept loop each (connection bounds, idle time, TLS), then its
+/// server (OTLP/gRPC; OTLP/HTTP and the admin API on the same HTTP server code).
+fn serve_listeners(
+    config: &Config,
+    parts: &Parts,
+    listeners: Listeners,
+    ingest: Arc<Ingest>,
+) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
+    let (grpc_addr, http_addr, admin_addr) = listeners.addrs()?;
+    let tls_files = config.tls.files();
+    let acceptor = |verify_clients: bool| -> anyhow::Result<_> {
+        tls_files
+            .as_ref()
+            .map(|f| {
+                Ok(tokio_rustls::TlsAcceptor::from(
+                    f.server_config(verify_clients)?,
+                ))
+            })
+            .transpose()
+    };
+    let otlp_limits = crate::listener::Limits {
+        max_connections: crate::listener::fit_descriptors(config),
+        idle_timeout: config.otlp.idle_timeout,
+        handshake_timeout: config.otlp.idle_timeout.min(Duration::from_secs(10)),
+    };
     // The admin port verifies no client certificates: it has its own token, and probes must
     // reach it. Its connections are bounded apart from the OTLP ports', so a flood there leaves
     // probes and metrics reachable.
@@ -263,94 +295,127 @@ pub async fn run(
         max_connections: crate::listener::ADMIN_CONNECTIONS,
         ..otlp_limits
     };
-    let admin = tokio::spawn(crate::listener::serve_http(
-        accept(listeners.admin, "admin", admin_tls, admin_limits),
-        admin_router,
-        config.otlp.idle_timeout,
-        stop.clone(),
-    ));
-    drop(ingest);
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, admin = %admin_addr, "toolsight is listening");
-
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutting down: no new exports, flushing accepted ones"),
-        _ = stop.cancelled() => {}
-    }
-    stop.cancel();
-    // Exports in progress get `drain_timeout` to finish; a client still sending after that
-    // (a slow body, a stream that never ends) is cut rather than holding the shutdown.
-    let (grpc_abort, http_abort, admin_abort) = (
-        grpc.abort_handle(),
-        http.abort_handle(),
-        admin.abort_handle(),
+    let accept = |listener, name, tls, limits| {
+        crate::listener::accept(
+            listener,
+            name,
+            tls,
+            limits,
+            parts.metrics.clone(),
+            parts.stop.clone(),
+        )
+    };
+    let mut servers = JoinSet::new();
+    servers.spawn(
+        receive::grpc::serve(
+            accept(listeners.grpc, "grpc", acceptor(true)?, otlp_limits),
+            ingest.clone(),
+            receive::grpc::Limits {
+                max_decoded_bytes: config.otlp.max_decompressed_bytes,
+                request_timeout: config.otlp.body_timeout * 2,
+            },
+            parts.stop.clone().cancelled_owned(),
+        )
+        .map(|r| r.context("otlp/grpc server")),
     );
-    match tokio::time::timeout(config.otlp.drain_timeout, async {
-        tokio::join!(grpc, http, admin)
-    })
-    .await
-    {
-        Ok((g, h, a)) => {
-            g?.context("otlp/grpc server")?;
-            h?;
-            a?;
-        }
-        Err(_) => {
-            tracing::warn!(
-                timeout = ?config.otlp.drain_timeout,
-                "exports still in progress at the drain timeout; closing their connections"
-            );
-            grpc_abort.abort();
-            http_abort.abort();
-            admin_abort.abort();
-        }
+    let http_router = receive::http::router(
+        ingest,
+        receive::http::Limits {
+            max_body_bytes: config.otlp.max_request_bytes,
+            max_decoded_bytes: config.otlp.max_decompressed_bytes,
+            body_timeout: config.otlp.body_timeout,
+        },
+    );
+    let admin_router = admin::router(AdminState {
+        pool: parts.pool.clone(),
+        metrics: parts.metrics.clone(),
+        ready: parts.ready.clone(),
+        dead_tasks: parts.dead_tasks.clone(),
+        rules: parts.rules.clone(),
+        admin_token: config.auth.admin_token.clone(),
+    });
+    for (listener, name, tls, limits, router) in [
+        (
+            listeners.http,
+            "http",
+            acceptor(true)?,
+            otlp_limits,
+            http_router,
+        ),
+        (
+            listeners.admin,
+            "admin",
+            admin_tls,
+            admin_limits,
+            admin_router,
+        ),
+    ] {
+        let conns = accept(listener, name, tls, limits);
+        let serve = crate::listener::serve_http(
+            conns,
+            router,
+            config.otlp.idle_timeout,
+            parts.stop.clone(),
+        );
+        servers.spawn(serve.map(Ok));
     }
-    // The write queue takes no more exports; what it holds is written, then the writers stop.
-    close_writer.cancel();
-    writer_task.await?;
-    health.await?;
-    own_metrics.await?;
-    token_watch.await?;
-    pruner.await?;
-    if let Some(ev) = evaluator {
-        ev.await?;
-    }
-    if let Some(n) = notifier {
-        n.await?;
-    }
-    pool.close().await;
-    tracing::info!("stopped");
-    Ok(())
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, admin = %admin_addr, "toolsight is listening");
+    Ok(servers)
 }
 
-/// Watches a background task: when it dies (panics), the death is logged at error, counted in
-/// `toolsight_background_task_failures_total{task}`, and `/readyz` answers 503 from then on,
-/// so an orchestrator replaces the replica instead of it running on without, say, pruning.
-pub fn supervise(
+/// Exports in progress get `timeout` to finish; a client still sending after that (a slow body,
+/// a stream that never ends) is cut rather than holding the shutdown.
+async fn drain(mut servers: JoinSet<anyhow::Result<()>>, timeout: Duration) -> anyhow::Result<()> {
+    let drained = tokio::time::timeout(timeout, async {
+        while let Some(done) = servers.join_next().await {
+            done??;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    match drained {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?timeout,
+                "exports still in progress at the drain timeout; closing their connections"
+            );
+            servers.abort_all();
+            Ok(())
+        }
+    }
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Runs a background task and watches it: when it dies (panics), the death is logged at error,
+/// counted in `toolsight_background_task_failures_total{task}`, and `/readyz` answers 503 from
+/// then on, so an orchestrator replaces the replica instead of it running on without, say,
+/// pruning.
+pub async fn supervise(
     name: &'static str,
-    task: tokio::task::JoinHandle<()>,
+    task: impl Future<Output = ()> + Send + 'static,
     dead: admin::DeadTasks,
     metrics: Arc<Metrics>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = task.await
-            && e.is_panic()
-        {
-            let panic = e.into_panic();
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(task = name, panic = %message, "background task died; the service reports not ready");
-            metrics
-                .task_failures
-                .get_or_create(&crate::metrics::TaskLabel { task: name })
-                .inc();
-            if let Ok(mut d) = dead.lock() {
-                d.push(name);
-            }
+) {
+    if let Err(e) = tokio::spawn(task).await
+        && e.is_panic()
+    {
+        let panic = e.into_panic();
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(task = name, panic = %message, "background task died; the service reports not ready");
+        metrics
+            .task_failures
+            .get_or_create(&crate::metrics::TaskLabel { task: name })
+            .inc();
+        if let Ok(mut d) = dead.lock() {
+            d.push(name);
         }
-    })
+    }
 }
 
 /// Samples the service's own metrics into PostgreSQL (the collector health dashboard reads
@@ -458,20 +523,14 @@ mod tests {
     async fn a_dead_background_task_is_logged_counted_and_reported() {
         let dead = admin::DeadTasks::default();
         let metrics = Arc::new(Metrics::new());
-        let fine = supervise(
-            "fine",
-            tokio::spawn(async {}),
-            dead.clone(),
-            metrics.clone(),
-        );
-        let dying = supervise(
+        supervise("fine", async {}, dead.clone(), metrics.clone()).await;
+        supervise(
             "pruner",
-            tokio::spawn(async { panic!("DateTime - TimeDelta overflowed") }),
+            async { panic!("DateTime - TimeDelta overflowed") },
             dead.clone(),
             metrics.clone(),
-        );
-        fine.await.unwrap();
-        dying.await.unwrap();
+        )
+        .await;
         assert_eq!(*dead.lock().unwrap(), ["pruner"]);
         let text = metrics.encode();
         assert!(

@@ -265,25 +265,31 @@ impl Config {
         .collect()
     }
 
+    /// The listeners on a non-loopback address without the token they need, each with the
+    /// setting that would close it.
+    pub fn open_listeners(&self) -> Vec<(&'static str, SocketAddr, &'static str)> {
+        let a = &self.auth;
+        self.exposed_listeners()
+            .into_iter()
+            .filter_map(|(key, addr)| {
+                if key == "admin.listen" {
+                    a.admin_token
+                        .is_none()
+                        .then_some((key, addr, "auth.admin_token"))
+                } else {
+                    (!a.ingest_required()).then_some((key, addr, "auth.tokens or auth.tokens_file"))
+                }
+            })
+            .collect()
+    }
+
     fn validate_auth(&self, p: &mut Vec<String>) {
         let a = &self.auth;
         if !a.allow_unauthenticated {
-            for (key, addr) in self.exposed_listeners() {
-                let open = if key == "admin.listen" {
-                    a.admin_token.is_none()
-                } else {
-                    !a.ingest_required()
-                };
-                if open {
-                    let needs = if key == "admin.listen" {
-                        "auth.admin_token"
-                    } else {
-                        "auth.tokens or auth.tokens_file"
-                    };
-                    p.push(format!(
-                        "{key}: {addr} is not a loopback address, so it needs {needs} (or auth.allow_unauthenticated = true to run it open)"
-                    ));
-                }
+            for (key, addr, needs) in self.open_listeners() {
+                p.push(format!(
+                    "{key}: {addr} is not a loopback address, so it needs {needs} (or auth.allow_unauthenticated = true to run it open)"
+                ));
             }
         }
         p.extend(crate::receive::auth::check_tokens(

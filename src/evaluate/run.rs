@@ -233,10 +233,12 @@ fn next_tick(now: DateTime<Utc>, interval: Duration) -> DateTime<Utc> {
 /// the copy the API shows.
 pub struct RuleSource {
     pub files: Vec<std::path::PathBuf>,
-    pub shared: std::sync::Arc<std::sync::RwLock<Vec<(String, RuleFile)>>>,
+    pub shared: SharedRules,
 }
 
-/// The files' modification times: a change triggers a reload.
+/// The rule files in force, each with its path: reloaded by the evaluator, read by the API.
+pub type SharedRules = std::sync::Arc<std::sync::RwLock<Vec<(String, RuleFile)>>>;
+
 /// The live loop: the replica holding the advisory lock evaluates each group on its interval;
 /// the others wait and take over within a second or two of the leader's connection dying.
 /// Rule files are re-read when they change; a file with problems keeps the previous rules.
