@@ -8,13 +8,15 @@
 //! `fuzzing` feature); the load generator and the benchmark are the `toolsight-loadgen` crate
 //! (`loadgen/`). ARCHITECTURE.md has the codemap.
 
+#![warn(unreachable_pub)]
+
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod evaluate;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod listener;
+pub(crate) mod listener;
 pub mod metrics;
 pub mod normalize;
 pub mod notify;
@@ -22,7 +24,7 @@ pub mod receive;
 pub mod secret;
 pub mod store;
 pub mod tls;
-pub mod watch;
+pub(crate) mod watch;
 
 /// Installs the process's TLS crypto provider (ring) for outgoing HTTPS (webhooks,
 /// Alertmanager). Idempotent.

@@ -21,7 +21,7 @@ use crate::metrics::{ConnLabel, ListenerLabel, Metrics};
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Connections open at most (TLS handshakes included).
     pub max_connections: usize,
     /// A connection with no byte either way and no request in progress for this long is closed.
@@ -32,13 +32,13 @@ pub struct Limits {
 
 /// What a connection is doing, shared with the requests it carries.
 #[derive(Debug, Default)]
-pub struct ConnState {
+pub(crate) struct ConnState {
     in_flight: AtomicUsize,
 }
 
 impl ConnState {
     /// Marks a request in progress until the guard is dropped: the connection is not idle.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -50,7 +50,7 @@ impl ConnState {
 
 /// A request in progress on a connection (see [`ConnState::begin`]).
 #[derive(Debug)]
-pub struct InFlight(Arc<ConnState>);
+pub(crate) struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -64,7 +64,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// An accepted (and, with TLS, handshaken) connection. Reading from it fails with `TimedOut`
 /// once it has been idle for the listener's `idle_timeout`, which ends the connection in hyper
 /// and h2 alike.
-pub struct Conn {
+pub(crate) struct Conn {
     io: Box<dyn Io>,
     state: Arc<ConnState>,
     idle_timeout: Duration,
@@ -92,7 +92,7 @@ impl Drop for Closed {
 
 impl Conn {
     /// The state requests on this connection report to.
-    pub fn state(&self) -> Arc<ConnState> {
+    pub(crate) fn state(&self) -> Arc<ConnState> {
         self.state.clone()
     }
 
@@ -190,7 +190,7 @@ impl tonic::transport::server::Connected for Conn {
 }
 
 /// Accepts connections on `listener` until `stop`, within `limits`; hands them out handshaken.
-pub fn accept(
+pub(crate) fn accept(
     listener: TcpListener,
     name: &'static str,
     tls: Option<TlsAcceptor>,
@@ -290,7 +290,7 @@ fn count_closed(metrics: &Metrics, listener: &'static str, reason: &'static str)
 }
 
 /// Connections open at most on the admin port (apart from the OTLP ports' bound).
-pub const ADMIN_CONNECTIONS: usize = 256;
+pub(crate) const ADMIN_CONNECTIONS: usize = 256;
 
 /// Descriptors kept beside the listeners' connections: the database pools, files, the process.
 const RESERVED_DESCRIPTORS: u64 = 256;
@@ -298,7 +298,7 @@ const RESERVED_DESCRIPTORS: u64 = 256;
 /// Raises the process's open-file limit to its hard limit and returns the connections each OTLP
 /// port may hold: `otlp.max_connections`, or less (said in a log line) when the descriptors
 /// would not also cover the other OTLP port, the admin port and the database.
-pub fn fit_descriptors(config: &crate::config::Config) -> usize {
+pub(crate) fn fit_descriptors(config: &crate::config::Config) -> usize {
     let wanted = config.otlp.max_connections as u64;
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
@@ -322,11 +322,11 @@ pub fn fit_descriptors(config: &crate::config::Config) -> usize {
 }
 
 /// HTTP/2 streams one connection may have open at once.
-pub const MAX_CONCURRENT_STREAMS: u32 = 16;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 16;
 
 /// Serves `router` over HTTP/1.1 and HTTP/2 on the connections of `conns` until `stop`; then
 /// lets the connections finish their requests (the caller bounds how long).
-pub async fn serve_http(
+pub(crate) async fn serve_http(
     mut conns: mpsc::Receiver<Conn>,
     router: axum::Router,
     header_timeout: Duration,

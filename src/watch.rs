@@ -5,27 +5,27 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 /// How often watched files are looked at.
-pub const EVERY: Duration = Duration::from_secs(2);
+pub(crate) const EVERY: Duration = Duration::from_secs(2);
 
 /// A set of files and the modification times last seen (none for a file that is missing).
 #[derive(Debug)]
-pub struct Watched {
+pub(crate) struct Watched {
     files: Vec<PathBuf>,
     seen: Vec<Option<SystemTime>>,
 }
 
 impl Watched {
-    pub fn new(files: Vec<PathBuf>) -> Watched {
+    pub(crate) fn new(files: Vec<PathBuf>) -> Watched {
         let seen = stamps(&files);
         Watched { files, seen }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
 
     /// Whether any file was written, created or removed since the last look.
-    pub fn changed(&mut self) -> bool {
+    pub(crate) fn changed(&mut self) -> bool {
         let now = stamps(&self.files);
         if now == self.seen {
             return false;

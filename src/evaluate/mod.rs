@@ -9,7 +9,7 @@
 #[cfg(feature = "backtest")]
 pub mod backtest;
 pub mod engine;
-pub mod observe;
+pub(crate) mod observe;
 pub mod quality;
 pub mod rules;
 pub mod run;

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
 
 /// The value stored under `key`, if any.
-pub fn get<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+pub(crate) fn get<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
     attrs
         .iter()
         .find(|kv| kv.key == key)
@@ -16,22 +16,22 @@ pub fn get<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
 }
 
 /// A string attribute, or a scalar rendered as a string.
-pub fn get_str<'a>(attrs: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
+pub(crate) fn get_str<'a>(attrs: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
     scalar_str(get(attrs, key)?)
 }
 
 /// A string attribute that is present and not empty.
-pub fn get_nonempty<'a>(attrs: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
+pub(crate) fn get_nonempty<'a>(attrs: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
     get_str(attrs, key).filter(|s| !s.trim().is_empty())
 }
 
 /// The first of `keys` that holds a non-empty string.
-pub fn first_nonempty<'a>(attrs: &'a [KeyValue], keys: &[&str]) -> Option<Cow<'a, str>> {
+pub(crate) fn first_nonempty<'a>(attrs: &'a [KeyValue], keys: &[&str]) -> Option<Cow<'a, str>> {
     keys.iter().find_map(|k| get_nonempty(attrs, k))
 }
 
 /// An integer attribute; accepts ints, doubles and numeric strings (instrumentations disagree).
-pub fn get_i64(attrs: &[KeyValue], key: &str) -> Option<i64> {
+pub(crate) fn get_i64(attrs: &[KeyValue], key: &str) -> Option<i64> {
     match get(attrs, key)? {
         Value::IntValue(i) => Some(*i),
         Value::DoubleValue(d) if d.is_finite() => Some(*d as i64),
@@ -41,13 +41,13 @@ pub fn get_i64(attrs: &[KeyValue], key: &str) -> Option<i64> {
 }
 
 /// The first of `keys` that holds an integer.
-pub fn first_i64(attrs: &[KeyValue], keys: &[&str]) -> Option<i64> {
+pub(crate) fn first_i64(attrs: &[KeyValue], keys: &[&str]) -> Option<i64> {
     keys.iter().find_map(|k| get_i64(attrs, k))
 }
 
 /// A captured HTTP header: semantic conventions store a string array, older instrumentations a
 /// plain string. The first value is returned.
-pub fn header<'a>(attrs: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
+pub(crate) fn header<'a>(attrs: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
     match get(attrs, key)? {
         Value::ArrayValue(arr) => arr
             .values
@@ -70,12 +70,12 @@ fn scalar_str(v: &Value) -> Option<Cow<'_, str>> {
 
 /// Logfire's placeholder for a value it judged sensitive: `[Scrubbed due to 'auth']`. Such a
 /// value is not data: it must never become a name, a key or part of a hash.
-pub fn is_scrubbed(s: &str) -> bool {
+pub(crate) fn is_scrubbed(s: &str) -> bool {
     s.trim_start().starts_with("[Scrubbed due to ")
 }
 
 /// Whether any string inside `v` (keys included) is a scrubbed placeholder.
-pub fn holds_scrubbed(v: &serde_json::Value) -> bool {
+pub(crate) fn holds_scrubbed(v: &serde_json::Value) -> bool {
     use serde_json::Value as J;
     match v {
         J::String(s) => is_scrubbed(s),
@@ -87,7 +87,7 @@ pub fn holds_scrubbed(v: &serde_json::Value) -> bool {
 
 /// Converts an attribute value into JSON, for attributes that carry structured content as
 /// OTLP maps instead of JSON strings (`gen_ai.tool.call.arguments` may be either).
-pub fn to_json(v: &Value) -> serde_json::Value {
+pub(crate) fn to_json(v: &Value) -> serde_json::Value {
     use serde_json::Value as J;
     match v {
         Value::StringValue(s) => J::String(s.clone()),

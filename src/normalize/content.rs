@@ -35,7 +35,7 @@ impl ResultShape {
 
 /// Measures a captured result value (a JSON string in every source seen so far). Parses only
 /// as deep as needed, borrowing from the input: no value tree is built.
-pub fn measure_result(raw: &str) -> ResultShape {
+pub(crate) fn measure_result(raw: &str) -> ResultShape {
     let bytes = raw.len() as i64;
     // Parsed one level at a time; malformed JSON surfaces as an error at the top level.
     match top_node(raw.trim()) {
@@ -285,7 +285,7 @@ fn top_level_items(t: &str) -> Option<u64> {
 
 /// A 16-byte fingerprint of the canonical form of a tool's arguments (keys sorted, no
 /// whitespace), so equal arguments hash equally whatever their key order.
-pub fn args_hash(args: &Value) -> [u8; 16] {
+pub(crate) fn args_hash(args: &Value) -> [u8; 16] {
     let mut canon = String::new();
     canonical_json(args, &mut canon);
     let digest = Sha256::digest(canon.as_bytes());
@@ -325,7 +325,7 @@ fn canonical_json(v: &Value, out: &mut String) {
 }
 
 /// Parses captured arguments: a JSON string, or already structured.
-pub fn parse_args(raw: &str) -> Value {
+pub(crate) fn parse_args(raw: &str) -> Value {
     serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
 }
 
@@ -340,7 +340,7 @@ pub struct Redactor {
     pub max_bytes: usize,
 }
 
-pub const REDACTED: &str = "[REDACTED]";
+pub(crate) const REDACTED: &str = "[REDACTED]";
 
 impl Redactor {
     /// A redacted, size-bounded JSON copy of `v`. Values under secret-named keys are replaced;

@@ -13,15 +13,15 @@ use sha2::Digest;
 use super::Normalized;
 
 /// Bound of a name-like key (service, instance, tool, method, model, upstream, error type, …).
-pub const MAX_NAME_BYTES: usize = 256;
+pub(crate) const MAX_NAME_BYTES: usize = 256;
 /// Bound of a session key (a trace id is 32 hex digits; a UUID 36 characters).
-pub const MAX_SESSION_BYTES: usize = 128;
+pub(crate) const MAX_SESSION_BYTES: usize = 128;
 
 /// Length of the `~` + hex hash suffix of a cut key.
 const SUFFIX_BYTES: usize = 17;
 
 /// Puts `s` in its stored form (see the module docs); true when it had to be cut.
-pub fn canonicalize(s: &mut String, max: usize) -> bool {
+pub(crate) fn canonicalize(s: &mut String, max: usize) -> bool {
     debug_assert!(max > SUFFIX_BYTES);
     if s.contains('\0') {
         *s = s.replace('\0', "\u{FFFD}");
@@ -41,14 +41,15 @@ pub fn canonicalize(s: &mut String, max: usize) -> bool {
 }
 
 /// The stored form of `s`, as a new string.
-pub fn canonical(s: &str, max: usize) -> String {
+#[cfg(test)]
+pub(crate) fn canonical(s: &str, max: usize) -> String {
     let mut s = s.to_owned();
     canonicalize(&mut s, max);
     s
 }
 
 /// Puts every key of `records` in its stored form; returns how many had to be cut.
-pub fn canonicalize_records(records: &mut Normalized) -> u64 {
+pub(crate) fn canonicalize_records(records: &mut Normalized) -> u64 {
     let mut cut = 0u64;
     let mut name = |s: &mut String| cut += u64::from(canonicalize(s, MAX_NAME_BYTES));
     let span = |s: &mut super::SpanRef, name: &mut dyn FnMut(&mut String)| {

@@ -4,10 +4,10 @@
 //! call, an upstream HTTP call, a counted drop (not telemetry toolsight models) or a counted
 //! rejection (malformed: reported back to the client in `partial_success`).
 
-pub mod attrs;
+pub(crate) mod attrs;
 pub mod cardinality;
-pub mod content;
-pub mod keys;
+pub(crate) mod content;
+pub(crate) mod keys;
 pub mod ratelimit;
 mod sources;
 

@@ -35,7 +35,7 @@ pub(super) struct Inner<'a> {
 }
 
 impl<'a> Inner<'a> {
-    pub fn of(s: &'a Span) -> Option<Self> {
+    pub(super) fn of(s: &'a Span) -> Option<Self> {
         Some(Inner {
             span_id: s.span_id.as_slice().try_into().ok()?,
             request_id: request_id(&s.attributes),
@@ -458,7 +458,7 @@ fn outcome(
 
 /// The error type of a call a rate limiter refused (FastMCP's `RateLimitingMiddleware` raises
 /// `RateLimitError` before the tool is resolved; JSON-RPC servers answer "rate limit exceeded").
-pub const RATE_LIMITED: &str = "rate_limited";
+pub(super) const RATE_LIMITED: &str = "rate_limited";
 
 fn mentions_rate_limit(s: &str) -> bool {
     let s = s.to_ascii_lowercase();

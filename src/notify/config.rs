@@ -65,14 +65,6 @@ impl Default for Notify {
     }
 }
 
-/// What a receiver is, for routing and grouping decisions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReceiverKind {
-    Webhook,
-    Email,
-    Alertmanager,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SmtpTls {
@@ -153,14 +145,6 @@ impl ReceiverConfig {
             ReceiverConfig::Webhook(r) => &r.name,
             ReceiverConfig::Email(r) => &r.name,
             ReceiverConfig::Alertmanager(r) => &r.name,
-        }
-    }
-
-    pub fn kind(&self) -> ReceiverKind {
-        match self {
-            ReceiverConfig::Webhook(_) => ReceiverKind::Webhook,
-            ReceiverConfig::Email(_) => ReceiverKind::Email,
-            ReceiverConfig::Alertmanager(_) => ReceiverKind::Alertmanager,
         }
     }
 

@@ -34,7 +34,7 @@ pub struct GroupAlert {
 
 /// A group's persisted state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Group {
+pub(crate) struct Group {
     pub labels: BTreeMap<String, String>,
     pub alerts: BTreeMap<String, GroupAlert>,
     pub flush_at: Option<DateTime<Utc>>,
@@ -50,7 +50,7 @@ fn add(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
 
 impl Group {
     /// An alert changed (fired or resolved): schedule the group's next send.
-    pub fn update(&mut self, mut alert: GroupAlert, timing: &Timing, now: DateTime<Utc>) {
+    pub(crate) fn update(&mut self, mut alert: GroupAlert, timing: &Timing, now: DateTime<Utc>) {
         self.timing = Some(*timing);
         if let Some(old) = self.alerts.get(&alert.fingerprint) {
             alert.notified = old.notified;
@@ -76,7 +76,7 @@ impl Group {
     /// At `now`, if the group is due: the alerts to send (silenced ones left out). The state
     /// is advanced as if the notification was sent; the caller writes it to the outbox in the
     /// same transaction that saves this state.
-    pub fn flush(
+    pub(crate) fn flush(
         &mut self,
         timing: &Timing,
         now: DateTime<Utc>,
@@ -148,7 +148,7 @@ impl Group {
         (!send.is_empty()).then_some(send)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.alerts.is_empty()
     }
 }

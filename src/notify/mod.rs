@@ -6,10 +6,10 @@
 
 pub mod config;
 pub mod deliver;
-pub mod group;
+pub(crate) mod group;
 pub mod payload;
-pub mod route;
-pub mod run;
+pub(crate) mod route;
+pub(crate) mod run;
 
 /// Why routing or queueing notifications failed.
 #[derive(Debug, thiserror::Error)]

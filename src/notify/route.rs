@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use sha2::Digest;
 
-use super::config::{Notify, ReceiverConfig, ReceiverKind};
+use super::config::{Notify, ReceiverConfig};
 
 /// A label matcher: `name=value`, `name!=value`, `name=~regex`, `name!~regex` (regexes are
 /// anchored, as in Alertmanager).
 #[derive(Debug, Clone)]
-pub struct Matcher {
+pub(crate) struct Matcher {
     pub name: String,
     pub op: Op,
     pub value: String,
@@ -18,7 +18,7 @@ pub struct Matcher {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Eq,
     NotEq,
     Re,
@@ -79,7 +79,7 @@ impl std::fmt::Display for Matcher {
 
 impl Matcher {
     /// Whether the labels satisfy the matcher (a missing label is the empty string).
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let v = labels.get(&self.name).map(String::as_str).unwrap_or("");
         match self.op {
             Op::Eq => v == self.value,
@@ -90,14 +90,14 @@ impl Matcher {
     }
 }
 
-pub fn all_match(matchers: &[Matcher], labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn all_match(matchers: &[Matcher], labels: &BTreeMap<String, String>) -> bool {
     matchers.iter().all(|m| m.matches(labels))
 }
 
 /// When a group is sent: Alertmanager's `group_wait`, `group_interval`, `repeat_interval` and
 /// `send_resolved`; `resolved_for` keeps resolved alerts in the group (Alertmanager pushes).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Timing {
+pub(crate) struct Timing {
     pub group_wait: Duration,
     pub group_interval: Duration,
     pub repeat_interval: Duration,
@@ -107,9 +107,8 @@ pub struct Timing {
 
 /// A resolved route: where an alert goes and how it is grouped.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     pub receiver: String,
-    pub kind: ReceiverKind,
     matchers: Vec<Matcher>,
     /// Empty with `per_alert`: one group per alert.
     pub group_by: Vec<String>,
@@ -120,19 +119,14 @@ pub struct Route {
 
 /// The routing table built from the configuration (validated beforehand).
 #[derive(Debug, Clone, Default)]
-pub struct Routes {
+pub(crate) struct Routes {
     specific: Vec<Route>,
     default: Option<Route>,
 }
 
 impl Routes {
-    pub fn new(n: &Notify) -> Routes {
-        let kind_of = |name: &str| {
-            n.receivers
-                .iter()
-                .find(|r| r.name() == name)
-                .map(|r| (r.kind(), r))
-        };
+    pub(crate) fn new(n: &Notify) -> Routes {
+        let receiver_of = |name: &str| n.receivers.iter().find(|r| r.name() == name);
         let make = |receiver: &str,
                     matchers: &[String],
                     group_by: Option<&Vec<String>>,
@@ -142,10 +136,9 @@ impl Routes {
                     resolved: Option<bool>,
                     cont: bool|
          -> Option<Route> {
-            let (kind, r) = kind_of(receiver)?;
+            let r = receiver_of(receiver)?;
             let mut route = Route {
                 receiver: receiver.to_owned(),
-                kind,
                 matchers: matchers.iter().filter_map(|m| m.parse().ok()).collect(),
                 group_by: group_by.cloned().unwrap_or_else(|| n.group_by.clone()),
                 per_alert: false,
@@ -195,7 +188,7 @@ impl Routes {
     }
 
     /// The routes an alert with these labels takes (none: it is not sent anywhere).
-    pub fn of(&self, labels: &BTreeMap<String, String>) -> Vec<&Route> {
+    pub(crate) fn of(&self, labels: &BTreeMap<String, String>) -> Vec<&Route> {
         let mut out = Vec::new();
         for r in &self.specific {
             if all_match(&r.matchers, labels) {
@@ -215,7 +208,7 @@ impl Routes {
 }
 
 /// An alert's identity: a hash of its labels (16 hex digits, like Alertmanager's).
-pub fn fingerprint(labels: &BTreeMap<String, String>) -> String {
+pub(crate) fn fingerprint(labels: &BTreeMap<String, String>) -> String {
     let mut h = sha2::Sha256::new();
     for (k, v) in labels {
         h.update(k.as_bytes());
@@ -228,7 +221,7 @@ pub fn fingerprint(labels: &BTreeMap<String, String>) -> String {
 
 impl Route {
     /// The group an alert belongs to on this route: its key and labels.
-    pub fn group_of(
+    pub(crate) fn group_of(
         &self,
         labels: &BTreeMap<String, String>,
     ) -> (String, BTreeMap<String, String>) {
@@ -280,27 +273,23 @@ mod tests {
         assert!("=x".parse::<Matcher>().is_err());
     }
 
-    fn receiver(name: &str, kind: ReceiverKind) -> ReceiverConfig {
-        toml::from_str(&format!(
-            "name = \"{name}\"\n{}",
-            match kind {
-                ReceiverKind::Webhook => "type = \"webhook\"\nurl = \"http://127.0.0.1:1/\"",
-                ReceiverKind::Email => "type = \"email\"",
-                ReceiverKind::Alertmanager => {
-                    "type = \"alertmanager\"\nurls = [\"http://127.0.0.1:9093\"]"
-                }
-            }
-        ))
-        .unwrap()
+    /// A receiver of `kind` ("webhook", "email" or "alertmanager") with what it needs.
+    fn receiver(name: &str, kind: &str) -> ReceiverConfig {
+        let needs = match kind {
+            "webhook" => "url = \"http://127.0.0.1:1/\"",
+            "alertmanager" => "urls = [\"http://127.0.0.1:9093\"]",
+            _ => "",
+        };
+        toml::from_str(&format!("name = \"{name}\"\ntype = \"{kind}\"\n{needs}")).unwrap()
     }
 
     #[test]
     fn routes_first_match_continue_and_default() {
         let n = Notify {
             receivers: vec![
-                receiver("ops", ReceiverKind::Webhook),
-                receiver("pager", ReceiverKind::Webhook),
-                receiver("am", ReceiverKind::Alertmanager),
+                receiver("ops", "webhook"),
+                receiver("pager", "webhook"),
+                receiver("am", "alertmanager"),
             ],
             receiver: "ops".into(),
             routes: vec![
@@ -342,7 +331,7 @@ mod tests {
         assert!(am.per_alert && am.timing.resolved_for.is_some());
 
         let only_default = Routes::new(&Notify {
-            receivers: vec![receiver("ops", ReceiverKind::Webhook)],
+            receivers: vec![receiver("ops", "webhook")],
             receiver: "ops".into(),
             ..Default::default()
         });

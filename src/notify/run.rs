@@ -23,10 +23,10 @@ use crate::store::{alerts, notify as store};
 const EVENTS_PER_TICK: i64 = 1000;
 
 /// The silences in force at `now`, parsed.
-pub struct Silenced(Vec<(i64, Vec<Matcher>)>);
+pub(crate) struct Silenced(Vec<(i64, Vec<Matcher>)>);
 
 impl Silenced {
-    pub async fn load(pool: &PgPool, now: DateTime<Utc>) -> Result<Silenced, NotifyError> {
+    pub(crate) async fn load(pool: &PgPool, now: DateTime<Utc>) -> Result<Silenced, NotifyError> {
         let rows = store::silences(pool, now).await?;
         Ok(Silenced(
             rows.into_iter()
@@ -42,7 +42,7 @@ impl Silenced {
     }
 
     /// The silences that silence these labels.
-    pub fn by(&self, labels: &std::collections::BTreeMap<String, String>) -> Vec<i64> {
+    pub(crate) fn by(&self, labels: &std::collections::BTreeMap<String, String>) -> Vec<i64> {
         self.0
             .iter()
             .filter(|(_, m)| !m.is_empty() && route::all_match(m, labels))
@@ -51,7 +51,7 @@ impl Silenced {
     }
 }
 
-pub struct Notifier {
+pub(crate) struct Notifier {
     pool: PgPool,
     routes: Routes,
     links: Links,
@@ -60,7 +60,7 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn new(pool: PgPool, settings: &Notify) -> Notifier {
+    pub(crate) fn new(pool: PgPool, settings: &Notify) -> Notifier {
         Notifier {
             routes: Routes::new(settings),
             links: Links {
@@ -78,7 +78,7 @@ impl Notifier {
     }
 
     /// Loads the persisted groups (at start, or on becoming the notifier).
-    pub async fn restore(&mut self) -> Result<usize, NotifyError> {
+    pub(crate) async fn restore(&mut self) -> Result<usize, NotifyError> {
         self.groups.clear();
         for (receiver, key, state) in store::load_groups(&self.pool).await? {
             match serde_json::from_value::<Group>(state.0) {
@@ -95,7 +95,7 @@ impl Notifier {
 
     /// Routes new alert events into groups and writes the notifications of the groups due at
     /// `now` to the outbox, all in one transaction. Returns the outbox rows written.
-    pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, NotifyError> {
+    pub(crate) async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, NotifyError> {
         let mut tx = self
             .pool
             .begin()
@@ -209,7 +209,7 @@ impl Notifier {
 
 /// The notifier loop. The replica holding the `toolsight-notifier` lock routes, groups and
 /// delivers; the others stand by and take over when its connection dies.
-pub async fn run(
+pub(crate) async fn run(
     settings: Arc<Notify>,
     pool: PgPool,
     opts: PgConnectOptions,

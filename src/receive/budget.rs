@@ -20,7 +20,7 @@ use super::ReceiveError;
 const MAX_DEPTH: usize = 64;
 
 /// The shared budget of decoded memory, in KiB (a semaphore's permits).
-pub struct Budget {
+pub(crate) struct Budget {
     kib: Arc<Semaphore>,
     total_kib: usize,
 }
@@ -31,7 +31,7 @@ pub struct Reserved(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl Budget {
     /// A budget of `bytes` shared by every export in progress; one export may take half of it.
-    pub fn new(bytes: usize) -> Budget {
+    pub(crate) fn new(bytes: usize) -> Budget {
         let total_kib = (bytes / 1024).clamp(2, Semaphore::MAX_PERMITS);
         Budget {
             kib: Arc::new(Semaphore::new(total_kib)),
@@ -40,13 +40,13 @@ impl Budget {
     }
 
     /// The most one export may take, in bytes.
-    pub fn per_export(&self) -> usize {
+    pub(crate) fn per_export(&self) -> usize {
         self.total_kib / 2 * 1024
     }
 
     /// Reserves `estimate` bytes: too large for any export is the client's error (413 /
     /// INVALID_ARGUMENT); no room now, because of the exports in progress, is retryable.
-    pub fn reserve(&self, estimate: usize) -> Result<Reserved, ReceiveError> {
+    pub(crate) fn reserve(&self, estimate: usize) -> Result<Reserved, ReceiveError> {
         if estimate > self.per_export() {
             return Err(ReceiveError::TooLargeDecoded {
                 estimate,
@@ -64,7 +64,7 @@ impl Budget {
 
 /// Bytes a JSON export takes once decoded, at most: every object is counted as the largest
 /// message it could be, plus the text itself (strings are no longer decoded than encoded).
-pub fn estimate_json(body: &[u8]) -> usize {
+pub(crate) fn estimate_json(body: &[u8]) -> usize {
     let objects = body.iter().filter(|&&b| b == b'{').count();
     let largest = size_of::<Span>()
         .max(size_of::<KeyValue>() + size_of::<AnyValue>())
@@ -75,7 +75,7 @@ pub fn estimate_json(body: &[u8]) -> usize {
 
 /// Bytes a protobuf `ExportTraceServiceRequest` takes once decoded, from a scan of its message
 /// tree (no allocation); malformed nesting is refused here already.
-pub fn estimate_protobuf(body: &[u8]) -> Result<usize, ReceiveError> {
+pub(crate) fn estimate_protobuf(body: &[u8]) -> Result<usize, ReceiveError> {
     let mut scan = Scan::default();
     scan.message(body, Kind::Request, 0)
         .map_err(|e| ReceiveError::Malformed(format!("protobuf: {e}")))?;

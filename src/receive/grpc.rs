@@ -35,7 +35,7 @@ fn to_status(e: &ReceiveError) -> Status {
 }
 
 /// A decoded export and the decoded memory it holds from the budget.
-pub struct Bounded {
+pub(crate) struct Bounded {
     req: ExportTraceServiceRequest,
     reserved: Reserved,
 }
@@ -240,7 +240,7 @@ fn decode_errors_are_permanent<B>(
 
 /// Limits of the gRPC receiver.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Largest message, decompressed.
     pub max_decoded_bytes: usize,
     /// Time one export may take, from its headers to its answer: a stream that sends its headers
@@ -250,7 +250,7 @@ pub struct Limits {
 }
 
 /// Serves OTLP/gRPC on the connections of `conns` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     conns: tokio::sync::mpsc::Receiver<crate::listener::Conn>,
     ingest: Arc<Ingest>,
     limits: Limits,

@@ -21,7 +21,7 @@ const TRANSPORT_JSON: &str = "http_json";
 
 /// Size limits of the HTTP receiver.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Largest request body as sent (compressed).
     pub max_body_bytes: usize,
     /// Largest request body after decompression.
@@ -38,7 +38,7 @@ const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The body format of an OTLP/HTTP export.
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub enum Format {
+pub(crate) enum Format {
     Protobuf,
     Json,
 }
@@ -74,7 +74,7 @@ struct AppState {
 }
 
 /// The OTLP/HTTP router.
-pub fn router(ingest: Arc<Ingest>, limits: Limits) -> Router {
+pub(crate) fn router(ingest: Arc<Ingest>, limits: Limits) -> Router {
     let state = AppState { ingest, limits };
     Router::new()
         .route("/v1/traces", post(export))
@@ -311,7 +311,11 @@ fn error_response(state: &AppState, format: Format, e: ReceiveError) -> Response
 
 /// Decompresses per the `Content-Encoding` value (`""` when absent), refusing output beyond
 /// `limit` bytes (no decompression bombs: reading stops at the limit).
-pub fn decompress(encoding: &str, body: &Bytes, limit: usize) -> Result<Bytes, ReceiveError> {
+pub(crate) fn decompress(
+    encoding: &str,
+    body: &Bytes,
+    limit: usize,
+) -> Result<Bytes, ReceiveError> {
     let encoding = encoding.trim().to_ascii_lowercase();
     let reader: Box<dyn Read + '_> = match encoding.as_str() {
         "" | "identity" => {
@@ -340,7 +344,10 @@ pub fn decompress(encoding: &str, body: &Bytes, limit: usize) -> Result<Bytes, R
 }
 
 /// Decodes an (already decompressed) export body.
-pub fn decode(format: Format, body: &[u8]) -> Result<ExportTraceServiceRequest, ReceiveError> {
+pub(crate) fn decode(
+    format: Format,
+    body: &[u8],
+) -> Result<ExportTraceServiceRequest, ReceiveError> {
     match format {
         Format::Protobuf => ExportTraceServiceRequest::decode(body)
             .map_err(|e| ReceiveError::Malformed(format!("protobuf: {e}"))),

@@ -1,9 +1,9 @@
 //! OTLP receivers (gRPC and HTTP) and the one place their errors map to protocol statuses.
 
 pub mod auth;
-pub mod budget;
-pub mod grpc;
-pub mod http;
+pub(crate) mod budget;
+pub(crate) mod grpc;
+pub(crate) mod http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -72,7 +72,7 @@ pub struct MethodRow {
     pub counted: bool,
 }
 
-pub const UNKNOWN_TOOL: &str = "(unknown)";
+pub(crate) const UNKNOWN_TOOL: &str = "(unknown)";
 
 fn severity(o: Outcome) -> u8 {
     match o {
@@ -87,7 +87,7 @@ fn worst(a: Outcome, b: Outcome) -> Outcome {
 }
 
 /// The state every row of one trace should have (rows of one trace, in any order). Pure.
-pub fn resolve_tools(rows: &[ToolRow]) -> Vec<ToolState> {
+pub(crate) fn resolve_tools(rows: &[ToolRow]) -> Vec<ToolState> {
     let by_id: HashMap<SpanId, usize> = rows
         .iter()
         .enumerate()
@@ -249,7 +249,9 @@ impl ToolRow {
 /// its other side, every uncounted one nested in a call of the batch): once all of the batch's
 /// rows are stored as new, nothing stored before can change them, and the join after the commit
 /// need not read them.
-pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) -> HashSet<TraceId> {
+pub(crate) fn prejoin<'a>(
+    batches: impl IntoIterator<Item = &'a mut Normalized>,
+) -> HashSet<TraceId> {
     let mut complete = HashSet::new();
     let mut calls: Vec<&mut ToolCall> = batches
         .into_iter()
@@ -286,7 +288,7 @@ pub fn prejoin<'a>(batches: impl IntoIterator<Item = &'a mut Normalized>) -> Has
 }
 
 /// Which client requests of one trace are nested in another of the same method. Pure.
-pub fn resolve_methods(rows: &[MethodRow]) -> Vec<bool> {
+pub(crate) fn resolve_methods(rows: &[MethodRow]) -> Vec<bool> {
     let by_id: HashMap<SpanId, &MethodRow> = rows.iter().map(|r| (r.span_id, r)).collect();
     rows.iter()
         .map(|r| {
@@ -299,7 +301,7 @@ pub fn resolve_methods(rows: &[MethodRow]) -> Vec<bool> {
 
 /// The traces of a batch that may hold something to join: its tool calls, and its client MCP
 /// requests (a nested `MCP send` may arrive before or after the span it is nested in).
-pub fn traces_of<'a>(
+pub(crate) fn traces_of<'a>(
     batches: impl IntoIterator<Item = &'a Normalized>,
     complete: &HashSet<TraceId>,
 ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
@@ -341,7 +343,7 @@ fn id<const N: usize>(b: Option<Vec<u8>>) -> Option<[u8; N]> {
 
 /// What one join changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Joined {
+pub(crate) struct Joined {
     /// Client/server pairs newly joined.
     pub pairs: u64,
     /// Client spans newly found nested in another (left out of the rollups from now on).
@@ -350,7 +352,7 @@ pub struct Joined {
 
 /// Joins the stored calls of these traces and merges the rollup changes into `shard`, in the
 /// caller's transaction.
-pub async fn join(
+pub(crate) async fn join(
     conn: &mut PgConnection,
     tool_traces: &[Vec<u8>],
     method_traces: &[Vec<u8>],

@@ -10,7 +10,7 @@ use crate::normalize::cardinality::OVERFLOW;
 
 /// Per (minute, service, tool, side): call counts from `tool_rollup_1m`.
 #[derive(Debug, Default)]
-pub struct ToolMinutes {
+pub(crate) struct ToolMinutes {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub tool: Vec<String>,
@@ -23,7 +23,7 @@ pub struct ToolMinutes {
 
 /// Per (minute, service, tool, side, bucket): latency histogram counts, non-zero buckets only.
 #[derive(Debug, Default)]
-pub struct HistMinutes {
+pub(crate) struct HistMinutes {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub tool: Vec<String>,
@@ -34,7 +34,7 @@ pub struct HistMinutes {
 
 /// Per (minute, service, upstream): calls, 429s and the lowest remaining / limit.
 #[derive(Debug, Default)]
-pub struct UpstreamMinutes {
+pub(crate) struct UpstreamMinutes {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub upstream: Vec<String>,
@@ -45,7 +45,7 @@ pub struct UpstreamMinutes {
 
 /// Per (second, service, tool, session, arguments hash): identical calls and failed ones.
 #[derive(Debug, Default)]
-pub struct CallSeconds {
+pub(crate) struct CallSeconds {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub tool: Vec<String>,
@@ -59,7 +59,7 @@ pub struct CallSeconds {
 
 /// Per (second, service, session): LLM tokens.
 #[derive(Debug, Default)]
-pub struct TokenSeconds {
+pub(crate) struct TokenSeconds {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub session: Vec<String>,
@@ -67,7 +67,7 @@ pub struct TokenSeconds {
 }
 
 /// `tool_rollup_1m` minutes in [from, to).
-pub async fn tool_minutes(
+pub(crate) async fn tool_minutes(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -98,7 +98,7 @@ pub async fn tool_minutes(
 }
 
 /// The latency histograms of `tool_rollup_1m` in [from, to), one row per non-empty bucket.
-pub async fn hist_minutes(
+pub(crate) async fn hist_minutes(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -126,7 +126,7 @@ pub async fn hist_minutes(
 }
 
 /// `upstream_rollup_1m` minutes in [from, to).
-pub async fn upstream_minutes(
+pub(crate) async fn upstream_minutes(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -155,7 +155,7 @@ pub async fn upstream_minutes(
 
 /// Tool calls in [from, to) counted per second and identical call (retry loops): the calls
 /// [`super::alerts::LOOP_CALLS`] counts, as the live rule does.
-pub async fn call_seconds(
+pub(crate) async fn call_seconds(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -193,7 +193,7 @@ pub async fn call_seconds(
 }
 
 /// LLM tokens in [from, to) per second and session (token burn).
-pub async fn token_seconds(
+pub(crate) async fn token_seconds(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,

@@ -9,14 +9,14 @@
 pub mod alerts;
 pub mod cluster;
 pub mod copy;
-pub mod correlate;
+pub(crate) mod correlate;
 #[cfg(feature = "backtest")]
-pub mod history;
-pub mod notify;
+pub(crate) mod history;
+pub(crate) mod notify;
 pub mod queries;
 pub mod retention;
 pub mod rollup;
-pub mod stats;
+pub(crate) mod stats;
 pub mod writer;
 
 use std::time::Duration;

@@ -10,10 +10,8 @@ use super::StoreError;
 
 /// An alert event waiting to be routed.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct EventRow {
+pub(crate) struct EventRow {
     pub id: i64,
-    pub alert: String,
-    pub key: String,
     pub labels: Json<BTreeMap<String, String>>,
     pub annotations: Json<BTreeMap<String, String>>,
     pub status: String,
@@ -24,12 +22,12 @@ pub struct EventRow {
 }
 
 /// The oldest events not yet routed, locked for this transaction.
-pub async fn undispatched_events(
+pub(crate) async fn undispatched_events(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<EventRow>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, alert, key, labels, annotations, status, value, threshold, since, at
+        "SELECT id, labels, annotations, status, value, threshold, since, at
          FROM alert_events WHERE NOT dispatched ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
@@ -37,7 +35,10 @@ pub async fn undispatched_events(
     .await?)
 }
 
-pub async fn mark_dispatched(conn: &mut PgConnection, ids: &[i64]) -> Result<(), StoreError> {
+pub(crate) async fn mark_dispatched(
+    conn: &mut PgConnection,
+    ids: &[i64],
+) -> Result<(), StoreError> {
     sqlx::query("UPDATE alert_events SET dispatched = true WHERE id = ANY($1)")
         .bind(ids)
         .execute(conn)
@@ -46,7 +47,7 @@ pub async fn mark_dispatched(conn: &mut PgConnection, ids: &[i64]) -> Result<(),
 }
 
 /// Every aggregation group: (receiver, group key, state).
-pub async fn load_groups(
+pub(crate) async fn load_groups(
     pool: &PgPool,
 ) -> Result<Vec<(String, String, Json<serde_json::Value>)>, StoreError> {
     Ok(
@@ -56,7 +57,7 @@ pub async fn load_groups(
     )
 }
 
-pub async fn save_group(
+pub(crate) async fn save_group(
     conn: &mut PgConnection,
     receiver: &str,
     group_key: &str,
@@ -76,7 +77,7 @@ pub async fn save_group(
     Ok(())
 }
 
-pub async fn delete_group(
+pub(crate) async fn delete_group(
     conn: &mut PgConnection,
     receiver: &str,
     group_key: &str,
@@ -89,7 +90,7 @@ pub async fn delete_group(
     Ok(())
 }
 
-pub async fn insert_outbox(
+pub(crate) async fn insert_outbox(
     conn: &mut PgConnection,
     receiver: &str,
     target: &str,
@@ -121,7 +122,7 @@ pub struct OutboxRow {
 }
 
 /// A receiver's pending notifications in order (the due ones first in line per target).
-pub async fn pending_outbox(
+pub(crate) async fn pending_outbox(
     pool: &PgPool,
     receiver: &str,
     limit: i64,
@@ -136,7 +137,7 @@ pub async fn pending_outbox(
     .await?)
 }
 
-pub async fn mark_delivered(pool: &PgPool, id: i64) -> Result<(), StoreError> {
+pub(crate) async fn mark_delivered(pool: &PgPool, id: i64) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE notify_outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = now(), last_error = NULL WHERE id = $1",
     )
@@ -146,7 +147,7 @@ pub async fn mark_delivered(pool: &PgPool, id: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub async fn mark_retry(
+pub(crate) async fn mark_retry(
     pool: &PgPool,
     id: i64,
     next_attempt_at: DateTime<Utc>,
@@ -163,7 +164,7 @@ pub async fn mark_retry(
     Ok(())
 }
 
-pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), StoreError> {
+pub(crate) async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE notify_outbox SET status = 'failed', attempts = attempts + 1, last_error = $2 WHERE id = $1",
     )
@@ -175,7 +176,7 @@ pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), Stor
 }
 
 /// Pending notifications (for `/metrics`).
-pub async fn outbox_pending(pool: &PgPool) -> Result<i64, StoreError> {
+pub(crate) async fn outbox_pending(pool: &PgPool) -> Result<i64, StoreError> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM notify_outbox WHERE status = 'pending'")
             .fetch_one(pool)
@@ -195,7 +196,7 @@ pub struct Silence {
     pub created_at: DateTime<Utc>,
 }
 
-pub async fn create_silence(
+pub(crate) async fn create_silence(
     pool: &PgPool,
     matchers: &[String],
     starts_at: DateTime<Utc>,
@@ -217,7 +218,10 @@ pub async fn create_silence(
 }
 
 /// Silences that end after `since` (active and pending ones, and recently expired ones).
-pub async fn silences(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<Silence>, StoreError> {
+pub(crate) async fn silences(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+) -> Result<Vec<Silence>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT id, matchers, starts_at, ends_at, created_by, comment, created_at
          FROM silences WHERE ends_at > $1 ORDER BY id",
@@ -228,7 +232,7 @@ pub async fn silences(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<Silence
 }
 
 /// Ends a silence now; false when it does not exist or already ended.
-pub async fn expire_silence(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
+pub(crate) async fn expire_silence(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
     let r = sqlx::query("UPDATE silences SET ends_at = now() WHERE id = $1 AND ends_at > now()")
         .bind(id)
         .execute(pool)

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use super::StoreError;
 
 /// Writes one sampling of (metric, labels, value) for `instance` at `at`.
-pub async fn record(
+pub(crate) async fn record(
     pool: &PgPool,
     at: DateTime<Utc>,
     instance: &str,
