@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod evaluate;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -49,6 +49,14 @@ pub(crate) enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// See every alert kind fire and resolve in minutes: the service on a fresh `toolsight_demo`
+    /// database with short-window demo rules, fed the incidents scenario, each alert printed as
+    /// it fires and resolves.
+    Demo {
+        /// Length of the traffic (healthy, incidents, healthy again: a third each).
+        #[arg(long, default_value = "6m")]
+        duration: humantime::Duration,
+    },
     /// Alert rule files.
     Rules {
         #[command(subcommand)]

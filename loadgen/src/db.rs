@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{Connection, PgPool};
 
 use anyhow::Context;
 use toolsight::normalize::Normalized;
@@ -15,16 +15,9 @@ pub async fn recreate_database(
     opts: &PgConnectOptions,
     name: &str,
 ) -> anyhow::Result<PgConnectOptions> {
-    let mut conn = opts.clone().database("postgres").connect().await?;
-    let ident = format!("\"{}\"", name.replace('"', "\"\""));
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)"))
-        .execute(&mut conn)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {ident}"))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await.ok();
-    Ok(opts.clone().database(name))
+    let opts = opts.clone().database(name);
+    toolsight::store::recreate_database(&opts).await?;
+    Ok(opts)
 }
 
 /// Records in the raw tables (every record kind).

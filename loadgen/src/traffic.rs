@@ -10,33 +10,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, span::SpanKind,
 };
 
-/// A small, fast, deterministic PRNG (SplitMix64): traffic is reproducible from its seed.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    /// A latency around `median_ms`, with a long tail (log-uniform spread of ×0.3 … ×6).
-    pub fn latency_ms(&mut self, median_ms: f64) -> f64 {
-        let u = (self.below(10_000) as f64) / 10_000.0;
-        median_ms * 0.3 * 20f64.powf(u * u)
-    }
-}
+pub use toolsight::demo::{Rng, kv, s};
 
 pub const TOOLS: &[(&str, f64)] = &[
     ("search_docs", 120.0),
@@ -56,16 +30,6 @@ pub const UPSTREAMS: &[&str] = &[
     "api.openai.com",
 ];
 
-pub(super) fn kv(key: &str, v: Value) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(v) }),
-        key_strindex: 0,
-    }
-}
-pub(super) fn s(v: impl Into<String>) -> Value {
-    Value::StringValue(v.into())
-}
 fn i(v: i64) -> Value {
     Value::IntValue(v)
 }

@@ -1,7 +1,8 @@
 //! What each command does, once `main` has parsed the arguments: `serve` and the database
-//! commands here, the admin API client (`silence`), rule backtest output (`rules`) and the tool
-//! table (`tools`).
+//! commands here, the admin API client (`silence`), rule backtest output (`rules`), the tool
+//! table (`tools`) and the demo (`demo`).
 
+mod demo;
 mod rules;
 mod silence;
 mod tools;
@@ -50,8 +51,12 @@ async fn shutdown_signal() {
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Demo { .. }) {
+        // The demo's own lines tell the story; the service speaks only of problems.
+        config.log.level = "warn".into();
+    }
     init_logging(&config);
-    if !matches!(cli.command, Command::Serve) {
+    if !matches!(cli.command, Command::Serve | Command::Demo { .. }) {
         store::cluster::use_running(&mut config.database);
     }
     match cli.command {
@@ -70,6 +75,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             result
         }
+        Command::Demo { duration } => demo::demo(config, duration.into(), shutdown_signal()).await,
         Command::Migrate => {
             app::prepare_database(&config).await?;
             eprintln!(

@@ -189,6 +189,24 @@ pub async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<bool,
     Ok(!exists)
 }
 
+/// Drops the database `opts` names (ending its sessions) and creates it empty: the demo and the
+/// benchmark start from nothing.
+pub async fn recreate_database(opts: &PgConnectOptions) -> Result<(), StoreError> {
+    let name = opts
+        .get_database()
+        .ok_or_else(|| StoreError::Url("no database name".into()))?;
+    let mut conn = opts.clone().database("postgres").connect().await?;
+    let ident = format!("\"{}\"", name.replace('"', "\"\""));
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {ident}"))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await.ok();
+    Ok(())
+}
+
 /// Applies pending migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await?;

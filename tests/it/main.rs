@@ -10,6 +10,7 @@ mod common;
 mod alerts_e2e;
 mod architecture;
 mod dashboards;
+mod demo;
 mod fastmcp_e2e;
 mod fuzz_corpus;
 mod histogram_sql;
