@@ -163,3 +163,39 @@ async fn a_first_run_without_a_database_runs_a_private_cluster_and_stops_it() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&config);
 }
+
+/// The exit status says whether trying again can help: 75 (EX_TEMPFAIL) while the database is
+/// unreachable, 1 for a configuration that is wrong.
+#[test]
+fn the_exit_status_says_whether_to_retry() {
+    let nobody = common::free_port();
+    let down = common::toolsight()
+        .arg("migrate")
+        .env_remove("TOOLSIGHT_CONFIG")
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{nobody}/toolsight"),
+        )
+        .env("TOOLSIGHT_DATABASE__CONNECT_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    assert_eq!(
+        down.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let wrong = common::toolsight()
+        .arg("config")
+        .env_remove("TOOLSIGHT_CONFIG")
+        .env("TOOLSIGHT_INGEST__WRITERS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(
+        wrong.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("ingest.writers"));
+}
