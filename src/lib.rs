@@ -4,7 +4,8 @@
 //! [`evaluate`] (alert rules over what is stored) → [`notify`] (receivers). [`app`] wires them,
 //! [`config`] configures them ([`watch`] notices the files re-read while running),
 //! [`listener`] and [`tls`] serve their connections, [`admin`] and
-//! [`metrics`] observe them. Beside the service: `fuzzing` (the fuzz targets' bodies, behind the
+//! [`metrics`] observe them; [`demo`] is the incidents scenario of `toolsight demo`. Beside the
+//! service: `fuzzing` (the fuzz targets' bodies, behind the
 //! `fuzzing` feature); the load generator and the benchmark are the `toolsight-loadgen` crate
 //! (`loadgen/`). ARCHITECTURE.md has the codemap.
 

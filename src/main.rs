@@ -141,33 +141,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("toolsight: {e:#}");
-            exit_code(&e)
+            cli::exit_code(&e)
         }
     }
-}
-
-/// 75 (`EX_TEMPFAIL`) when the failure may pass by itself (the database unreachable, a
-/// transaction that lost a conflict), so a supervisor retries; 1 when it will fail the same way
-/// until someone fixes something (a bad configuration, bad rule files, TLS files). Each layer's
-/// error says which it is.
-fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
-    use toolsight::{config, evaluate, notify, store, tls};
-    let retryable = e.chain().any(|cause| {
-        if let Some(e) = cause.downcast_ref::<store::StoreError>() {
-            e.is_retryable()
-        } else if let Some(e) = cause.downcast_ref::<config::ConfigError>() {
-            e.is_retryable()
-        } else if let Some(e) = cause.downcast_ref::<evaluate::rules::RulesError>() {
-            e.is_retryable()
-        } else if let Some(e) = cause.downcast_ref::<evaluate::backtest::BacktestError>() {
-            e.is_retryable()
-        } else if let Some(e) = cause.downcast_ref::<notify::NotifyError>() {
-            e.is_retryable()
-        } else if let Some(e) = cause.downcast_ref::<tls::TlsError>() {
-            e.is_retryable()
-        } else {
-            false
-        }
-    });
-    std::process::ExitCode::from(if retryable { 75 } else { 1 })
 }
