@@ -8,6 +8,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
 COPY alerts ./alerts
+# A workspace member must be present for the workspace to load; only the service is built.
+COPY loadgen ./loadgen
 RUN cargo build --release --locked && strip target/release/toolsight
 
 FROM debian:bookworm-slim

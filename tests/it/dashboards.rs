@@ -545,6 +545,24 @@ fn the_compose_stack_and_image_are_consistent() {
         2
     );
     assert!(dockerfile.contains("\nUSER 10001"));
+    // The build stage has what the workspace needs to load and the service to build: every
+    // workspace member, the sources, and what they embed (migrations, rule files).
+    let manifest: toml::Table = std::fs::read_to_string(repo().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let members = manifest["workspace"]["members"].as_array().unwrap();
+    let needed = members
+        .iter()
+        .filter_map(|m| m.as_str())
+        .filter(|m| *m != ".")
+        .chain(["src", "migrations", "alerts"]);
+    for dir in needed {
+        assert!(
+            dockerfile.contains(&format!("\nCOPY {dir} ./{dir}\n")),
+            "the image build does not copy {dir}/"
+        );
+    }
     let env_block = dockerfile
         .split("\nENV ")
         .nth(1)
