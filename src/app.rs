@@ -16,7 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::receive::{self, Ingest};
-use crate::store::{self, Writer, WriterConfig};
+use crate::store::{self, Writer};
 
 /// The three listening sockets, bound before the service starts (tests bind port 0).
 pub struct Listeners {
@@ -114,11 +114,7 @@ pub async fn run(
     let close_writer = CancellationToken::new();
     let (writer, writer_task) = Writer::spawn(
         &parts.opts,
-        &WriterConfig {
-            writers: config.ingest.writers,
-            batch_rows: config.ingest.batch_rows,
-            queue_rows: config.ingest.queue_rows,
-        },
+        &config.ingest,
         parts.metrics.clone(),
         close_writer.clone(),
     );

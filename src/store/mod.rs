@@ -24,7 +24,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-pub use writer::{SubmitError, Writer, WriterConfig};
+pub use writer::{SubmitError, Writer};
 
 /// The `[database]` settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

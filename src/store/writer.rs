@@ -26,8 +26,11 @@ use crate::normalize::Normalized;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Ingest {
+    /// Writer tasks, one database connection each.
     pub writers: usize,
+    /// A writer takes queued exports until it holds about this many records.
     pub batch_rows: usize,
+    /// Records the queue holds at most; a full queue answers exports with a retryable error.
     pub queue_rows: usize,
     #[serde(with = "humantime_serde")]
     pub max_span_age: Duration,
@@ -52,27 +55,6 @@ impl Default for Ingest {
             max_services: 1000,
             max_keys_per_service: 500,
             max_sessions_per_hour: 200_000,
-        }
-    }
-}
-
-/// Writer settings.
-#[derive(Debug, Clone)]
-pub struct WriterConfig {
-    /// Writer tasks, one database connection each.
-    pub writers: usize,
-    /// A writer takes queued exports until it holds about this many records.
-    pub batch_rows: usize,
-    /// Records the queue holds at most; a full queue answers exports with a retryable error.
-    pub queue_rows: usize,
-}
-
-impl Default for WriterConfig {
-    fn default() -> Self {
-        WriterConfig {
-            writers: 2,
-            batch_rows: 10_000,
-            queue_rows: 100_000,
         }
     }
 }
@@ -191,7 +173,7 @@ impl Writer {
     /// queued is written.
     pub fn spawn(
         opts: &PgConnectOptions,
-        config: &WriterConfig,
+        config: &Ingest,
         metrics: Arc<Metrics>,
         close: tokio_util::sync::CancellationToken,
     ) -> (Writer, JoinHandle<()>) {
