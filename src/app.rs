@@ -64,6 +64,14 @@ pub async fn prepare_database(config: &Config) -> anyhow::Result<sqlx::PgPool> {
         match attempt.await {
             Ok(pool) => {
                 store::migrate(&pool).await.context("applying migrations")?;
+                store::partitions::prepare(
+                    &pool,
+                    &config.retention,
+                    config.ingest.max_clock_skew,
+                    chrono::Utc::now(),
+                )
+                .await
+                .context("creating partitions")?;
                 return Ok(pool);
             }
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
@@ -115,6 +123,7 @@ pub async fn run(
     let (writer, writer_task) = Writer::spawn(
         &parts.opts,
         &config.ingest,
+        config.retention.partition,
         parts.metrics.clone(),
         close_writer.clone(),
     );
@@ -202,6 +211,15 @@ fn start_background(
         Box::pin(prune_periodically(
             pool.clone(),
             config.retention.clone(),
+            stop.clone(),
+        )),
+    );
+    spawn(
+        "partitioner",
+        Box::pin(create_partitions_ahead(
+            pool.clone(),
+            config.retention.clone(),
+            config.ingest.max_clock_skew,
             stop.clone(),
         )),
     );
@@ -444,6 +462,26 @@ async fn record_own_metrics(
     }
 }
 
+/// Creates partitions ahead of time every 10 minutes (`store::partitions::ahead`), so ingest
+/// finds them ready.
+async fn create_partitions_ahead(
+    pool: sqlx::PgPool,
+    retention: crate::store::retention::Retention,
+    max_clock_skew: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+        let now = chrono::Utc::now();
+        if let Err(e) = store::partitions::prepare(&pool, &retention, max_clock_skew, now).await {
+            tracing::warn!(error = %e, "creating partitions ahead failed; trying again in 10 minutes");
+        }
+    }
+}
+
 /// Prunes old data on `retention.every` (the first run an interval after start).
 async fn prune_periodically(
     pool: sqlx::PgPool,
@@ -464,9 +502,11 @@ async fn prune_periodically(
             &retention,
             chrono::Utc::now(),
             false,
-            |table, before, n| {
-                if n > 0 {
-                    tracing::info!(table, before = %before, rows = n, "pruned");
+            |p| {
+                if p.partition {
+                    tracing::info!(partition = p.table, before = %p.before, rows = p.rows, "dropped expired partition");
+                } else if p.rows > 0 {
+                    tracing::info!(table = p.table, before = %p.before, rows = p.rows, "pruned");
                 }
             },
         )

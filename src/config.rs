@@ -248,6 +248,13 @@ impl Config {
                 humantime::format_duration(self.ingest.max_span_age)
             ));
         }
+        let span = self.retention.partition.as_secs();
+        if span < 3600 || !span.is_multiple_of(3600) || !86_400u64.is_multiple_of(span) {
+            p.push(format!(
+                "retention.partition ({}): must be whole hours that divide a day (1h, 2h, 3h, 4h, 6h, 8h, 12h or 1d)",
+                humantime::format_duration(self.retention.partition)
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!("log.level: {e}"));
         }

@@ -13,6 +13,12 @@ pub struct GroupLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub group: String,
+    pub alert: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
     pub transport: &'static str,
 }
@@ -106,6 +112,9 @@ pub struct Metrics {
     pub scrubbed_fields: Counter,
     pub evaluations_missed: Family<GroupLabel, Counter>,
     pub evaluation_lag: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub group_duration: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub group_last_evaluation: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub rule_failures: Family<RuleLabel, Counter>,
     pub task_failures: Family<TaskLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
     pub connections_closed: Family<ConnLabel, Counter>,
@@ -150,6 +159,9 @@ impl Metrics {
             scrubbed_fields: Counter::default(),
             evaluations_missed: Family::default(),
             evaluation_lag: Family::default(),
+            group_duration: Family::default(),
+            group_last_evaluation: Family::default(),
+            rule_failures: Family::default(),
             task_failures: Family::default(),
             connections_open: Family::default(),
             connections_closed: Family::default(),
@@ -276,9 +288,24 @@ impl Metrics {
             m.keys_truncated.clone(),
         );
         registry.register(
-            "rule_evaluations_missed",
+            "rule_group_iterations_missed",
             "aligned evaluation instants of a rule group that were skipped because its previous evaluation was still running or the evaluator was late",
             m.evaluations_missed.clone(),
+        );
+        registry.register(
+            "rule_group_duration_seconds",
+            "how long the last evaluation of a rule group took, its queries and the saving of its state",
+            m.group_duration.clone(),
+        );
+        registry.register(
+            "rule_group_last_evaluation_timestamp_seconds",
+            "the aligned instant (Unix seconds) of the last evaluation of a rule group that finished",
+            m.group_last_evaluation.clone(),
+        );
+        registry.register(
+            "rule_evaluation_failures",
+            "rule evaluations that failed (a query error or timeout), by group and alert",
+            m.rule_failures.clone(),
         );
         registry.register(
             "rule_evaluation_lag_seconds",

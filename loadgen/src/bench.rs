@@ -50,9 +50,22 @@ pub struct BenchArgs {
     /// (false firings per 1,000 series-hours at 3, 30 and 300 calls a minute per series).
     #[arg(long)]
     alerts: bool,
-    /// Series per simulation (with --alerts).
+    /// Series per simulation (with --alerts), or (service, tool) series in the window (with
+    /// --rules).
     #[arg(long, default_value_t = 5000)]
     series: usize,
+    /// Instead of ingest: the cost of one evaluation of each default rule group over a window
+    /// holding `--series` (service, tool) series and `--sessions` agent sessions, seeded into a
+    /// fresh database (`toolsight_bench_rules`).
+    #[arg(long)]
+    rules: bool,
+    /// Agent sessions in the window (with --rules): each active 5 minutes of the last 30, three
+    /// distinct calls a minute, and LLM tokens.
+    #[arg(long, default_value_t = 50_000)]
+    sessions: usize,
+    /// Evaluations of each group (with --rules); the median and the slowest are reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// The `toolsight` binary under test (default: the one built beside this one).
     #[arg(long)]
     service: Option<PathBuf>,
@@ -239,9 +252,55 @@ fn alert_quality(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One evaluation of each default rule group, `rounds` times, over seeded state.
+async fn rules_cost(args: &BenchArgs) -> anyhow::Result<()> {
+    let server = store::connect_options(&args.server)?;
+    let opts = db::recreate_database(&server, "toolsight_bench_rules").await?;
+    let pool = store::query_pool(&opts, 4).await?;
+    store::migrate(&pool).await?;
+    let now = chrono::Utc::now();
+    eprintln!(
+        "== seeding {} series and {} sessions (70 minutes of rollups, 30 of agent sessions)",
+        args.series, args.sessions
+    );
+    let started = Instant::now();
+    let rows = db::seed_rule_state(&pool, now, args.series, args.sessions).await?;
+    eprintln!("   {rows} rows in {:.1} s", started.elapsed().as_secs_f64());
+    let files = toolsight::evaluate::run::load_rules(&[])?;
+    let mut ev = toolsight::evaluate::run::Evaluator::new(pool.clone(), files);
+    let groups: Vec<String> = ev.groups().iter().map(|g| g.name.clone()).collect();
+    println!(
+        "| group | series | sessions | median ms | slowest ms | rounds |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for (i, name) in groups.iter().enumerate() {
+        let mut ms = Vec::new();
+        for r in 0..args.rounds {
+            // Successive aligned instants, as the live loop evaluates them.
+            let at = now + chrono::Duration::seconds(r as i64);
+            let t = Instant::now();
+            ev.evaluate_group_at(i, at).await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "| {name} | {} | {} | {:.0} | {:.0} | {} |",
+            args.series,
+            args.sessions,
+            ms[ms.len() / 2],
+            ms[ms.len() - 1],
+            ms.len()
+        );
+    }
+    pool.close().await;
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.alerts {
         return tokio::task::spawn_blocking(move || alert_quality(&args)).await?;
+    }
+    if args.rules {
+        return rules_cost(&args).await;
     }
     let binary = service_binary(&args)?;
     let server = store::connect_options(&args.server)?;
@@ -402,6 +461,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ref_db = db::recreate_database(&server, "toolsight_bench_copyref").await?;
     let ref_pool = store::query_pool(&ref_db, 2).await?;
     store::migrate(&ref_pool).await?;
+    let retention = store::retention::Retention::default();
+    store::partitions::prepare(
+        &ref_pool,
+        &retention,
+        Duration::from_secs(3600),
+        chrono::Utc::now(),
+    )
+    .await?;
     let (copy_rows, copy_time) = db::copy_reference(&ref_pool, batches, 2).await?;
     ref_pool.close().await;
     let copy_rps = copy_rows as f64 / copy_time.as_secs_f64();

@@ -82,3 +82,78 @@ pub async fn copy_reference(
     }
     Ok((rows, started.elapsed()))
 }
+
+/// Seeds what the default rules read, as the writers would have left it after `series` (service,
+/// tool) series made 3 calls a minute for 70 minutes, and `sessions` agent sessions were each
+/// active 5 minutes of the last 30 (three distinct calls a minute, LLM tokens every minute).
+/// Returns the rows written.
+pub async fn seed_rule_state(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    series: usize,
+    sessions: usize,
+) -> anyhow::Result<u64> {
+    let mut conn = pool.acquire().await?;
+    toolsight::store::partitions::ensure(
+        &mut conn,
+        Duration::from_secs(86_400),
+        now - chrono::Duration::hours(2),
+        now + chrono::Duration::hours(1),
+    )
+    .await?;
+    let mut rows = 0;
+    // 3 calls a minute around 200 ms (buckets 55-57), one upstream per 50 tools.
+    rows += sqlx::query(
+        "INSERT INTO tool_rollup_1m (minute, service, tool, side, calls, errors, cancellations,
+             with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist,
+             shard, sized_results, counted_results, overhead_calls, overhead_us_sum)
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
+                'tool-' || s, 'server', 3, 0, 0, 3, 0, 300, 3, 600000,
+                array_fill(0::bigint, ARRAY[55]) || ARRAY[1, 1, 1]::bigint[], 0, 3, 3, 0, 0
+         FROM generate_series(0, 69) AS m, generate_series(0, $2 - 1) AS s",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO upstream_rollup_1m (minute, service, server_address, calls, rate_limited,
+             server_errors, min_remaining_ratio, latency_hist, shard)
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || s,
+                'api-' || s || '.example', 150, 0, 0, 0.5, array_fill(1::bigint, ARRAY[50]), 0
+         FROM generate_series(0, 69) AS m, generate_series(0, greatest($2 / 50, 1) - 1) AS s",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO loop_calls_1m
+         SELECT date_trunc('minute', $1::timestamptz) - ((k % 26) + d) * interval '1 minute',
+                'svc-' || (k % greatest($2 / 50, 1)), 'tool-' || (k % $2), 'session-' || k,
+                decode(lpad(to_hex(a), 32, '0'), 'hex'), 0, 1, 0, 0
+         FROM generate_series(0, $3 - 1) AS k, generate_series(0, 4) AS d, generate_series(1, 3) AS a",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(sessions as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO session_tokens_1m
+         SELECT date_trunc('minute', $1::timestamptz) - ((k % 26) + d) * interval '1 minute',
+                'svc-' || (k % greatest($2 / 50, 1)), 'session-' || k, 0, 2000 + k % 1000
+         FROM generate_series(0, $3 - 1) AS k, generate_series(0, 4) AS d",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(sessions as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    sqlx::query("ANALYZE").execute(&mut *conn).await?;
+    Ok(rows)
+}

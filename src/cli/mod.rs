@@ -114,11 +114,17 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 &config.retention,
                 chrono::Utc::now(),
                 dry_run,
-                |table, before, n| {
-                    println!(
-                        "{table:<22} {verb} {n:>10} rows older than {}",
-                        before.format("%Y-%m-%d %H:%M:%S UTC")
-                    )
+                |p| {
+                    let (table, n, before) = (p.table, p.rows, p.before);
+                    let before = before.format("%Y-%m-%d %H:%M:%S UTC");
+                    if p.partition {
+                        let verb = if dry_run { "would drop" } else { "dropped" };
+                        println!(
+                            "{table:<34} {verb} {n:>10} rows (partition ending before {before})"
+                        );
+                    } else {
+                        println!("{table:<34} {verb} {n:>10} rows older than {before}");
+                    }
                 },
             )
             .await?;

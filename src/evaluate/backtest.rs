@@ -77,12 +77,6 @@ impl Frame {
         let lo = (to - window.as_millis() as i64).div_euclid(MINUTE_MS) * MINUTE_MS;
         self.window(lo, to)
     }
-
-    /// Seconds of the raw-row window `[to - window, to)`.
-    fn seconds(&self, to: DateTime<Utc>, window: Duration) -> LazyFrame {
-        let to = to.timestamp_millis();
-        self.window(to - window.as_millis() as i64, to)
-    }
 }
 
 fn text(df: &DataFrame, name: &str) -> PolarsResult<Vec<String>> {
@@ -156,7 +150,7 @@ impl History {
                 Column::new("min_ratio".into(), u.min_ratio),
             ],
         )?;
-        let c = history::call_seconds(pool, from, to).await?;
+        let c = history::loop_minutes(pool, from, to).await?;
         let calls = Frame::new(
             c.t_ms,
             vec![
@@ -169,7 +163,7 @@ impl History {
                 Column::new("stuck".into(), c.stuck),
             ],
         )?;
-        let k = history::token_seconds(pool, from, to).await?;
+        let k = history::token_minutes(pool, from, to).await?;
         let tokens = Frame::new(
             k.t_ms,
             vec![
@@ -187,7 +181,7 @@ impl History {
         })
     }
 
-    /// Rows loaded (rollup minutes, histogram buckets, upstream minutes, call and token seconds).
+    /// Rows loaded (rollup minutes, histogram buckets, upstream minutes, loop and token minutes).
     pub fn rows(&self) -> usize {
         [
             &self.tool,
@@ -376,28 +370,28 @@ impl Windows for History {
         after_errors_only: bool,
         polling_interval: Duration,
     ) -> PolarsResult<Vec<Observation>> {
-        // Repeats all successful with content, `polling_interval` or more apart on average
-        // (whole seconds), are polling: as the live query.
-        let polling_ms = polling_interval.as_secs_f64() * 1000.0;
+        // Repeats all successful with content that never came faster than the polling
+        // interval allows in any minute are polling: as the live query.
+        let per_minute =
+            crate::store::alerts::polling_calls_per_minute(polling_interval.as_secs_f64());
         let df = self
             .calls
-            .seconds(to, window)
+            .minutes(to, window)
             .group_by([col("service"), col("tool"), col("session"), col("args")])
             .agg([
+                col("calls").max().alias("busiest"),
                 col("calls").sum(),
                 col("failed").sum(),
                 col("stuck").sum(),
-                (col("t").max() - col("t").min()).alias("span_ms"),
             ])
             .filter(
                 col("calls")
                     .gt_eq(lit(min_repeats))
                     .and(lit(!after_errors_only).or(col("failed").gt(lit(0i64))))
                     .and(
-                        col("stuck").gt(lit(0i64)).or(col("span_ms")
-                            .cast(DataType::Float64)
-                            .lt((col("calls") - lit(1i64)).cast(DataType::Float64)
-                                * lit(polling_ms))),
+                        col("stuck")
+                            .gt(lit(0i64))
+                            .or(col("busiest").gt(lit(per_minute))),
                     ),
             )
             // calls × 2 + same arguments: the most repeated, ties to the same arguments (as the
@@ -437,7 +431,7 @@ impl Windows for History {
     ) -> PolarsResult<Vec<Observation>> {
         let df = self
             .tokens
-            .seconds(to, window)
+            .minutes(to, window)
             .group_by([col("service"), col("session")])
             .agg([col("tokens").sum()])
             .collect()?;
@@ -708,6 +702,5 @@ mod tests {
         };
         assert_eq!(sum(f.minutes(to_dt(180_000), Duration::from_secs(120))), 5);
         assert_eq!(sum(f.minutes(to_dt(190_000), Duration::from_secs(120))), 9);
-        assert_eq!(sum(f.seconds(to_dt(180_000), Duration::from_secs(60))), 3);
     }
 }

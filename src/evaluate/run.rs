@@ -151,6 +151,7 @@ impl Evaluator {
             &self.states[group],
             now,
             None,
+            None,
         )
         .await
     }
@@ -165,9 +166,20 @@ async fn evaluate_group(
     state: &GroupState,
     now: DateTime<Utc>,
     late: Option<chrono::Duration>,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<Vec<Notice>, StoreError> {
     let mut tracked = state.lock().await;
     let out = observe::evaluate_group(&mut Live(pool), g, &mut tracked, now).await;
+    if let Some(m) = metrics {
+        for r in out.rules.iter().filter(|r| r.error.is_some()) {
+            m.rule_failures
+                .get_or_create(&crate::metrics::RuleLabel {
+                    group: g.name.clone(),
+                    alert: r.alert.clone(),
+                })
+                .inc();
+        }
+    }
     let (notices, changed) = (out.notices, out.changed);
     let ran_at = now + late.unwrap_or_default();
     let health: Vec<alerts::HealthUpdate> = out
@@ -347,11 +359,28 @@ pub async fn run(
                     .get_or_create(&label)
                     .set(late.num_milliseconds() as f64 / 1000.0);
                 let (pool, group, state) = (ev.pool.clone(), g.clone(), ev.states[i].clone());
+                let metrics = metrics.clone();
                 running.insert(
                     i,
                     tokio::spawn(async move {
-                        if let Err(e) = evaluate_group(&pool, &group, &state, at, Some(late)).await {
-                            tracing::warn!(group = %group.name, error = %e, "saving the evaluation failed");
+                        let started = std::time::Instant::now();
+                        let result =
+                            evaluate_group(&pool, &group, &state, at, Some(late), Some(&metrics))
+                                .await;
+                        metrics
+                            .group_duration
+                            .get_or_create(&label)
+                            .set(started.elapsed().as_secs_f64());
+                        match result {
+                            Ok(_) => {
+                                metrics
+                                    .group_last_evaluation
+                                    .get_or_create(&label)
+                                    .set(at.timestamp_millis() as f64 / 1000.0);
+                            }
+                            Err(e) => {
+                                tracing::warn!(group = %group.name, error = %e, "saving the evaluation failed");
+                            }
                         }
                     }),
                 );

@@ -249,6 +249,7 @@ mod tests {
             peer_span_id: None,
             own_outcome: None,
             overhead_us: None,
+            loop_counted: false,
             result: None,
             args_hash: None,
             args_redacted: None,

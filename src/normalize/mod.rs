@@ -192,6 +192,9 @@ pub struct ToolCall {
     pub peer_span_id: Option<[u8; 8]>,
     pub own_outcome: Option<Outcome>,
     pub overhead_us: Option<i64>,
+    /// Counted by the retry-loop rule's state (`store::correlate::loop_counted`); set by the
+    /// writer before the row is stored.
+    pub loop_counted: bool,
     pub result: Option<ResultShape>,
     pub args_hash: Option<[u8; 16]>,
     pub args_redacted: Option<String>,

@@ -393,6 +393,7 @@ fn push_tool_call(
         peer_span_id: None,
         own_outcome: None,
         overhead_us: None,
+        loop_counted: false,
         result,
         args_hash,
         args_redacted: redactor.zip(args.as_ref()).map(|(r, v)| r.redact(v)),

@@ -147,25 +147,40 @@ pub async fn rate_limit_headroom(
         .collect())
 }
 
-/// The tool calls (rows of `tool_calls t`) a retry loop counts. A call is one call: a nested
+/// The tool calls (rows of `tool_calls t`) a retry loop counts, as a condition on raw rows: the
+/// definition [`crate::store::correlate::loop_counted`] implements, and the one the migration
+/// used for rows stored before the rule read `loop_calls_1m`. A call is one call: a nested
 /// client span is not counted, and a server row counts only where it has no client side (no
 /// joined peer, and no client row of the same tool in its trace: a client and server both
 /// traced, in one service or two, would count it twice). Where the arguments are not
 /// captured, "the same call again" cannot be told from "another call", so only calls that
 /// failed or came back empty count: the same tool failing or empty, again and again.
-pub(crate) const LOOP_CALLS: &str = "t.counted AND (t.side = 'client' OR (t.peer_span_id IS NULL
+pub const LOOP_CALLS: &str = "t.counted AND (t.side = 'client' OR (t.peer_span_id IS NULL
         AND NOT EXISTS (SELECT 1 FROM tool_calls c
                         WHERE c.trace_id = t.trace_id AND c.side = 'client' AND c.tool = t.tool)))
     AND (t.args_hash IS NOT NULL OR t.outcome <> 'ok' OR t.result_empty IS TRUE)";
 
-/// The most repeated call per (service, tool, session) in [to - window, to): same session
-/// key, tool and arguments hash, or, where arguments are not captured, failed or empty calls of
-/// the tool (see [`LOOP_CALLS`]). `extra` is 1 when the repeats had the same arguments, 0 when
-/// they were failures / empty results without arguments (ties go to the same arguments).
-/// Sessions folded by the cardinality guard are not one session and are left out.
-/// `after_errors_only` counts repeats of calls that failed at least once in the window.
-/// Repeats that all succeeded with content, `polling_secs` or more apart on average (whole
-/// seconds, as the backtest sees them), are polling and left out.
+/// The calls per minute a repeated call may make and still be polling, for a polling interval:
+/// 60 s / interval, at least one.
+pub fn polling_calls_per_minute(polling_secs: f64) -> i64 {
+    if polling_secs <= 0.0 {
+        return i64::MAX;
+    }
+    ((60.0 / polling_secs).floor() as i64).max(1)
+}
+
+/// The most repeated call per (service, tool, session) in the rollup minutes of the window
+/// (as every rule: whole minutes, the one containing `to - window` included), read from
+/// `loop_calls_1m`: same session key, tool and arguments hash, or, where arguments are not
+/// captured, failed or empty calls of the tool (see [`LOOP_CALLS`]). `extra` is 1 when the
+/// repeats had the same arguments, 0 when they were failures / empty results without
+/// arguments (ties go to the same arguments). Sessions folded by the cardinality guard are not
+/// one session and are left out. `after_errors_only` counts repeats of calls that failed at
+/// least once in the window. Repeats that all succeeded with content and never came faster
+/// than [`polling_calls_per_minute`] in any minute are polling and left out.
+///
+/// The cost follows the distinct (minute, session, tool, arguments) keys of the window, never
+/// the calls: a loop of a thousand identical calls is one row a minute.
 pub async fn retry_loops(
     pool: &PgPool,
     to: DateTime<Utc>,
@@ -175,18 +190,16 @@ pub async fn retry_loops(
     polling_secs: f64,
 ) -> Result<Vec<Observation>, StoreError> {
     let sql = format!(
-        "SELECT service, tool, session_key, max(n * 2 + same_args::int)::bigint FROM (
-            SELECT service, tool, session_key, count(*) AS n,
-                   count(*) FILTER (WHERE outcome <> 'ok') AS failed,
-                   count(*) FILTER (WHERE outcome <> 'ok' OR result_empty IS TRUE) AS stuck,
-                   extract(epoch FROM max(date_trunc('second', start_time))
-                                      - min(date_trunc('second', start_time)))::float8 AS span_s,
-                   bool_or(args_hash IS NOT NULL) AS same_args
-            FROM tool_calls t
-            WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
-              AND session_key <> $5 AND {LOOP_CALLS}
-            GROUP BY service, tool, session_key, coalesce(args_hash, '\\x'::bytea)) c
-         WHERE n >= $3 AND (NOT $4 OR failed > 0) AND (stuck > 0 OR span_s < (n - 1) * $6)
+        "WITH m AS (
+            SELECT minute, service, tool, session_key, args_hash,
+                   sum(calls) AS c, sum(failed) AS f, sum(stuck) AS s
+            FROM loop_calls_1m WHERE {RANGE} AND session_key <> $5
+            GROUP BY 1, 2, 3, 4, 5 HAVING sum(calls) > 0)
+         SELECT service, tool, session_key, max(n * 2 + (args_hash <> '\\x'::bytea)::int)::bigint FROM (
+            SELECT service, tool, session_key, args_hash, sum(c) AS n, sum(f) AS failed,
+                   sum(s) AS stuck, max(c) AS busiest
+            FROM m GROUP BY 1, 2, 3, 4) k
+         WHERE n >= $3 AND (NOT $4 OR failed > 0) AND (stuck > 0 OR busiest > $6)
          GROUP BY 1, 2, 3"
     );
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(&sql)
@@ -195,7 +208,7 @@ pub async fn retry_loops(
         .bind(min_repeats)
         .bind(after_errors_only)
         .bind(OVERFLOW)
-        .bind(polling_secs)
+        .bind(polling_calls_per_minute(polling_secs))
         .fetch_all(pool)
         .await?;
     Ok(rows
@@ -210,30 +223,30 @@ pub async fn retry_loops(
         .collect())
 }
 
-/// Tokens per (service, session) in [to - window, to), with the median session of the service
-/// in `extra` and the number of sessions of the service in `samples`.
+/// Tokens per (service, session) in the rollup minutes of the window, from
+/// `session_tokens_1m`, with the median session of the service in `extra` and the number of
+/// sessions of the service in `samples`.
 pub async fn token_burn(
     pool: &PgPool,
     to: DateTime<Utc>,
     window_secs: f64,
 ) -> Result<Vec<Observation>, StoreError> {
-    let rows: Vec<(String, String, i64, f64, i64)> = sqlx::query_as(
+    let sql = format!(
         "WITH s AS (
-            SELECT service, session_key, sum(input_tokens + output_tokens)::bigint AS tokens
-            FROM llm_calls
-            WHERE start_time >= $1::timestamptz - make_interval(secs => $2) AND start_time < $1::timestamptz
-              AND session_key <> $3
+            SELECT service, session_key, sum(tokens)::bigint AS tokens
+            FROM session_tokens_1m WHERE {RANGE} AND session_key <> $3
             GROUP BY 1, 2),
          m AS (
             SELECT service, percentile_cont(0.5) WITHIN GROUP (ORDER BY tokens) AS median, count(*) AS sessions
             FROM s GROUP BY 1)
-         SELECT s.service, s.session_key, s.tokens, m.median, m.sessions FROM s JOIN m USING (service)",
-    )
-    .bind(to)
-    .bind(window_secs)
-    .bind(OVERFLOW)
-    .fetch_all(pool)
-    .await?;
+         SELECT s.service, s.session_key, s.tokens, m.median, m.sessions FROM s JOIN m USING (service)"
+    );
+    let rows: Vec<(String, String, i64, f64, i64)> = sqlx::query_as(&sql)
+        .bind(to)
+        .bind(window_secs)
+        .bind(OVERFLOW)
+        .fetch_all(pool)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|(service, session, tokens, median, sessions)| Observation {

@@ -271,8 +271,44 @@ impl CopyBuf {
         self.i16(shard);
     }
 
+    /// minute, service, tool, session_key, args_hash, shard, calls, failed, stuck.
+    pub fn loop_calls(
+        &mut self,
+        minute: i64,
+        [service, tool, session]: [&str; 3],
+        args_hash: &[u8],
+        shard: i16,
+        counters: [i64; 3],
+    ) {
+        self.row(9);
+        self.ts(minute);
+        self.name(service);
+        self.name(tool);
+        self.name(session);
+        self.bytes(args_hash);
+        self.i16(shard);
+        self.counters(&counters);
+    }
+
+    /// minute, service, session_key, shard, tokens.
+    pub fn session_tokens(
+        &mut self,
+        minute: i64,
+        service: &str,
+        session: &str,
+        shard: i16,
+        tokens: i64,
+    ) {
+        self.row(5);
+        self.ts(minute);
+        self.name(service);
+        self.name(session);
+        self.i16(shard);
+        self.i64(tokens);
+    }
+
     pub fn tool_call(&mut self, c: &ToolCall) {
-        self.row(26);
+        self.row(27);
         self.span_ref(&c.span);
         self.name(&c.tool);
         self.name(c.side.as_str());
@@ -294,6 +330,7 @@ impl CopyBuf {
         self.opt_bytes(c.peer_span_id.as_ref().map(|p| p.as_slice()));
         self.opt_name(c.own_outcome.map(Outcome::as_str));
         self.opt_i64(c.overhead_us);
+        self.bool(c.loop_counted);
     }
 
     pub fn mcp_request(&mut self, r: &McpRequest) {

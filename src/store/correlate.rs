@@ -35,6 +35,8 @@ pub struct ToolState {
     pub peer: Option<SpanId>,
     /// Client rows: client duration minus server duration.
     pub overhead_us: Option<i64>,
+    /// Counted by the retry-loop rule ([`loop_counted`]).
+    pub loop_counted: bool,
 }
 
 /// A stored tool call, as the join and the rollups need it.
@@ -54,6 +56,9 @@ pub struct ToolRow {
     pub result_bytes: Option<i64>,
     pub result_items: Option<i32>,
     pub result_empty: Option<bool>,
+    pub session_key: String,
+    /// Empty where arguments were not captured.
+    pub args_hash: Vec<u8>,
     pub state: ToolState,
 }
 
@@ -86,8 +91,50 @@ fn worst(a: Outcome, b: Outcome) -> Outcome {
     if severity(b) > severity(a) { b } else { a }
 }
 
+/// Whether the retry-loop rule counts a call: the raw-row definition `store::alerts::LOOP_CALLS`
+/// as a function of what the row says. A call is one call: a nested client span is not
+/// counted, and a server row counts only where it has no client side (no joined peer, and no
+/// client row of the same tool in its trace). Where the arguments are not captured, only
+/// failed or empty calls count ("the same call again" cannot be told from "another call").
+pub(crate) fn loop_counted(
+    client: bool,
+    state: &ToolState,
+    has_args: bool,
+    result_empty: Option<bool>,
+    client_of_tool_in_trace: bool,
+) -> bool {
+    state.counted
+        && (client || (state.peer.is_none() && !client_of_tool_in_trace))
+        && (has_args || state.outcome != Outcome::Ok || result_empty == Some(true))
+}
+
+/// [`loop_counted`] for every row of one trace in the states the join decided.
+fn set_loop_counted(rows: &[ToolRow], states: &mut [ToolState]) {
+    let client_tools: HashSet<String> = rows
+        .iter()
+        .zip(states.iter())
+        .filter(|(r, _)| r.client)
+        .map(|(_, s)| s.tool.clone())
+        .collect();
+    for (r, s) in rows.iter().zip(states.iter_mut()) {
+        s.loop_counted = loop_counted(
+            r.client,
+            s,
+            !r.args_hash.is_empty(),
+            r.result_empty,
+            client_tools.contains(&s.tool),
+        );
+    }
+}
+
 /// The state every row of one trace should have (rows of one trace, in any order). Pure.
 pub(crate) fn resolve_tools(rows: &[ToolRow]) -> Vec<ToolState> {
+    let mut states = resolve_joins(rows);
+    set_loop_counted(rows, &mut states);
+    states
+}
+
+fn resolve_joins(rows: &[ToolRow]) -> Vec<ToolState> {
     let by_id: HashMap<SpanId, usize> = rows
         .iter()
         .enumerate()
@@ -229,6 +276,8 @@ impl ToolRow {
             result_bytes: c.result.and_then(|r| r.bytes),
             result_items: c.result.and_then(|r| r.items),
             result_empty: c.result.map(|r| r.empty),
+            session_key: c.session_key.clone(),
+            args_hash: c.args_hash.map(|h| h.to_vec()).unwrap_or_default(),
             state: ToolState {
                 counted: c.counted,
                 outcome: c.outcome,
@@ -236,6 +285,7 @@ impl ToolRow {
                 tool: c.tool.clone(),
                 peer: c.peer_span_id,
                 overhead_us: c.overhead_us,
+                loop_counted: c.loop_counted,
             },
         }
     }
@@ -257,12 +307,22 @@ pub(crate) fn prejoin<'a>(
         .into_iter()
         .flat_map(|n| n.tool_calls.iter_mut())
         .collect();
-    if calls.len() < 2 {
-        return complete;
-    }
     calls.sort_by_key(|c| c.span.trace_id);
     for group in calls.chunk_by_mut(|a, b| a.span.trace_id == b.span.trace_id) {
-        if group.len() < 2 {
+        if let [c] = group {
+            // Alone in its trace (in this batch): nothing to join, only the loop flag to set.
+            let client = c.side == Side::Client;
+            let state = ToolState {
+                counted: c.counted,
+                outcome: c.outcome,
+                error_type: None,
+                tool: String::new(),
+                peer: c.peer_span_id,
+                overhead_us: None,
+                loop_counted: false,
+            };
+            let empty = c.result.map(|r| r.empty);
+            c.loop_counted = loop_counted(client, &state, c.args_hash.is_some(), empty, client);
             continue;
         }
         let rows: Vec<ToolRow> = group.iter().map(|c| ToolRow::of(c)).collect();
@@ -282,6 +342,7 @@ pub(crate) fn prejoin<'a>(
             c.tool = s.tool;
             c.peer_span_id = s.peer;
             c.overhead_us = s.overhead_us;
+            c.loop_counted = s.loop_counted;
         }
     }
     complete
@@ -455,7 +516,8 @@ macro_rules! tools_sql {
         "SELECT trace_id, span_id, parent_span_id, inner_span_id, side, outcome, own_outcome,
                 error_type, request_id, service,
                 (extract(epoch FROM start_time) * 1000000)::int8 AS start_us, duration_us,
-                result_bytes, result_items, result_empty, tool, counted, peer_span_id, overhead_us
+                result_bytes, result_items, result_empty, tool, counted, peer_span_id, overhead_us,
+                session_key, coalesce(args_hash, '\\x'::bytea) AS args_hash, loop_counted
          FROM tool_calls WHERE trace_id = ANY($1)
          ORDER BY trace_id, span_id"
     };
@@ -509,6 +571,8 @@ async fn load_tools(
             result_bytes: r.try_get("result_bytes")?,
             result_items: r.try_get("result_items")?,
             result_empty: r.try_get("result_empty")?,
+            session_key: r.try_get("session_key")?,
+            args_hash: r.try_get("args_hash")?,
             state: ToolState {
                 counted: r.try_get("counted")?,
                 outcome,
@@ -516,6 +580,7 @@ async fn load_tools(
                 tool: r.try_get("tool")?,
                 peer: id(r.try_get("peer_span_id")?),
                 overhead_us: r.try_get("overhead_us")?,
+                loop_counted: r.try_get("loop_counted")?,
             },
         });
     }
@@ -581,6 +646,7 @@ async fn update_tools(
     let mut tools = Vec::new();
     let mut peers: Vec<Option<Vec<u8>>> = Vec::new();
     let mut overheads = Vec::new();
+    let mut loops = Vec::new();
     for (row, s) in changes {
         traces.push(row.trace_id.to_vec());
         spans.push(row.span_id.to_vec());
@@ -591,14 +657,16 @@ async fn update_tools(
         tools.push(s.tool.clone());
         peers.push(s.peer.map(|p| p.to_vec()));
         overheads.push(s.overhead_us);
+        loops.push(s.loop_counted);
     }
     sqlx::query(
         "UPDATE tool_calls t SET counted = u.counted, outcome = u.outcome,
                 own_outcome = u.own_outcome, error_type = u.error_type, tool = u.tool,
-                peer_span_id = u.peer, overhead_us = u.overhead
+                peer_span_id = u.peer, overhead_us = u.overhead, loop_counted = u.loop_counted
          FROM unnest($1::bytea[], $2::bytea[], $3::bool[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::bytea[], $9::int8[])
-              AS u(trace_id, span_id, counted, outcome, own_outcome, error_type, tool, peer, overhead)
+                     $7::text[], $8::bytea[], $9::int8[], $10::bool[])
+              AS u(trace_id, span_id, counted, outcome, own_outcome, error_type, tool, peer, overhead,
+                   loop_counted)
          WHERE t.trace_id = u.trace_id AND t.span_id = u.span_id",
     )
     .bind(traces)
@@ -610,6 +678,7 @@ async fn update_tools(
     .bind(tools)
     .bind(peers)
     .bind(overheads)
+    .bind(loops)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -659,6 +728,8 @@ mod tests {
             result_bytes: None,
             result_items: None,
             result_empty: None,
+            session_key: "s".into(),
+            args_hash: Vec::new(),
             state: ToolState {
                 counted: true,
                 outcome: own,
@@ -666,6 +737,8 @@ mod tests {
                 tool: tool.into(),
                 peer: None,
                 overhead_us: None,
+                // As stored alone.
+                loop_counted: own != Outcome::Ok,
             },
         }
     }

@@ -1,5 +1,6 @@
-//! Stored history for rule backtests: the per-minute rollups (summed over writer shards) and
-//! per-second aggregates of the raw rows, as columns ordered by time, for the analytics layer.
+//! Stored history for rule backtests: the per-minute rollups and rule state (summed over writer
+//! shards), as columns ordered by time, for the analytics layer. Never raw rows: a backtest
+//! reads what the live rules read.
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
@@ -43,9 +44,9 @@ pub(crate) struct UpstreamMinutes {
     pub min_ratio: Vec<Option<f64>>,
 }
 
-/// Per (second, service, tool, session, arguments hash): identical calls and failed ones.
+/// Per (minute, service, tool, session, arguments hash): identical calls and failed ones.
 #[derive(Debug, Default)]
-pub(crate) struct CallSeconds {
+pub(crate) struct CallMinutes {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub tool: Vec<String>,
@@ -57,9 +58,9 @@ pub(crate) struct CallSeconds {
     pub stuck: Vec<i64>,
 }
 
-/// Per (second, service, session): LLM tokens.
+/// Per (minute, service, session): LLM tokens.
 #[derive(Debug, Default)]
-pub(crate) struct TokenSeconds {
+pub(crate) struct TokenMinutes {
     pub t_ms: Vec<i64>,
     pub service: Vec<String>,
     pub session: Vec<String>,
@@ -153,30 +154,26 @@ pub(crate) async fn upstream_minutes(
     Ok(out)
 }
 
-/// Tool calls in [from, to) counted per second and identical call (retry loops): the calls
-/// [`super::alerts::LOOP_CALLS`] counts, as the live rule does.
-pub(crate) async fn call_seconds(
+/// `loop_calls_1m` minutes in [from, to), summed over writer shards: what the live retry-loop
+/// rule reads.
+pub(crate) async fn loop_minutes(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<CallSeconds, StoreError> {
-    let mut out = CallSeconds::default();
-    let sql = format!(
-        "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, tool, session_key,
-                encode(coalesce(args_hash, '\\x'::bytea), 'hex'),
-                count(*)::bigint, (count(*) FILTER (WHERE outcome <> 'ok'))::bigint,
-                (count(*) FILTER (WHERE outcome <> 'ok' OR result_empty IS TRUE))::bigint
-         FROM tool_calls t WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
-           AND {}
-         GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
-        super::alerts::LOOP_CALLS
-    );
+) -> Result<CallMinutes, StoreError> {
+    let mut out = CallMinutes::default();
     type Row = (i64, String, String, String, String, i64, i64, i64);
-    let mut rows = sqlx::query_as::<_, Row>(&sql)
-        .bind(from)
-        .bind(to)
-        .bind(OVERFLOW)
-        .fetch(pool);
+    let mut rows = sqlx::query_as::<_, Row>(
+        "SELECT (extract(epoch FROM minute) * 1000)::bigint, service, tool, session_key,
+                encode(args_hash, 'hex'), sum(calls)::bigint, sum(failed)::bigint, sum(stuck)::bigint
+         FROM loop_calls_1m WHERE minute >= $1 AND minute < $2 AND session_key <> $3
+         GROUP BY minute, service, tool, session_key, args_hash HAVING sum(calls) > 0
+         ORDER BY 1",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(OVERFLOW)
+    .fetch(pool);
     while let Some((t, service, tool, session, args, calls, failed, stuck)) =
         rows.try_next().await?
     {
@@ -192,18 +189,17 @@ pub(crate) async fn call_seconds(
     Ok(out)
 }
 
-/// LLM tokens in [from, to) per second and session (token burn).
-pub(crate) async fn token_seconds(
+/// `session_tokens_1m` minutes in [from, to), summed over writer shards (token burn).
+pub(crate) async fn token_minutes(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<TokenSeconds, StoreError> {
-    let mut out = TokenSeconds::default();
+) -> Result<TokenMinutes, StoreError> {
+    let mut out = TokenMinutes::default();
     let mut rows = sqlx::query_as::<_, (i64, String, String, i64)>(
-        "SELECT (extract(epoch FROM date_trunc('second', start_time)) * 1000)::bigint, service, session_key,
-                sum(input_tokens + output_tokens)::bigint
-         FROM llm_calls WHERE start_time >= $1 AND start_time < $2 AND session_key <> $3
-         GROUP BY 1, 2, 3 ORDER BY 1",
+        "SELECT (extract(epoch FROM minute) * 1000)::bigint, service, session_key, sum(tokens)::bigint
+         FROM session_tokens_1m WHERE minute >= $1 AND minute < $2 AND session_key <> $3
+         GROUP BY minute, service, session_key ORDER BY 1",
     )
     .bind(from)
     .bind(to)

@@ -13,6 +13,7 @@ pub(crate) mod correlate;
 #[cfg(feature = "backtest")]
 pub(crate) mod history;
 pub(crate) mod notify;
+pub mod partitions;
 pub mod queries;
 pub mod retention;
 pub mod rollup;

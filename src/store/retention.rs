@@ -1,22 +1,16 @@
-//! Retention: old raw rows, rollups, alert events and delivered notifications are deleted in
-//! bounded batches (each its own short statement), so pruning never holds long locks or blocks
-//! ingest.
+//! Retention: raw rows, the rules' per-minute state and rollups go a whole partition at a time
+//! (`store::partitions`: no DELETE, no vacuum debt); alert events, delivered notifications and
+//! the service's own metric samples are deleted in bounded batches (each its own short
+//! statement), so pruning never holds long locks or blocks ingest.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::StoreError;
 
-/// Which table, by which time column, and which class of retention applies.
+/// The tables pruned row by row: which table, by which time column, and which class of
+/// retention applies. Partitioned tables are in [`super::partitions::PARTITIONED`].
 pub const TABLES: &[(&str, &str, Class)] = &[
-    ("tool_calls", "start_time", Class::Raw),
-    ("mcp_requests", "start_time", Class::Raw),
-    ("llm_calls", "start_time", Class::Raw),
-    ("upstream_calls", "start_time", Class::Raw),
-    ("tool_rollup_1m", "minute", Class::Rollup),
-    ("mcp_method_rollup_1m", "minute", Class::Rollup),
-    ("llm_rollup_1m", "minute", Class::Rollup),
-    ("upstream_rollup_1m", "minute", Class::Rollup),
     ("alert_events", "at", Class::Rollup),
     ("notify_outbox", "created_at", Class::Delivered),
     ("collector_metrics", "at", Class::OwnMetrics),
@@ -100,6 +94,11 @@ pub struct Retention {
     pub every: std::time::Duration,
     /// Rows per DELETE statement.
     pub batch_rows: i64,
+    /// The time each partition of the raw tables (and the rules' per-minute state) spans: whole
+    /// hours dividing a day. Retention drops a partition once all of it is older than `raw`, so
+    /// up to one span more than `raw` is kept. Rollups are partitioned by day.
+    #[serde(with = "humantime_serde")]
+    pub partition: std::time::Duration,
 }
 
 impl Default for Retention {
@@ -112,6 +111,7 @@ impl Default for Retention {
             own_metrics: days(30),
             every: std::time::Duration::from_secs(3600),
             batch_rows: 10_000,
+            partition: days(1),
         }
     }
 }
@@ -137,16 +137,47 @@ impl Retention {
     }
 }
 
-/// Prunes every table by its policy, batch after batch; `on_table` hears each table's total.
-/// With `dry_run`, counts instead of deleting.
+/// What one step of pruning did (or, in a dry run, would do).
+#[derive(Debug, Clone, Copy)]
+pub struct Pruned<'a> {
+    /// A partition dropped whole, or a table whose old rows were deleted.
+    pub table: &'a str,
+    pub before: DateTime<Utc>,
+    /// Rows deleted, or held by the dropped partition (as the planner counts them once the
+    /// table has been analyzed).
+    pub rows: u64,
+    pub partition: bool,
+}
+
+/// Prunes every table by its policy: expired partitions are dropped whole, other tables pruned
+/// batch after batch; `on_table` hears each table's total (rows of a dropped partition as the
+/// planner estimates them). With `dry_run`, counts instead of deleting.
 pub async fn prune(
     pool: &PgPool,
     policy: &Retention,
     now: DateTime<Utc>,
     dry_run: bool,
-    mut on_table: impl FnMut(&str, DateTime<Utc>, u64),
+    mut on_table: impl FnMut(Pruned<'_>),
 ) -> Result<u64, StoreError> {
     let mut total = 0;
+    for class in [Class::Raw, Class::Rollup] {
+        let before = policy.before(class, now);
+        for p in super::partitions::expired(pool, class, before).await? {
+            let rows = super::partitions::estimated_rows(pool, &p.name)
+                .await?
+                .max(0) as u64;
+            if !dry_run {
+                super::partitions::drop(pool, &p).await?;
+            }
+            on_table(Pruned {
+                table: &p.name,
+                before,
+                rows,
+                partition: true,
+            });
+            total += rows;
+        }
+    }
     for (table, column, class) in TABLES {
         let before = policy.before(*class, now);
         let mut deleted = 0u64;
@@ -165,7 +196,12 @@ pub async fn prune(
                 tokio::task::yield_now().await;
             }
         }
-        on_table(table, before, deleted);
+        on_table(Pruned {
+            table,
+            before,
+            rows: deleted,
+            partition: false,
+        });
         total += deleted;
     }
     Ok(total)
@@ -185,6 +221,7 @@ mod tests {
             own_metrics: year,
             every: year,
             batch_rows: 1,
+            partition: year,
         };
         let now = Utc::now();
         assert_eq!(policy.before(Class::Rollup, now), DateTime::<Utc>::MIN_UTC);

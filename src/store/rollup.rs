@@ -157,6 +157,26 @@ struct UpstreamAgg {
     hist: Hist,
 }
 
+/// What one "same call" key adds in a minute to the retry-loop rule's state.
+#[derive(Default)]
+struct LoopAgg {
+    calls: i64,
+    failed: i64,
+    stuck: i64,
+}
+
+impl LoopAgg {
+    fn count(&mut self, outcome: Outcome, result_empty: Option<bool>, sign: i64) {
+        self.calls += sign;
+        self.failed += sign * i64::from(outcome != Outcome::Ok);
+        self.stuck += sign * i64::from(outcome != Outcome::Ok || result_empty == Some(true));
+    }
+}
+
+/// (minute, service, tool, session key, arguments hash or empty): the key of `loop_calls_1m`,
+/// in its primary key's order.
+type LoopKey<'a> = (i64, &'a str, &'a str, &'a str, &'a [u8]);
+
 /// Record identity, to count only the rows an insert actually added.
 pub type Key = ([u8; 16], [u8; 8]);
 
@@ -185,6 +205,9 @@ pub struct Rollups<'a> {
     methods: HashMap<(&'a str, &'a str, &'static str, i64), MethodAgg>,
     llm: HashMap<(&'a str, &'a str, i64), LlmAgg>,
     upstream: HashMap<(&'a str, &'a str, i64), UpstreamAgg>,
+    loops: HashMap<LoopKey<'a>, LoopAgg>,
+    /// (minute, service, session key): LLM tokens.
+    tokens: HashMap<(i64, &'a str, &'a str), i64>,
 }
 
 impl<'a> Rollups<'a> {
@@ -192,6 +215,19 @@ impl<'a> Rollups<'a> {
         for c in &r.tool_calls {
             if !fresh(&mut inserted.tool_calls, &c.span) || !c.counted {
                 continue;
+            }
+            if c.loop_counted {
+                let args = c.args_hash.as_ref().map_or(&[][..], |h| &h[..]);
+                self.loops
+                    .entry((
+                        minute_of(&c.span),
+                        &c.span.service,
+                        &c.tool,
+                        &c.session_key,
+                        args,
+                    ))
+                    .or_default()
+                    .count(c.outcome, c.result.map(|r| r.empty), 1);
             }
             let a = self
                 .tools
@@ -245,6 +281,10 @@ impl<'a> Rollups<'a> {
             a.input_tokens += l.input_tokens;
             a.output_tokens += l.output_tokens;
             a.hist.add(l.span.duration_us);
+            *self
+                .tokens
+                .entry((minute_of(&l.span), &l.span.service, &l.session_key))
+                .or_default() += l.input_tokens + l.output_tokens;
         }
         for u in &r.upstream_calls {
             if !fresh(&mut inserted.upstream_calls, &u.span) {
@@ -271,6 +311,18 @@ impl<'a> Rollups<'a> {
     /// The contribution of a stored tool call in `state` to its rollup row, times `sign`: the
     /// join (`correlate`) takes back what a row counted before and adds what it counts now.
     pub fn add_tool_row(&mut self, row: &'a ToolRow, state: &'a ToolState, sign: i64) {
+        if state.loop_counted {
+            self.loops
+                .entry((
+                    minute_at(row.start_unix_nanos),
+                    &row.service,
+                    &state.tool,
+                    &row.session_key,
+                    &row.args_hash,
+                ))
+                .or_default()
+                .count(state.outcome, row.result_empty, sign);
+        }
         if !state.counted {
             return;
         }
@@ -313,15 +365,10 @@ impl<'a> Rollups<'a> {
         a.hist.add_n(row.duration_us, sign);
     }
 
-    /// COPY payloads for the four rollup staging tables, keys sorted so concurrent writers
-    /// lock rollup rows in the same order (no deadlocks).
-    pub fn encode(self, shard: i16) -> [CopyBuf; 4] {
-        let mut bufs = [
-            CopyBuf::new(),
-            CopyBuf::new(),
-            CopyBuf::new(),
-            CopyBuf::new(),
-        ];
+    /// COPY payloads for the four rollup staging tables and the two of the rules' state, keys
+    /// sorted so concurrent writers lock rows in the same order (no deadlocks).
+    pub fn encode(self, shard: i16) -> [CopyBuf; 6] {
+        let mut bufs: [CopyBuf; 6] = Default::default();
         let mut tools: Vec<_> = self.tools.into_iter().collect();
         tools.sort_by(|a, b| a.0.cmp(&b.0));
         for ((service, tool, side, minute), a) in tools {
@@ -383,6 +430,22 @@ impl<'a> Rollups<'a> {
                 &a.hist.0,
                 shard,
             );
+        }
+        let mut loops: Vec<_> = self.loops.into_iter().collect();
+        loops.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((minute, service, tool, session, args), a) in loops {
+            bufs[4].loop_calls(
+                minute,
+                [service, tool, session],
+                args,
+                shard,
+                [a.calls, a.failed, a.stuck],
+            );
+        }
+        let mut tokens: Vec<_> = self.tokens.into_iter().collect();
+        tokens.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((minute, service, session), n) in tokens {
+            bufs[5].session_tokens(minute, service, session, shard, n);
         }
         bufs
     }

@@ -109,13 +109,15 @@ CREATE TEMP TABLE IF NOT EXISTS stage_tool_rollup (LIKE tool_rollup_1m) ON COMMI
 CREATE TEMP TABLE IF NOT EXISTS stage_method_rollup (LIKE mcp_method_rollup_1m) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_llm_rollup (LIKE llm_rollup_1m) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_upstream_rollup (LIKE upstream_rollup_1m) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_loop_calls (LIKE loop_calls_1m) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_session_tokens (LIKE session_tokens_1m) ON COMMIT DELETE ROWS;
 ";
 
 const RAW_TABLES: [&str; 4] = ["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"];
 
 /// Merges of the staged rollup deltas, in key order (the COPY order) so concurrent writers lock
 /// rows in the same order.
-const MERGE_ROLLUPS: [(&str, &str); 4] = [
+const MERGE_ROLLUPS: [(&str, &str); 6] = [
     (
         "COPY stage_tool_rollup FROM STDIN (FORMAT binary)",
         "INSERT INTO tool_rollup_1m AS r SELECT * FROM stage_tool_rollup ORDER BY service, tool, side, minute
@@ -163,6 +165,19 @@ const MERGE_ROLLUPS: [(&str, &str); 4] = [
             min_remaining_ratio = least(r.min_remaining_ratio, EXCLUDED.min_remaining_ratio),
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
     ),
+    (
+        "COPY stage_loop_calls FROM STDIN (FORMAT binary)",
+        "INSERT INTO loop_calls_1m AS r SELECT * FROM stage_loop_calls ORDER BY minute, service, tool, session_key, args_hash
+         ON CONFLICT (minute, service, tool, session_key, args_hash, shard) DO UPDATE SET
+            calls = r.calls + EXCLUDED.calls,
+            failed = r.failed + EXCLUDED.failed,
+            stuck = r.stuck + EXCLUDED.stuck;",
+    ),
+    (
+        "COPY stage_session_tokens FROM STDIN (FORMAT binary)",
+        "INSERT INTO session_tokens_1m AS r SELECT * FROM stage_session_tokens ORDER BY minute, service, session_key
+         ON CONFLICT (minute, service, session_key, shard) DO UPDATE SET tokens = r.tokens + EXCLUDED.tokens;",
+    ),
 ];
 
 impl Writer {
@@ -174,6 +189,7 @@ impl Writer {
     pub fn spawn(
         opts: &PgConnectOptions,
         config: &Ingest,
+        partition: Duration,
         metrics: Arc<Metrics>,
         close: tokio_util::sync::CancellationToken,
     ) -> (Writer, JoinHandle<()>) {
@@ -195,7 +211,12 @@ impl Writer {
                 let shard = w as i16;
                 let batch_rows = config.batch_rows.max(1);
                 tokio::spawn(async move {
-                    run_writer(rx, pool, batch_rows, metrics, shard, close).await
+                    let target = Target {
+                        pool,
+                        shard,
+                        partition,
+                    };
+                    run_writer(rx, target, batch_rows, metrics, close).await
                 })
             })
             .collect();
@@ -247,14 +268,23 @@ impl Writer {
     }
 }
 
+/// Where a writer task writes: its pool, its shard of the rollups, and the span of the raw
+/// partitions it creates when a row needs one that does not exist yet.
+struct Target {
+    pool: PgPool,
+    shard: i16,
+    partition: Duration,
+}
+
 async fn run_writer(
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    pool: PgPool,
+    target: Target,
     batch_rows: usize,
     metrics: Arc<Metrics>,
-    shard: i16,
     close: tokio_util::sync::CancellationToken,
 ) {
+    let Target { pool, shard, .. } = &target;
+    let shard = *shard;
     loop {
         let mut jobs = Vec::new();
         {
@@ -287,7 +317,7 @@ async fn run_writer(
         let started = Instant::now();
         // Sides of a call that arrive in one batch are written joined.
         let complete = correlate::prejoin(jobs.iter_mut().map(|j| &mut j.records));
-        let result = write_with_retry(&pool, &jobs, shard).await;
+        let result = write_with_retry(&target, &jobs).await;
         metrics
             .write_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -312,7 +342,7 @@ async fn run_writer(
                 let mut acks = Vec::with_capacity(jobs.len());
                 for job in &jobs {
                     let alone = std::slice::from_ref(job);
-                    acks.push(match write_with_retry(&pool, alone, shard).await {
+                    acks.push(match write_with_retry(&target, alone).await {
                         Ok(written) => {
                             count_written(&metrics, written);
                             Ok(())
@@ -334,7 +364,7 @@ async fn run_writer(
             .zip(&acks)
             .filter(|(_, a)| a.is_ok())
             .map(|(j, _)| &j.records);
-        join_stored(&pool, stored, &complete, all_new, shard, &metrics).await;
+        join_stored(pool, stored, &complete, all_new, shard, &metrics).await;
         metrics.queue_depth_rows.dec_by(rows as i64);
         for (job, ack) in jobs.into_iter().zip(acks) {
             // The exporter may have gone away; its records are committed all the same.
@@ -449,8 +479,27 @@ fn kind_counts(jobs: &[Job]) -> Written {
 type Written = [usize; 4];
 
 /// Writes a batch; a lost deadlock or serialization conflict is retried twice.
-async fn write_with_retry(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<Written, StoreError> {
-    retry_conflicts(|| write_batch(pool, jobs, shard)).await
+async fn write_with_retry(target: &Target, jobs: &[Job]) -> Result<Written, StoreError> {
+    retry_conflicts(|| write_batch(target, jobs)).await
+}
+
+/// The hours a batch's records start in, as ranges of one hour (partitions span whole hours).
+fn hours_of(jobs: &[Job]) -> Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
+    const HOUR: i64 = 3_600_000_000_000;
+    let mut hours = std::collections::BTreeSet::new();
+    for r in jobs.iter().map(|j| &j.records) {
+        let starts = r.tool_calls.iter().map(|c| &c.span);
+        let starts = starts
+            .chain(r.mcp_requests.iter().map(|c| &c.span))
+            .chain(r.llm_calls.iter().map(|c| &c.span))
+            .chain(r.upstream_calls.iter().map(|c| &c.span));
+        hours.extend(starts.map(|s| s.start_unix_nanos.div_euclid(HOUR)));
+    }
+    let at = chrono::DateTime::from_timestamp_nanos;
+    hours
+        .into_iter()
+        .map(|h| (at(h * HOUR), at((h + 1) * HOUR)))
+        .collect()
 }
 
 /// Runs `f`; a lost deadlock or serialization conflict runs it again, twice at most.
@@ -490,16 +539,34 @@ async fn copy_in(
 /// when a batch holds a span already stored (a retried export), the unique key refuses the COPY
 /// and the batch is written again through staging tables with `ON CONFLICT DO NOTHING`, counting
 /// in the rollups only the rows that were new.
-async fn write_batch(pool: &PgPool, jobs: &[Job], shard: i16) -> Result<Written, StoreError> {
+///
+/// A row for a time no partition covers yet (a late span older than every partition, or one
+/// further ahead than they were created) has its partitions created, and the batch is written
+/// again.
+async fn write_batch(target: &Target, jobs: &[Job]) -> Result<Written, StoreError> {
     if jobs.iter().all(|j| j.records.records() == 0) {
         return Ok([0; 4]);
     }
-    let mut conn = pool.acquire().await?;
-    match write_fast(&mut conn, jobs, shard).await {
+    let mut conn = target.pool.acquire().await?;
+    match write_once(&mut conn, jobs, target.shard).await {
+        Err(e) if super::partitions::is_missing_partition(&e) => {
+            super::partitions::ensure_each(&mut conn, target.partition, &hours_of(jobs)).await?;
+            write_once(&mut conn, jobs, target.shard).await
+        }
+        other => other,
+    }
+}
+
+async fn write_once(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[Job],
+    shard: i16,
+) -> Result<Written, StoreError> {
+    match write_fast(conn, jobs, shard).await {
         Err(StoreError::Query(sqlx::Error::Database(e)))
             if e.code().as_deref() == Some("23505") =>
         {
-            write_dedup(&mut conn, jobs, shard).await
+            write_dedup(conn, jobs, shard).await
         }
         other => other,
     }

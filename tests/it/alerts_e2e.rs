@@ -638,7 +638,7 @@ async fn the_live_loop_fires_on_fresh_failures() {
 
 /// Groups evaluate independently: a group whose query is stuck (its table locked) neither
 /// delays another group's alert nor hides that it is stuck: each instant it cannot run is
-/// counted in `toolsight_rule_evaluations_missed_total{group}`.
+/// counted in `toolsight_rule_group_iterations_missed_total{group}`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_group_delays_no_other_and_its_missed_instants_are_counted() {
     let dir = std::env::temp_dir().join(format!("toolsight-stuck-group-{}", std::process::id()));
@@ -691,7 +691,7 @@ async fn a_stuck_group_delays_no_other_and_its_missed_instants_are_counted() {
     eventually("the stuck group's missed instants, counted", || async {
         let missed = common::sample(
             &svc.metrics().await,
-            "toolsight_rule_evaluations_missed_total{group=\"stuck\"}",
+            "toolsight_rule_group_iterations_missed_total{group=\"stuck\"}",
         )?;
         (missed >= 2.0).then_some(())
     })
@@ -699,7 +699,7 @@ async fn a_stuck_group_delays_no_other_and_its_missed_instants_are_counted() {
     assert_eq!(
         common::sample(
             &svc.metrics().await,
-            "toolsight_rule_evaluations_missed_total{group=\"live\"}"
+            "toolsight_rule_group_iterations_missed_total{group=\"live\"}"
         )
         .unwrap_or(0.0),
         0.0,

@@ -185,3 +185,30 @@ fn the_codemap_names_every_source_file() {
         "not in the ARCHITECTURE.md codemap: {missing:?}"
     );
 }
+
+/// The rules and the backtest read rollups and the rules' per-minute state, never the raw
+/// tables: their cost must not grow with the calls a window holds. The one raw-row text there is
+/// `LOOP_CALLS`, the retry-loop rule's definition the tests check the state against.
+#[test]
+fn rules_never_read_raw_rows() {
+    let raw = ["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"];
+    for file in ["alerts.rs", "history.rs"] {
+        let text = code(&src().join("store").join(file));
+        let text = match text.find("pub const LOOP_CALLS") {
+            Some(at) => {
+                let end = at + text[at..].find("\";").unwrap();
+                format!("{}{}", &text[..at], &text[end..])
+            }
+            None => text,
+        };
+        for table in raw {
+            for verb in ["FROM", "JOIN"] {
+                let pattern = format!("{verb} {table}");
+                assert!(
+                    !text.contains(&pattern),
+                    "src/store/{file} reads a raw table ({pattern}): rules read rollups and their per-minute state"
+                );
+            }
+        }
+    }
+}

@@ -20,6 +20,7 @@ mod notify_e2e;
 mod outage_e2e;
 mod protocol_e2e;
 mod retention;
+mod rule_state;
 mod rules_cli;
 mod security_e2e;
 mod tls_e2e;

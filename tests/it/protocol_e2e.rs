@@ -29,7 +29,10 @@ fn now_nanos() -> u64 {
 
 /// An OTLP/JSON body with `n` semconv tool-call spans (`trace_id` prefix varies per call).
 fn json_body(tag: u8, n: usize, bad_trace_ids: usize) -> serde_json::Value {
-    let start = now_nanos() - 10_000_000_000;
+    // One start per test process: a body built again is the same export sent again (a span's
+    // start time is part of its stored identity, as an exporter's retry repeats it).
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| now_nanos() - 10_000_000_000);
     let spans: Vec<_> = (0..n)
         .map(|i| {
             let trace = if i < bad_trace_ids {

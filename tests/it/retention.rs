@@ -1,5 +1,6 @@
-//! Retention: `toolsight prune` deletes raw rows and rollups past their retention, in bounded
-//! batches, keeps the rest, and ingest goes on meanwhile.
+//! Retention: `toolsight prune` drops the partitions of raw rows and rollups past their
+//! retention whole, keeps the rest, and ingest goes on meanwhile; databases of the previous,
+//! unpartitioned schema migrate without losing a row.
 
 use crate::common;
 use chrono::{Duration, Utc};
@@ -7,11 +8,13 @@ use common::Service;
 use common::spans::{Spans, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
+async fn prune_drops_whole_expired_partitions_and_keeps_the_rest() {
     let svc = Service::start_with("retention", |c| {
         c.ingest.max_span_age = std::time::Duration::from_secs(100 * 86_400);
     })
     .await;
+    // Spans of 10 and 4 days ago, and of now: partitions of those days are created for them
+    // when they arrive (none existed that far back).
     let mut s = Spans::new();
     for (days, n) in [(10, 7), (4, 3), (0, 2)] {
         for _ in 0..n {
@@ -26,6 +29,10 @@ async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
     }
     send(&svc, s).await;
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 12);
+    let partitions = "SELECT count(*) FROM toolsight_partitions WHERE parent = 'tool_calls'";
+    let before = svc.count(partitions).await;
+    // Yesterday, today, tomorrow (ahead), and the two old days.
+    assert!(before >= 5, "{before}");
     assert_eq!(
         svc.count("SELECT count(DISTINCT minute) FROM tool_rollup_1m")
             .await,
@@ -39,25 +46,33 @@ async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
             .env("DATABASE_URL", &url)
             .env("TOOLSIGHT_INGEST__MAX_SPAN_AGE", "3d")
             .env("TOOLSIGHT_RETENTION__RAW", "3d")
-            .env("TOOLSIGHT_RETENTION__ROLLUPS", "7d")
-            .env("TOOLSIGHT_RETENTION__BATCH_ROWS", "2");
+            .env("TOOLSIGHT_RETENTION__ROLLUPS", "7d");
         if dry_run {
             cmd.arg("--dry-run");
         }
         common::output(&mut cmd)
     };
+    let day = |days: i64| {
+        (Utc::now() - Duration::days(days))
+            .format("%Y%m%d")
+            .to_string()
+    };
     let dry = prune.clone()(true);
+    for d in [10, 4] {
+        let name = format!("tool_calls_p{}_0000", day(d));
+        assert!(dry.contains(&format!("{name:<34} would drop")), "{dry}");
+    }
     assert!(
-        dry.contains("tool_calls             would delete         10 rows"),
+        dry.contains(&format!("tool_rollup_1m_p{}_0000", day(10))),
         "{dry}"
     );
-    assert_eq!(
-        svc.count("SELECT count(*) FROM tool_calls").await,
-        12,
-        "dry run"
+    assert!(
+        !dry.contains(&format!("tool_rollup_1m_p{}_0000", day(4))),
+        "{dry}"
     );
+    assert_eq!(svc.count(partitions).await, before, "dry run");
 
-    // Ingest goes on while the batches run.
+    // Ingest goes on while partitions are detached and dropped.
     let mut during = Spans::new();
     for _ in 0..5 {
         during.tool("lookup", Utc::now(), 20, false, vec![]);
@@ -68,19 +83,29 @@ async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
     );
     let out = out.unwrap();
     assert!(
-        out.contains("tool_calls             deleted         10 rows"),
+        out.contains(&format!(
+            "{:<34} dropped          7 rows",
+            format!("tool_calls_p{}_0000", day(10))
+        )),
         "{out}"
     );
     assert!(
-        out.contains("tool_rollup_1m         deleted          1 rows"),
+        out.contains(&format!(
+            "{:<34} dropped          3 rows",
+            format!("tool_calls_p{}_0000", day(4))
+        )),
         "{out}"
     );
     // Raw: only the last 3 days (2 + 5 new); rollups: the 4-day-old minute stays (7 days).
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 7);
+    assert_eq!(svc.count(partitions).await, before - 2);
     assert_eq!(
-        svc.count("SELECT count(*) FROM tool_calls WHERE start_time < now() - interval '3 days'")
-            .await,
-        0
+        svc.count(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'tool_calls_p%' AND relkind = 'r'"
+        )
+        .await,
+        before - 2,
+        "the dropped partitions' tables are gone"
     );
     assert_eq!(
         svc.count("SELECT count(DISTINCT minute) FROM tool_rollup_1m WHERE minute < now() - interval '3 days'")
@@ -89,6 +114,133 @@ async fn prune_deletes_what_is_past_retention_and_keeps_the_rest() {
     );
     assert_eq!(
         svc.count("SELECT count(*) FROM tool_rollup_1m WHERE minute < now() - interval '7 days'")
+            .await,
+        0
+    );
+    // A late span for a dropped day gets its partition again (accepted: within max_span_age).
+    let mut late = Spans::new();
+    late.tool("lookup", Utc::now() - Duration::days(10), 20, false, vec![]);
+    send(&svc, late).await;
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 8);
+    svc.stop().await.unwrap();
+}
+
+/// A database written by the previous schema (unpartitioned tables) migrates without losing a
+/// row: each table becomes the first partition of its new parent, the rules' state is built
+/// from its rows, ingest goes on into new partitions, and retention later drops the old table
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpartitioned_database_migrates_without_losing_rows() {
+    let url = common::fresh_database("migrate_partitions").await;
+    let admin = common::admin_pool().await;
+    sqlx::query("CREATE DATABASE toolsight_it_migrate_partitions")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            toolsight::store::MIGRATOR
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 8)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&pool).await.unwrap();
+    // Rows as the previous version stored them, 3 and 2 days ago: a loop of failing calls, and
+    // LLM tokens.
+    sqlx::query(
+        "INSERT INTO tool_calls (trace_id, span_id, start_time, duration_us, service, tool, side,
+                                 source, outcome, session_key, session_source)
+         SELECT decode(lpad(to_hex(i), 32, '0'), 'hex'), decode(lpad(to_hex(i), 16, '0'), 'hex'),
+                now() - CASE WHEN i <= 6 THEN interval '3 days' ELSE interval '2 days' END
+                      + i * interval '1 second',
+                1000, 'svc', 'search', 'client', 'otel', CASE WHEN i % 2 = 0 THEN 'error' ELSE 'ok' END,
+                's1', 'trace'
+         FROM generate_series(1, 10) AS i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO llm_calls (trace_id, span_id, start_time, duration_us, service, model,
+                                operation, input_tokens, output_tokens, error, session_key, session_source)
+         VALUES ('\\x01', '\\x01', now() - interval '2 days', 10, 'svc', 'm', 'chat', 100, 5, false, 's1', 'trace')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let svc = Service::replica("migrate_partitions", |_| {}).await;
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 10);
+    assert_eq!(svc.count("SELECT count(*) FROM llm_calls").await, 1);
+    assert_eq!(
+        svc.count("SELECT count(*) FROM toolsight_partitions WHERE name = 'tool_calls_legacy' AND lower_bound = '1900-01-01 00:00:00+00'")
+            .await,
+        1
+    );
+    assert_eq!(
+        svc.count(
+            "SELECT count(*) FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid
+                   WHERE c.relname IN ('tool_calls', 'mcp_requests', 'llm_calls', 'upstream_calls',
+                                       'tool_rollup_1m', 'loop_calls_1m', 'session_tokens_1m')"
+        )
+        .await,
+        7
+    );
+    // The failing calls are in the loop state, the tokens in the session state.
+    assert_eq!(
+        svc.count("SELECT count(*) FROM tool_calls WHERE loop_counted")
+            .await,
+        5
+    );
+    let mut conn = svc.pool.acquire().await.unwrap();
+    assert_eq!(common::rule_state_mismatches(&mut conn).await, vec![]);
+    drop(conn);
+    // A stored span sent again is still stored once, and new spans go to new partitions.
+    let mut s = Spans::new();
+    s.tool("search", Utc::now(), 20, true, vec![]);
+    send(&svc, s).await;
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 11);
+    assert_eq!(
+        svc.count("SELECT count(*) FROM ONLY tool_calls_legacy")
+            .await,
+        10
+    );
+    let mut conn = svc.pool.acquire().await.unwrap();
+    assert_eq!(common::rule_state_mismatches(&mut conn).await, vec![]);
+    drop(conn);
+
+    // The old table goes whole once its last day has expired.
+    let prune = |raw: &str| {
+        let mut cmd = common::toolsight();
+        cmd.arg("prune")
+            .env("DATABASE_URL", &svc.database_url)
+            .env("TOOLSIGHT_INGEST__MAX_SPAN_AGE", raw)
+            .env("TOOLSIGHT_RETENTION__RAW", raw);
+        common::output(&mut cmd)
+    };
+    let kept = prune("7d");
+    assert!(
+        !kept.contains("tool_calls_legacy"),
+        "not expired yet: {kept}"
+    );
+    let dropped = prune("1d");
+    assert!(
+        dropped.contains(&format!(
+            "{:<34} dropped         10 rows",
+            "tool_calls_legacy"
+        )),
+        "{dropped}"
+    );
+    assert!(dropped.contains("loop_calls_1m_legacy"), "{dropped}");
+    assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 1);
+    assert_eq!(
+        svc.count("SELECT count(*) FROM pg_class WHERE relname = 'tool_calls_legacy'")
             .await,
         0
     );

@@ -406,7 +406,8 @@ pub async fn firing_alert(
 }
 
 /// The (service, tool, side) whose rollups differ from the counted raw rows, for every column
-/// the rules and dashboards read (a rollup row a join emptied sums to zero everywhere).
+/// the rules and dashboards read (a rollup row a join emptied sums to zero everywhere), and
+/// where the rules' per-minute state differs from the raw rows ([`rule_state_mismatches`]).
 pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, String)> {
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query(
@@ -418,7 +419,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, Stri
     .execute(&mut *conn)
     .await
     .unwrap();
-    sqlx::query_as(
+    let mut mismatches: Vec<(String, String, String)> = sqlx::query_as(
         "WITH raw AS (
             SELECT service, tool, side, count(*) AS calls,
                    count(*) FILTER (WHERE outcome = 'error') AS errors,
@@ -463,6 +464,47 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, Stri
             -- trailing zero buckets left by a correction do not change a histogram
             OR pg_temp.trimmed(raw_hist.hist) IS DISTINCT FROM pg_temp.trimmed(rolled.hist)",
     )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    mismatches.extend(rule_state_mismatches(&mut conn).await);
+    mismatches
+}
+
+/// Where the retry-loop and token-burn rules' per-minute state differs from the raw rows it
+/// summarizes, by the raw-row definition (`LOOP_CALLS`): (table, key, minute or span id).
+pub async fn rule_state_mismatches(conn: &mut sqlx::PgConnection) -> Vec<(String, String, String)> {
+    let loop_calls = toolsight::store::alerts::LOOP_CALLS;
+    sqlx::query_as(&format!(
+        "WITH raw AS (
+            SELECT date_trunc('minute', start_time) AS minute, service, tool, session_key,
+                   coalesce(args_hash, '\\x'::bytea) AS args_hash, count(*) AS calls,
+                   count(*) FILTER (WHERE outcome <> 'ok') AS failed,
+                   count(*) FILTER (WHERE outcome <> 'ok' OR result_empty IS TRUE) AS stuck
+            FROM tool_calls t WHERE {loop_calls} GROUP BY 1, 2, 3, 4, 5),
+         state AS (
+            SELECT minute, service, tool, session_key, args_hash, sum(calls) AS calls,
+                   sum(failed) AS failed, sum(stuck) AS stuck
+            FROM loop_calls_1m GROUP BY 1, 2, 3, 4, 5
+            HAVING sum(calls) <> 0 OR sum(failed) <> 0 OR sum(stuck) <> 0),
+         raw_tokens AS (
+            SELECT date_trunc('minute', start_time) AS minute, service, session_key,
+                   sum(input_tokens + output_tokens) AS tokens
+            FROM llm_calls GROUP BY 1, 2, 3),
+         state_tokens AS (
+            SELECT minute, service, session_key, sum(tokens) AS tokens
+            FROM session_tokens_1m GROUP BY 1, 2, 3)
+         SELECT 'loop_calls_1m', service || '/' || tool || '/' || session_key, minute::text
+         FROM raw FULL JOIN state USING (minute, service, tool, session_key, args_hash)
+         WHERE (raw.calls, raw.failed, raw.stuck) IS DISTINCT FROM (state.calls, state.failed, state.stuck)
+         UNION ALL
+         SELECT 'tool_calls.loop_counted', service || '/' || tool, encode(span_id, 'hex')
+         FROM tool_calls t WHERE loop_counted IS DISTINCT FROM ({loop_calls})
+         UNION ALL
+         SELECT 'session_tokens_1m', service || '/' || session_key, minute::text
+         FROM raw_tokens FULL JOIN state_tokens USING (minute, service, session_key)
+         WHERE raw_tokens.tokens IS DISTINCT FROM state_tokens.tokens"
+    ))
     .fetch_all(&mut *conn)
     .await
     .unwrap()
