@@ -114,6 +114,7 @@ pub struct Metrics {
     pub evaluation_lag: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub group_duration: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub group_last_evaluation: Family<GroupLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub rule_window_rows: Family<GroupLabel, Gauge>,
     pub rule_failures: Family<RuleLabel, Counter>,
     pub task_failures: Family<TaskLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
@@ -161,6 +162,7 @@ impl Metrics {
             evaluation_lag: Family::default(),
             group_duration: Family::default(),
             group_last_evaluation: Family::default(),
+            rule_window_rows: Family::default(),
             rule_failures: Family::default(),
             task_failures: Family::default(),
             connections_open: Family::default(),
@@ -301,6 +303,11 @@ impl Metrics {
             "rule_group_last_evaluation_timestamp_seconds",
             "the aligned instant (Unix seconds) of the last evaluation of a rule group that finished",
             m.group_last_evaluation.clone(),
+        );
+        registry.register(
+            "rule_group_window_rows",
+            "per-minute state rows a rule group keeps in memory between evaluations (bounded by its keys times the minutes of its windows)",
+            m.rule_window_rows.clone(),
         );
         registry.register(
             "rule_evaluation_failures",

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use chrono::DurationRound;
 use serde::Serialize;
 
 use crate::db;
@@ -63,9 +64,15 @@ pub struct BenchArgs {
     /// distinct calls a minute, and LLM tokens.
     #[arg(long, default_value_t = 50_000)]
     sessions: usize,
-    /// Evaluations of each group (with --rules); the median and the slowest are reported.
+    /// Evaluations of each group after the first (with --rules), each after a minute of new
+    /// rows; the first, the median and the slowest are reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Instead of the phases: the maximum closed-loop rate (gRPC) held this long on one
+    /// database, reported per minute (throughput, export latency, the default rules' evaluation
+    /// time, table and index sizes, WAL written, RSS).
+    #[arg(long, default_value = "0s")]
+    sustained: humantime::Duration,
     /// The `toolsight` binary under test (default: the one built beside this one).
     #[arg(long)]
     service: Option<PathBuf>,
@@ -207,6 +214,96 @@ impl Service {
     }
 }
 
+/// What the sustained run reads after each minute: the service's rule evaluation metrics and
+/// the database's sizes and WAL position.
+struct Watch {
+    client: reqwest::Client,
+    admin: String,
+    wal_start: i64,
+}
+
+struct Seen {
+    metrics: String,
+    missed: u64,
+    raw_bytes: i64,
+    other_bytes: i64,
+    wal_bytes: i64,
+}
+
+impl Seen {
+    /// The last evaluation of `group`, in milliseconds.
+    fn group_ms(&self, group: &str) -> f64 {
+        let series = format!("toolsight_rule_group_duration_seconds{{group=\"{group}\"}} ");
+        self.metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |s| s * 1000.0)
+    }
+}
+
+const RAW: [&str; 4] = ["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"];
+const AGGREGATES: [&str; 6] = [
+    "tool_rollup_1m",
+    "mcp_method_rollup_1m",
+    "llm_rollup_1m",
+    "upstream_rollup_1m",
+    "loop_calls_1m",
+    "session_tokens_1m",
+];
+
+impl Watch {
+    async fn new(pool: &sqlx::PgPool, admin: &str) -> anyhow::Result<Watch> {
+        let wal_start: i64 =
+            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+                .fetch_one(pool)
+                .await?;
+        Ok(Watch {
+            client: reqwest::Client::new(),
+            admin: admin.to_owned(),
+            wal_start,
+        })
+    }
+
+    async fn now(&self, pool: &sqlx::PgPool) -> anyhow::Result<Seen> {
+        let metrics = self
+            .client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let missed = metrics
+            .lines()
+            .filter(|l| l.starts_with("toolsight_rule_group_iterations_missed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+        let size = |tables: &[&str]| {
+            tables
+                .iter()
+                .map(|t| format!("SELECT relid FROM pg_partition_tree('{t}') WHERE isleaf"))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ")
+        };
+        let (raw_bytes, other_bytes, wal): (i64, i64, i64) = sqlx::query_as(&format!(
+            "SELECT (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM ({}) r),
+                    (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM ({}) a),
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+            size(&RAW),
+            size(&AGGREGATES)
+        ))
+        .fetch_one(pool)
+        .await?;
+        Ok(Seen {
+            metrics,
+            missed,
+            raw_bytes,
+            other_bytes,
+            wal_bytes: wal - self.wal_start,
+        })
+    }
+}
+
 /// `toolsight bench --alerts`: the default rules' false firings on steady traffic.
 fn alert_quality(args: &BenchArgs) -> anyhow::Result<()> {
     use toolsight::evaluate::quality::{Steady, steady};
@@ -252,7 +349,8 @@ fn alert_quality(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One evaluation of each default rule group, `rounds` times, over seeded state.
+/// The evaluations of each default rule group over seeded state: the first (whole windows
+/// read), then `rounds` more, each after a minute of new rows.
 async fn rules_cost(args: &BenchArgs) -> anyhow::Result<()> {
     let server = store::connect_options(&args.server)?;
     let opts = db::recreate_database(&server, "toolsight_bench_rules").await?;
@@ -268,24 +366,51 @@ async fn rules_cost(args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!("   {rows} rows in {:.1} s", started.elapsed().as_secs_f64());
     let files = toolsight::evaluate::run::load_rules(&[])?;
     let mut ev = toolsight::evaluate::run::Evaluator::new(pool.clone(), files);
-    let groups: Vec<String> = ev.groups().iter().map(|g| g.name.clone()).collect();
-    println!(
-        "| group | series | sessions | median ms | slowest ms | rounds |\n|---|---:|---:|---:|---:|---:|"
-    );
-    for (i, name) in groups.iter().enumerate() {
-        let mut ms = Vec::new();
-        for r in 0..args.rounds {
-            // Successive aligned instants, as the live loop evaluates them.
-            let at = now + chrono::Duration::seconds(r as i64);
+    let groups = ev.groups().len();
+    let minute = now.duration_trunc(chrono::Duration::minutes(1))?;
+    // The first evaluation reads the whole windows; each later one follows a minute of new
+    // rows (every series, a 26th of the sessions), as the live loop does.
+    let mut first = vec![0.0; groups];
+    let mut later: Vec<Vec<f64>> = vec![Vec::new(); groups];
+    for r in 0..=args.rounds.max(1) {
+        let at = minute + chrono::Duration::minutes(r as i64 + 1);
+        if r > 0 {
             let t = Instant::now();
-            ev.evaluate_group_at(i, at).await?;
-            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            let n = db::seed_minute(
+                &pool,
+                at - chrono::Duration::minutes(1),
+                args.series,
+                args.sessions,
+            )
+            .await?;
+            eprintln!(
+                "   minute {r}: {n} new rows in {:.0} ms",
+                t.elapsed().as_secs_f64() * 1000.0
+            );
         }
+        for g in 0..groups {
+            let t = Instant::now();
+            ev.evaluate_group_at(g, at).await?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if r == 0 {
+                first[g] = ms;
+            } else {
+                later[g].push(ms);
+            }
+        }
+    }
+    println!(
+        "| group | series | sessions | first ms | median ms | slowest ms | rounds |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (g, group) in ev.groups().iter().enumerate() {
+        let ms = &mut later[g];
         ms.sort_by(f64::total_cmp);
         println!(
-            "| {name} | {} | {} | {:.0} | {:.0} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            group.name,
             args.series,
             args.sessions,
+            first[g],
             ms[ms.len() / 2],
             ms[ms.len() - 1],
             ms.len()
@@ -384,6 +509,62 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
+    let sustained: Duration = args.sustained.into();
+    if !sustained.is_zero() {
+        let pool = store::query_pool(&db, 2).await?;
+        let watch = Watch::new(&pool, &svc.admin).await?;
+        println!(
+            "| minute | spans/s | p50 ms | p99 ms | tool-health ms | agent-behaviour ms | upstreams ms | missed | raw tables MiB | rollups + state MiB | WAL MiB | RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let minutes = sustained.as_secs().div_ceil(60).max(1);
+        let mut rates = Vec::new();
+        for m in 1..=minutes {
+            let p = phase(
+                &format!("sustained minute {m}/{minutes}, grpc, closed loop"),
+                Protocol::Grpc,
+                None,
+                Duration::from_secs(60),
+                args.concurrency,
+            )
+            .await?;
+            let w = watch.now(&pool).await?;
+            rates.push(p.report.accepted_spans_per_sec);
+            println!(
+                "| {m} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                p.report.accepted_spans_per_sec,
+                p.report.latency_p50_ms,
+                p.report.latency_p99_ms,
+                w.group_ms("tool-health"),
+                w.group_ms("agent-behaviour"),
+                w.group_ms("upstreams"),
+                w.missed,
+                w.raw_bytes as f64 / 1048576.0,
+                w.other_bytes as f64 / 1048576.0,
+                w.wal_bytes as f64 / 1048576.0,
+                p.rss_end_mib,
+            );
+            phases.push(p);
+        }
+        let records_expected: u64 = phases.iter().map(|p| p.report.records_expected).sum();
+        let records = db::count_records(&pool).await?;
+        let w = watch.now(&pool).await?;
+        pool.close().await;
+        svc.stop()?;
+        sampler.abort();
+        let (first, last) = (rates[0], rates[rates.len() - 1]);
+        println!(
+            "\nlast minute / first: {:.2}; evaluations missed: {}; {records} of {records_expected} records stored; raw tables {:.0} bytes per record (heap, indexes, TOAST)",
+            last / first,
+            w.missed,
+            w.raw_bytes as f64 / records.max(1) as f64
+        );
+        if records as u64 != records_expected {
+            bail!(
+                "LOST OR EXTRA ROWS: {records} records in PostgreSQL, {records_expected} expected"
+            );
+        }
+        return Ok(());
+    }
     let grpc = phase(
         "max throughput, grpc, closed loop",
         Protocol::Grpc,

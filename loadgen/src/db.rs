@@ -157,3 +157,54 @@ pub async fn seed_rule_state(
     sqlx::query("ANALYZE").execute(&mut *conn).await?;
     Ok(rows)
 }
+
+/// Writes minute `minute` of the seeded traffic (every series, the sessions active then), as
+/// the writers would between two evaluations.
+pub async fn seed_minute(
+    pool: &PgPool,
+    minute: chrono::DateTime<chrono::Utc>,
+    series: usize,
+    sessions: usize,
+) -> anyhow::Result<u64> {
+    let mut rows = sqlx::query(
+        "INSERT INTO tool_rollup_1m (minute, service, tool, side, calls, errors, cancellations,
+             with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist,
+             shard, sized_results, counted_results, overhead_calls, overhead_us_sum)
+         SELECT $1, 'svc-' || (s / 50), 'tool-' || s, 'server', 3, 0, 0, 3, 0, 300, 3, 600000,
+                array_fill(0::bigint, ARRAY[55]) || ARRAY[1, 1, 1]::bigint[], 0, 3, 3, 0, 0
+         FROM generate_series(0, $2 - 1) AS s ON CONFLICT DO NOTHING",
+    )
+    .bind(minute)
+    .bind(series as i64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let slot = (minute.timestamp() / 60).rem_euclid(26);
+    rows += sqlx::query(
+        "INSERT INTO loop_calls_1m
+         SELECT $1, 'svc-' || (k % greatest($2 / 50, 1)), 'tool-' || (k % $2), 'session-' || k,
+                decode(lpad(to_hex(a), 32, '0'), 'hex'), 0, 1, 0, 0
+         FROM generate_series(0, $3 - 1) AS k, generate_series(1, 3) AS a WHERE k % 26 = $4
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(minute)
+    .bind(series as i64)
+    .bind(sessions as i64)
+    .bind(slot)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO session_tokens_1m
+         SELECT $1, 'svc-' || (k % greatest($2 / 50, 1)), 'session-' || k, 0, 2000 + k % 1000
+         FROM generate_series(0, $3 - 1) AS k WHERE k % 26 = $4 ON CONFLICT DO NOTHING",
+    )
+    .bind(minute)
+    .bind(series as i64)
+    .bind(sessions as i64)
+    .bind(slot)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(rows)
+}

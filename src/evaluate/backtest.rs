@@ -271,17 +271,6 @@ fn tool_observation(
     }
 }
 
-/// The median as PostgreSQL's `percentile_cont(0.5)` computes it.
-fn percentile_cont_median(sorted: &[f64]) -> f64 {
-    let pos = 0.5 * (sorted.len() as f64 - 1.0);
-    let (lo, hi) = (pos.floor(), pos.ceil());
-    let first = sorted[lo as usize];
-    if lo == hi {
-        return first;
-    }
-    first + (sorted[hi as usize] - first) * (pos - lo)
-}
-
 impl Windows for History {
     type Error = PolarsError;
 
@@ -448,7 +437,7 @@ impl Windows for History {
             .into_iter()
             .map(|(svc, mut v)| {
                 v.sort_by(f64::total_cmp);
-                (svc, (percentile_cont_median(&v), v.len() as i64))
+                (svc, (crate::store::window::median(&v), v.len() as i64))
             })
             .collect();
         Ok((0..df.height())
@@ -667,13 +656,6 @@ fn episodes(events: &[ReplayEvent]) -> Vec<Episode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_matches_percentile_cont() {
-        assert_eq!(percentile_cont_median(&[5.0]), 5.0);
-        assert_eq!(percentile_cont_median(&[1.0, 4.0]), 2.5);
-        assert_eq!(percentile_cont_median(&[1.0, 2.0, 9.0]), 2.0);
-    }
 
     #[test]
     fn ticks_are_the_aligned_instants_in_range() {

@@ -12,6 +12,7 @@ use super::rules::{Baseline, Group, Kind, Rule};
 use crate::evaluate::engine::Observation;
 use crate::store::StoreError;
 use crate::store::alerts;
+use crate::store::window::Window;
 
 /// The window aggregates the rule kinds read. Each returns one observation per key; the
 /// windows are those of the SQL in `store::alerts` (rollup minutes in
@@ -62,8 +63,12 @@ pub(crate) trait Windows {
     ) -> Result<Vec<Observation>, Self::Error>;
 }
 
-/// The live windows: queries over the rollups and raw tables.
-pub(crate) struct Live<'a>(pub &'a PgPool);
+/// The live windows: the group's per-minute state, kept in memory and refreshed with what
+/// changed (`store::window`); rate-limit headroom reads its few upstream rows directly.
+pub(crate) struct Live<'a> {
+    pub pool: &'a PgPool,
+    pub window: &'a mut Window,
+}
 
 impl Windows for Live<'_> {
     type Error = StoreError;
@@ -76,14 +81,19 @@ impl Windows for Live<'_> {
         z: f64,
         baseline_to: Option<DateTime<Utc>>,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::latency(self.0, to, window.as_secs_f64(), quantile, z, baseline_to).await
+        let w = window.as_secs_f64();
+        self.window
+            .latency(self.pool, to, w, quantile, z, baseline_to)
+            .await
     }
     async fn error_rate(
         &mut self,
         to: DateTime<Utc>,
         window: Duration,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::error_rate(self.0, to, window.as_secs_f64()).await
+        self.window
+            .error_rate(self.pool, to, window.as_secs_f64())
+            .await
     }
     async fn empty_results(
         &mut self,
@@ -91,7 +101,9 @@ impl Windows for Live<'_> {
         window: Duration,
         baseline_to: DateTime<Utc>,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::empty_results(self.0, to, window.as_secs_f64(), baseline_to).await
+        self.window
+            .empty_results(self.pool, to, window.as_secs_f64(), baseline_to)
+            .await
     }
     async fn retry_loops(
         &mut self,
@@ -101,29 +113,32 @@ impl Windows for Live<'_> {
         after_errors_only: bool,
         polling_interval: Duration,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::retry_loops(
-            self.0,
-            to,
-            window.as_secs_f64(),
-            min_repeats,
-            after_errors_only,
-            polling_interval.as_secs_f64(),
-        )
-        .await
+        self.window
+            .retry_loops(
+                self.pool,
+                to,
+                window.as_secs_f64(),
+                min_repeats,
+                after_errors_only,
+                polling_interval.as_secs_f64(),
+            )
+            .await
     }
     async fn token_burn(
         &mut self,
         to: DateTime<Utc>,
         window: Duration,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::token_burn(self.0, to, window.as_secs_f64()).await
+        self.window
+            .token_burn(self.pool, to, window.as_secs_f64())
+            .await
     }
     async fn rate_limit_headroom(
         &mut self,
         to: DateTime<Utc>,
         window: Duration,
     ) -> Result<Vec<Observation>, StoreError> {
-        alerts::rate_limit_headroom(self.0, to, window.as_secs_f64()).await
+        alerts::rate_limit_headroom(self.pool, to, window.as_secs_f64()).await
     }
 }
 

@@ -15,6 +15,7 @@ use super::rules::{Group, RuleFile};
 use super::state::{AlertState, Event, Phase};
 use crate::store::StoreError;
 use crate::store::alerts::{self, NewEvent, StoredAlert};
+use crate::store::window::Window;
 
 /// The built-in rules, used when no rule files are configured.
 pub const DEFAULT_RULES: &str = include_str!("../../alerts/default.yaml");
@@ -31,9 +32,16 @@ pub fn load_rules(
     super::rules::load(files)
 }
 
-/// The alert states of one group. Groups evaluate independently (each on its own schedule, in
-/// its own task in the live loop), so each owns its states.
-type GroupState = std::sync::Arc<tokio::sync::Mutex<Alerts>>;
+/// What one group keeps between evaluations: its alert states and the windows its rules read.
+#[derive(Default)]
+struct GroupRun {
+    alerts: Alerts,
+    window: Window,
+}
+
+/// Groups evaluate independently (each on its own schedule, in its own task in the live loop),
+/// so each owns its states and windows.
+type GroupState = std::sync::Arc<tokio::sync::Mutex<GroupRun>>;
 
 pub struct Evaluator {
     pool: PgPool,
@@ -80,7 +88,7 @@ impl Evaluator {
     ) -> Result<(), StoreError> {
         let mut tracked = Alerts::default();
         for s in &self.states {
-            tracked.map.extend(s.lock().await.map.drain());
+            tracked.map.extend(s.lock().await.alerts.map.drain());
         }
         self.groups = files.into_iter().flat_map(|(_, f)| f.groups).collect();
         self.states = self.groups.iter().map(|_| GroupState::default()).collect();
@@ -88,7 +96,12 @@ impl Evaluator {
         for ((alert, key), t) in tracked.map {
             match self.group_of(&alert) {
                 Some(g) => {
-                    self.states[g].lock().await.map.insert((alert, key), t);
+                    self.states[g]
+                        .lock()
+                        .await
+                        .alerts
+                        .map
+                        .insert((alert, key), t);
                 }
                 None => deleted.push(StoredAlert::forgotten(&alert, &key, "")),
             }
@@ -101,7 +114,7 @@ impl Evaluator {
     pub async fn restore(&mut self) -> Result<usize, StoreError> {
         let rows = alerts::load_alerts(&self.pool).await?;
         for s in &self.states {
-            *s.lock().await = Alerts::default();
+            *s.lock().await = GroupRun::default();
         }
         let mut restored = 0;
         for r in &rows {
@@ -109,7 +122,7 @@ impl Evaluator {
                 continue;
             };
             restored += 1;
-            self.states[g].lock().await.map.insert(
+            self.states[g].lock().await.alerts.map.insert(
                 (r.alert.clone(), r.key.clone()),
                 Tracked {
                     group: r.group_name.clone(),
@@ -168,8 +181,21 @@ async fn evaluate_group(
     late: Option<chrono::Duration>,
     metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<Vec<Notice>, StoreError> {
-    let mut tracked = state.lock().await;
-    let out = observe::evaluate_group(&mut Live(pool), g, &mut tracked, now).await;
+    let mut run = state.lock().await;
+    let GroupRun {
+        alerts: tracked,
+        window,
+    } = &mut *run;
+    window.begin();
+    let out = observe::evaluate_group(&mut Live { pool, window }, g, tracked, now).await;
+    window.finish();
+    if let Some(m) = metrics {
+        m.rule_window_rows
+            .get_or_create(&crate::metrics::GroupLabel {
+                group: g.name.clone(),
+            })
+            .set(window.len() as i64);
+    }
     if let Some(m) = metrics {
         for r in out.rules.iter().filter(|r| r.error.is_some()) {
             m.rule_failures

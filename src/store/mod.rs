@@ -18,6 +18,7 @@ pub mod queries;
 pub mod retention;
 pub mod rollup;
 pub(crate) mod stats;
+pub mod window;
 pub mod writer;
 
 use std::time::Duration;

@@ -1,24 +1,10 @@
 //! The latency histogram SQL functions every p95 in toolsight comes from.
 
 use crate::common;
-use sqlx::PgPool;
-
-/// A fresh, migrated database named `toolsight_it_{name}`.
-async fn migrated_db(name: &str) -> PgPool {
-    let url = common::fresh_database(name).await;
-    let admin = common::admin_pool().await;
-    sqlx::query(&format!("CREATE DATABASE toolsight_it_{name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let pool = PgPool::connect(&url).await.unwrap();
-    toolsight::store::MIGRATOR.run(&pool).await.unwrap();
-    pool
-}
 
 #[tokio::test]
 async fn buckets_merge_and_quantiles() {
-    let pool = migrated_db("hist").await;
+    let pool = common::migrated_db("hist").await;
     let bucket = |us: i64| {
         let pool = pool.clone();
         async move {
@@ -127,7 +113,7 @@ async fn buckets_merge_and_quantiles() {
 /// gives the live rules, bit for bit, or a replay could fire where the live loop did not.
 #[tokio::test]
 async fn the_rust_quantile_is_the_sql_quantile() {
-    let pool = migrated_db("hist_rust").await;
+    let pool = common::migrated_db("hist_rust").await;
     // Deterministic pseudo-random histograms: sparse and dense, short and full length.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {

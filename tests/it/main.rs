@@ -21,6 +21,7 @@ mod outage_e2e;
 mod protocol_e2e;
 mod retention;
 mod rule_state;
+mod rule_windows;
 mod rules_cli;
 mod security_e2e;
 mod tls_e2e;

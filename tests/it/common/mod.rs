@@ -514,3 +514,16 @@ pub async fn rule_state_mismatches(conn: &mut sqlx::PgConnection) -> Vec<(String
 pub const JOINED_PAIRS: &str = "SELECT count(*) FROM tool_calls c JOIN tool_calls s
        ON s.trace_id = c.trace_id AND s.span_id = c.peer_span_id AND s.peer_span_id = c.span_id
      WHERE c.side = 'client' AND s.side = 'server' AND c.counted AND s.counted";
+
+/// A fresh, migrated database named `toolsight_it_{name}`.
+pub async fn migrated_db(name: &str) -> PgPool {
+    let url = fresh_database(name).await;
+    let admin = admin_pool().await;
+    sqlx::query(&format!("CREATE DATABASE toolsight_it_{name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = PgPool::connect(&url).await.unwrap();
+    toolsight::store::MIGRATOR.run(&pool).await.unwrap();
+    pool
+}

@@ -1,0 +1,657 @@
+//! The rule groups' windows, kept in memory between evaluations.
+//!
+//! A group reads the same per-minute state every interval, and between two evaluations only
+//! the rows written since have changed. [`Window`] keeps the rows of the minutes its group's
+//! rules read (`tool_rollup_1m`, `loop_calls_1m`, `session_tokens_1m`: one row per key, minute
+//! and writer shard) and on each evaluation reads again only the rows whose version is newer
+//! than the previous read: `xmin` (the transaction that wrote the row version) not older than the
+//! oldest transaction still running when that read began (its snapshot's xmin). Every row
+//! version of an older transaction was committed before that read and is in it; a row of a
+//! transaction running then, or started since, is read again. A writer's upsert or the join's
+//! correction writes a new row version, so nothing is missed and nothing is counted twice: a
+//! re-read row replaces the kept one. Minutes no rule of the group reads any more are dropped
+//! after each evaluation, so what is kept is bounded by the keys the cardinality guard admits
+//! times the minutes of the longest window (and of its baseline).
+//!
+//! The rules then aggregate in memory. Each function here computes exactly what its SQL
+//! definition in [`super::alerts`] computes (tests hold the two equal, value for value), at a
+//! cost that follows the keys of the window, never the calls, and without merging histograms in
+//! PL/pgSQL: one evaluation of 5,000 tools reads a few thousand changed rows instead of
+//! merging a hundred thousand histograms.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::StoreError;
+use super::rollup::hist_quantile;
+use crate::evaluate::engine::{self, Observation, labels};
+use crate::normalize::cardinality::OVERFLOW;
+
+const MINUTE_MS: i64 = 60_000;
+
+/// Minutes as milliseconds since the epoch; a span `[lo, hi)` holds the minutes `m` with
+/// `lo <= m < hi` (the bounds need not be whole minutes: `hi` is the evaluation instant).
+type Span = (i64, i64);
+
+/// The rollup minutes a rule reads for a window ending at `to`: whole minutes, the one holding
+/// `to - window` included, up to `to` (the SQL's `RANGE`).
+pub fn span(to: DateTime<Utc>, window_secs: f64) -> Span {
+    let to = to.timestamp_millis();
+    let from = to - (window_secs * 1000.0).round() as i64;
+    (from.div_euclid(MINUTE_MS) * MINUTE_MS, to)
+}
+
+/// Sorted, disjoint, non-empty spans.
+fn normalize(mut spans: Vec<Span>) -> Vec<Span> {
+    spans.retain(|(lo, hi)| lo < hi);
+    spans.sort_unstable();
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
+    for (lo, hi) in spans {
+        match out.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// The parts of `need` outside `have` (both normalized).
+fn subtract(need: &[Span], have: &[Span]) -> Vec<Span> {
+    let mut out = Vec::new();
+    for &(mut lo, hi) in need {
+        for &(a, b) in have {
+            if b <= lo || a >= hi {
+                continue;
+            }
+            if a > lo {
+                out.push((lo, a));
+            }
+            lo = lo.max(b);
+            if lo >= hi {
+                break;
+            }
+        }
+        if lo < hi {
+            out.push((lo, hi));
+        }
+    }
+    out
+}
+
+/// The parts of `a` inside `b` (both normalized).
+fn intersect(a: &[Span], b: &[Span]) -> Vec<Span> {
+    let mut out = Vec::new();
+    for &(lo, hi) in a {
+        for &(c, d) in b {
+            let (x, y) = (lo.max(c), hi.min(d));
+            if x < y {
+                out.push((x, y));
+            }
+        }
+    }
+    normalize(out)
+}
+
+/// A tool, as rollups key it: (service, tool, side).
+pub type ToolKey = (String, String, String);
+
+/// One `tool_rollup_1m` row: what the tool-health rules read of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolMinute {
+    pub calls: i64,
+    pub errors: i64,
+    pub with_result: i64,
+    pub empty_results: i64,
+    /// The latency histogram from its first non-empty bucket: `hist[i]` is bucket
+    /// `hist_from + i`. The length of the stored array is `hist_from + hist.len()`.
+    pub hist_from: usize,
+    pub hist: Vec<i64>,
+}
+
+/// A repeated call, as `loop_calls_1m` keys it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LoopKey {
+    pub service: String,
+    pub tool: String,
+    pub session: String,
+    /// Empty: calls without captured arguments (failed or empty).
+    pub args: Vec<u8>,
+}
+
+/// One `loop_calls_1m` row.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoopMinute {
+    pub calls: i64,
+    pub failed: i64,
+    pub stuck: i64,
+}
+
+/// A session, as `session_tokens_1m` keys it: (service, session).
+pub type SessionKey = (String, String);
+
+/// The rows of one table for the minutes read, by minute, then by (key, shard).
+#[derive(Debug)]
+struct Minutes<K, V> {
+    rows: BTreeMap<i64, HashMap<(K, i16), V>>,
+    /// The spans read (normalized).
+    loaded: Vec<Span>,
+    /// The spans this evaluation read (kept when it finishes; the rest is dropped).
+    used: Vec<Span>,
+}
+
+impl<K, V> Default for Minutes<K, V> {
+    fn default() -> Self {
+        Minutes {
+            rows: BTreeMap::new(),
+            loaded: Vec::new(),
+            used: Vec::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Minutes<K, V> {
+    fn put(&mut self, minute: i64, key: K, shard: i16, v: V) {
+        self.rows.entry(minute).or_default().insert((key, shard), v);
+    }
+
+    fn within(&self, (lo, hi): Span) -> impl Iterator<Item = (&(K, i16), &V)> {
+        self.rows.range(lo..hi.max(lo)).flat_map(|(_, m)| m.iter())
+    }
+
+    /// Keeps only the minutes of the spans used since the last call.
+    fn finish(&mut self) {
+        let used = normalize(std::mem::take(&mut self.used));
+        self.loaded = intersect(&self.loaded, &used);
+        let loaded = &self.loaded;
+        self.rows
+            .retain(|m, _| loaded.iter().any(|(lo, hi)| lo <= m && m < hi));
+    }
+
+    fn len(&self) -> usize {
+        self.rows.values().map(HashMap::len).sum()
+    }
+}
+
+/// Which of the three tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Tools,
+    Loops,
+    Tokens,
+}
+
+/// The `xmin` test: the row version was written by a transaction not older than `$3` (the low
+/// 32 bits of a snapshot's xmin), modulo 2^32 as PostgreSQL compares transaction ids.
+const CHANGED: &str =
+    "($3::bigint IS NULL OR ((xmin::text::bigint - $3) & 4294967295) < 2147483648)";
+
+/// The windows of one rule group: see the module documentation.
+#[derive(Debug, Default)]
+pub struct Window {
+    tools: Minutes<ToolKey, ToolMinute>,
+    loops: Minutes<LoopKey, LoopMinute>,
+    tokens: Minutes<SessionKey, i64>,
+    /// The low 32 bits of the snapshot xmin taken before the last read.
+    watermark: Option<i64>,
+    /// Whether this evaluation has read the changed rows yet.
+    refreshed: bool,
+    /// Rows read since [`Window::begin`] (changed and newly loaded).
+    pub rows_read: u64,
+}
+
+impl Window {
+    /// Starts an evaluation: the first read reads the rows changed since the previous one.
+    pub fn begin(&mut self) {
+        self.refreshed = false;
+        self.rows_read = 0;
+    }
+
+    /// Ends an evaluation: minutes no rule read in it are dropped.
+    pub fn finish(&mut self) {
+        self.tools.finish();
+        self.loops.finish();
+        self.tokens.finish();
+    }
+
+    /// Rows kept, over the three tables.
+    pub fn len(&self) -> usize {
+        self.tools.len() + self.loops.len() + self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes `spans` of `table` current: on the first read of an evaluation, the rows changed
+    /// since the previous evaluation's read; then whatever part of `spans` was never read.
+    async fn ensure(
+        &mut self,
+        pool: &PgPool,
+        table: Table,
+        spans: &[Span],
+    ) -> Result<(), StoreError> {
+        if !self.refreshed {
+            let (mark,): (i64,) = sqlx::query_as(
+                "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint & 4294967295)",
+            )
+            .fetch_one(pool)
+            .await?;
+            if let Some(old) = self.watermark {
+                for t in [Table::Tools, Table::Loops, Table::Tokens] {
+                    let loaded = match t {
+                        Table::Tools => self.tools.loaded.clone(),
+                        Table::Loops => self.loops.loaded.clone(),
+                        Table::Tokens => self.tokens.loaded.clone(),
+                    };
+                    for s in loaded {
+                        self.read(pool, t, s, Some(old)).await?;
+                    }
+                }
+            }
+            self.watermark = Some(mark);
+            self.refreshed = true;
+        }
+        let spans = normalize(spans.to_vec());
+        let loaded = match table {
+            Table::Tools => &self.tools.loaded,
+            Table::Loops => &self.loops.loaded,
+            Table::Tokens => &self.tokens.loaded,
+        };
+        for s in subtract(&spans, loaded) {
+            self.read(pool, table, s, None).await?;
+        }
+        let (loaded, used) = match table {
+            Table::Tools => (&mut self.tools.loaded, &mut self.tools.used),
+            Table::Loops => (&mut self.loops.loaded, &mut self.loops.used),
+            Table::Tokens => (&mut self.tokens.loaded, &mut self.tokens.used),
+        };
+        *loaded = normalize(loaded.iter().chain(&spans).copied().collect());
+        used.extend(&spans);
+        Ok(())
+    }
+
+    /// Reads the rows of `table` in `span`: all of them, or those changed since `since`.
+    async fn read(
+        &mut self,
+        pool: &PgPool,
+        table: Table,
+        (lo, hi): Span,
+        since: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+        let (lo, hi) = (at(lo), at(hi));
+        match table {
+            Table::Tools => {
+                type Row = (
+                    DateTime<Utc>,
+                    String,
+                    String,
+                    String,
+                    i16,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    Vec<i64>,
+                );
+                let rows: Vec<Row> = sqlx::query_as(&format!(
+                    "SELECT minute, service, tool, side, shard, calls, errors, with_result, empty_results, latency_hist
+                     FROM tool_rollup_1m WHERE minute >= $1 AND minute < $2 AND {CHANGED}"
+                ))
+                .bind(lo)
+                .bind(hi)
+                .bind(since)
+                .fetch_all(pool)
+                .await?;
+                self.rows_read += rows.len() as u64;
+                for (m, service, tool, side, shard, calls, errors, with_result, empty, hist) in rows
+                {
+                    let from = hist.iter().position(|&c| c != 0).unwrap_or(hist.len());
+                    let v = ToolMinute {
+                        calls,
+                        errors,
+                        with_result,
+                        empty_results: empty,
+                        hist_from: from,
+                        hist: hist[from..].to_vec(),
+                    };
+                    self.tools
+                        .put(m.timestamp_millis(), (service, tool, side), shard, v);
+                }
+            }
+            Table::Loops => {
+                type Row = (
+                    DateTime<Utc>,
+                    String,
+                    String,
+                    String,
+                    Vec<u8>,
+                    i16,
+                    i64,
+                    i64,
+                    i64,
+                );
+                let rows: Vec<Row> = sqlx::query_as(&format!(
+                    "SELECT minute, service, tool, session_key, args_hash, shard, calls, failed, stuck
+                     FROM loop_calls_1m WHERE minute >= $1 AND minute < $2 AND {CHANGED}"
+                ))
+                .bind(lo)
+                .bind(hi)
+                .bind(since)
+                .fetch_all(pool)
+                .await?;
+                self.rows_read += rows.len() as u64;
+                for (m, service, tool, session, args, shard, calls, failed, stuck) in rows {
+                    let key = LoopKey {
+                        service,
+                        tool,
+                        session,
+                        args,
+                    };
+                    let v = LoopMinute {
+                        calls,
+                        failed,
+                        stuck,
+                    };
+                    self.loops.put(m.timestamp_millis(), key, shard, v);
+                }
+            }
+            Table::Tokens => {
+                let rows: Vec<(DateTime<Utc>, String, String, i16, i64)> =
+                    sqlx::query_as(&format!(
+                        "SELECT minute, service, session_key, shard, tokens
+                         FROM session_tokens_1m WHERE minute >= $1 AND minute < $2 AND {CHANGED}"
+                    ))
+                    .bind(lo)
+                    .bind(hi)
+                    .bind(since)
+                    .fetch_all(pool)
+                    .await?;
+                self.rows_read += rows.len() as u64;
+                for (m, service, session, shard, tokens) in rows {
+                    self.tokens
+                        .put(m.timestamp_millis(), (service, session), shard, tokens);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums of the tool rows in `span`, per tool, histograms merged.
+    fn tool_sums(&self, span: Span) -> HashMap<&ToolKey, ToolMinute> {
+        let mut out: HashMap<&ToolKey, ToolMinute> = HashMap::new();
+        for ((key, _), v) in self.tools.within(span) {
+            let a = out.entry(key).or_default();
+            a.calls += v.calls;
+            a.errors += v.errors;
+            a.with_result += v.with_result;
+            a.empty_results += v.empty_results;
+            let len = v.hist_from + v.hist.len();
+            if a.hist.len() < len {
+                a.hist.resize(len, 0);
+            }
+            for (i, c) in v.hist.iter().enumerate() {
+                a.hist[v.hist_from + i] += c;
+            }
+        }
+        out
+    }
+
+    /// [`super::alerts::latency`], from the kept rows.
+    pub async fn latency(
+        &mut self,
+        pool: &PgPool,
+        to: DateTime<Utc>,
+        window_secs: f64,
+        quantile: f64,
+        z: f64,
+        baseline_to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Observation>, StoreError> {
+        let cur = span(to, window_secs);
+        let base = baseline_to.map(|b| span(b, window_secs));
+        let spans: Vec<Span> = std::iter::once(cur).chain(base).collect();
+        self.ensure(pool, Table::Tools, &spans).await?;
+        let current = self.tool_sums(cur);
+        let base = base.map(|b| self.tool_sums(b)).unwrap_or_default();
+        let mut out = Vec::with_capacity(current.len());
+        for (key, a) in current {
+            let Some(v) = hist_quantile(&a.hist, quantile) else {
+                continue;
+            };
+            let lo = hist_quantile(&a.hist, engine::quantile_lower_rank(quantile, z, a.calls));
+            let b = base.get(key).and_then(|b| {
+                hist_quantile(&b.hist, engine::quantile_upper_rank(quantile, z, b.calls))
+            });
+            out.push(tool_observation(key, v, a.calls, b, lo));
+        }
+        Ok(out)
+    }
+
+    /// [`super::alerts::error_rate`], from the kept rows.
+    pub async fn error_rate(
+        &mut self,
+        pool: &PgPool,
+        to: DateTime<Utc>,
+        window_secs: f64,
+    ) -> Result<Vec<Observation>, StoreError> {
+        let cur = span(to, window_secs);
+        self.ensure(pool, Table::Tools, &[cur]).await?;
+        Ok(self
+            .tool_sums(cur)
+            .into_iter()
+            .filter(|(_, a)| a.calls > 0)
+            .map(|(key, a)| {
+                tool_observation(key, a.errors as f64 / a.calls as f64, a.calls, None, None)
+            })
+            .collect())
+    }
+
+    /// [`super::alerts::empty_results`], from the kept rows.
+    pub async fn empty_results(
+        &mut self,
+        pool: &PgPool,
+        to: DateTime<Utc>,
+        window_secs: f64,
+        baseline_to: DateTime<Utc>,
+    ) -> Result<Vec<Observation>, StoreError> {
+        let (cur, base) = (span(to, window_secs), span(baseline_to, window_secs));
+        self.ensure(pool, Table::Tools, &[cur, base]).await?;
+        let share = |a: &ToolMinute| a.empty_results as f64 / a.with_result as f64;
+        let base = self.tool_sums(base);
+        Ok(self
+            .tool_sums(cur)
+            .into_iter()
+            .filter(|(_, a)| a.with_result > 0)
+            .map(|(key, a)| {
+                let b = base.get(key).filter(|b| b.with_result > 0).map(share);
+                tool_observation(key, share(&a), a.with_result, b, None)
+            })
+            .collect())
+    }
+
+    /// [`super::alerts::retry_loops`], from the kept rows.
+    pub async fn retry_loops(
+        &mut self,
+        pool: &PgPool,
+        to: DateTime<Utc>,
+        window_secs: f64,
+        min_repeats: i64,
+        after_errors_only: bool,
+        polling_secs: f64,
+    ) -> Result<Vec<Observation>, StoreError> {
+        let cur = span(to, window_secs);
+        self.ensure(pool, Table::Loops, &[cur]).await?;
+        let polling = super::alerts::polling_calls_per_minute(polling_secs);
+        #[derive(Default)]
+        struct Sums {
+            n: i64,
+            failed: i64,
+            stuck: i64,
+            busiest: i64,
+        }
+        let mut keys: HashMap<&LoopKey, Sums> = HashMap::new();
+        for (_, minute) in self.loops.rows.range(cur.0..cur.1.max(cur.0)) {
+            // Per minute over the writers' shards, then per key over the minutes.
+            let mut m: HashMap<&LoopKey, LoopMinute> = HashMap::new();
+            for ((key, _), v) in minute {
+                if key.session == OVERFLOW {
+                    continue;
+                }
+                let s = m.entry(key).or_default();
+                s.calls += v.calls;
+                s.failed += v.failed;
+                s.stuck += v.stuck;
+            }
+            for (key, v) in m.into_iter().filter(|(_, v)| v.calls > 0) {
+                let s = keys.entry(key).or_default();
+                s.n += v.calls;
+                s.failed += v.failed;
+                s.stuck += v.stuck;
+                s.busiest = s.busiest.max(v.calls);
+            }
+        }
+        let mut best: HashMap<(&str, &str, &str), i64> = HashMap::new();
+        for (key, s) in keys {
+            if s.n < min_repeats
+                || (after_errors_only && s.failed <= 0)
+                || !(s.stuck > 0 || s.busiest > polling)
+            {
+                continue;
+            }
+            let v = s.n * 2 + i64::from(!key.args.is_empty());
+            let b = best
+                .entry((&key.service, &key.tool, &key.session))
+                .or_insert(v);
+            *b = (*b).max(v);
+        }
+        Ok(best
+            .into_iter()
+            .map(|((service, tool, session), v)| Observation {
+                labels: labels(&[
+                    ("service", service.to_owned()),
+                    ("tool", tool.to_owned()),
+                    ("session", session.to_owned()),
+                ]),
+                value: (v / 2) as f64,
+                samples: v / 2,
+                baseline: None,
+                extra: Some((v % 2) as f64),
+            })
+            .collect())
+    }
+
+    /// [`super::alerts::token_burn`], from the kept rows.
+    pub async fn token_burn(
+        &mut self,
+        pool: &PgPool,
+        to: DateTime<Utc>,
+        window_secs: f64,
+    ) -> Result<Vec<Observation>, StoreError> {
+        let cur = span(to, window_secs);
+        self.ensure(pool, Table::Tokens, &[cur]).await?;
+        let mut sessions: HashMap<&SessionKey, i64> = HashMap::new();
+        for ((key, _), tokens) in self.tokens.within(cur) {
+            if key.1 != OVERFLOW {
+                *sessions.entry(key).or_default() += tokens;
+            }
+        }
+        let mut per_service: HashMap<&str, Vec<f64>> = HashMap::new();
+        for ((service, _), tokens) in &sessions {
+            per_service
+                .entry(service.as_str())
+                .or_default()
+                .push(*tokens as f64);
+        }
+        let medians: HashMap<&str, (f64, i64)> = per_service
+            .into_iter()
+            .map(|(service, mut t)| {
+                t.sort_by(f64::total_cmp);
+                (service, (median(&t), t.len() as i64))
+            })
+            .collect();
+        Ok(sessions
+            .into_iter()
+            .map(|((service, session), tokens)| {
+                let (median, n) = medians[service.as_str()];
+                Observation {
+                    labels: labels(&[("service", service.clone()), ("session", session.clone())]),
+                    value: tokens as f64,
+                    samples: n,
+                    baseline: None,
+                    extra: Some(median),
+                }
+            })
+            .collect())
+    }
+}
+
+fn tool_observation(
+    (service, tool, side): &ToolKey,
+    value: f64,
+    samples: i64,
+    baseline: Option<f64>,
+    extra: Option<f64>,
+) -> Observation {
+    Observation {
+        labels: labels(&[
+            ("service", service.clone()),
+            ("tool", tool.clone()),
+            ("side", side.clone()),
+        ]),
+        value,
+        samples,
+        baseline,
+        extra,
+    }
+}
+
+/// The median of sorted values as PostgreSQL's `percentile_cont(0.5)` computes it.
+pub fn median(sorted: &[f64]) -> f64 {
+    let pos = 0.5 * (sorted.len() as f64 - 1.0);
+    let (lo, hi) = (pos.floor(), pos.ceil());
+    let first = sorted[lo as usize];
+    if lo == hi {
+        return first;
+    }
+    first + (sorted[hi as usize] - first) * (pos - lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_subtract_and_intersect() {
+        let have = normalize(vec![(0, 10), (20, 30), (5, 12)]);
+        assert_eq!(have, vec![(0, 12), (20, 30)]);
+        assert_eq!(subtract(&[(5, 25)], &have), vec![(12, 20)]);
+        assert_eq!(
+            subtract(&[(-5, 40)], &have),
+            vec![(-5, 0), (12, 20), (30, 40)]
+        );
+        assert_eq!(subtract(&[(0, 12)], &have), vec![]);
+        assert_eq!(intersect(&have, &[(10, 25)]), vec![(10, 12), (20, 25)]);
+    }
+
+    #[test]
+    fn a_span_is_the_sql_range() {
+        let to = DateTime::parse_from_rfc3339("2026-12-01T10:05:30Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (lo, hi) = span(to, 600.0);
+        assert_eq!(
+            DateTime::from_timestamp_millis(lo).unwrap().to_rfc3339(),
+            "2026-12-01T09:55:00+00:00"
+        );
+        assert_eq!(hi, to.timestamp_millis());
+    }
+
+    #[test]
+    fn median_matches_percentile_cont() {
+        assert_eq!(median(&[1.0]), 1.0);
+        assert_eq!(median(&[1.0, 2.0]), 1.5);
+        assert_eq!(median(&[1.0, 2.0, 10.0]), 2.0);
+    }
+}
