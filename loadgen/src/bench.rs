@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// rows; the first, the median and the slowest are reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Instead of ingest: fill a fresh database (`toolsight_bench_backtest`) with 7 days of
+    /// `--series` tools for timing `toolsight rules backtest --from 7d` against it.
+    #[arg(long)]
+    seed_backtest: bool,
     /// Instead of the phases: the maximum closed-loop rate (gRPC) held this long on one
     /// database, reported per minute (throughput, export latency, the default rules' evaluation
     /// time, table and index sizes, WAL written, RSS).
@@ -402,6 +406,11 @@ async fn rules_cost(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "| group | series | sessions | first ms | median ms | slowest ms | rounds |\n|---|---:|---:|---:|---:|---:|---:|"
     );
+    if let Some((rss, peak)) = rss_mib(std::process::id()) {
+        eprintln!(
+            "   this process (the evaluator and its kept windows): RSS {rss:.0} MiB, peak {peak:.0} MiB"
+        );
+    }
     for (g, group) in ev.groups().iter().enumerate() {
         let ms = &mut later[g];
         ms.sort_by(f64::total_cmp);
@@ -426,6 +435,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.rules {
         return rules_cost(&args).await;
+    }
+    if args.seed_backtest {
+        let server = store::connect_options(&args.server)?;
+        let opts = db::recreate_database(&server, "toolsight_bench_backtest").await?;
+        let pool = store::query_pool(&opts, 2).await?;
+        store::migrate(&pool).await?;
+        eprintln!("== seeding 7 days of {} tools", args.series);
+        let started = Instant::now();
+        let rows = db::seed_week(&pool, chrono::Utc::now(), args.series).await?;
+        eprintln!(
+            "   {rows} rows in {:.1} s; now run, e.g.:\n   DATABASE_URL={}/toolsight_bench_backtest toolsight rules backtest --from 7d",
+            started.elapsed().as_secs_f64(),
+            args.server.trim_end_matches('/')
+        );
+        return Ok(());
     }
     let binary = service_binary(&args)?;
     let server = store::connect_options(&args.server)?;
@@ -512,13 +536,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sustained: Duration = args.sustained.into();
     if !sustained.is_zero() {
         let pool = store::query_pool(&db, 2).await?;
+        // A whole partition three days old, for retention to drop halfway through.
+        let aged = db::age_rows(&pool, 1_000_000, chrono::Duration::days(3)).await?;
+        eprintln!("== {aged} stored rows copied three days back (a partition to drop)");
         let watch = Watch::new(&pool, &svc.admin).await?;
         println!(
             "| minute | spans/s | p50 ms | p99 ms | tool-health ms | agent-behaviour ms | upstreams ms | missed | raw tables MiB | rollups + state MiB | WAL MiB | RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let minutes = sustained.as_secs().div_ceil(60).max(1);
         let mut rates = Vec::new();
+        let mut prune = None;
         for m in 1..=minutes {
+            if m == minutes / 2 + 1 {
+                // Retention under full ingest: `toolsight prune` drops the aged partition.
+                prune = Some(
+                    Command::new(&binary)
+                        .arg("prune")
+                        .env("DATABASE_URL", &db_url)
+                        .env("TOOLSIGHT_RETENTION__RAW", "2d")
+                        .env_remove("TOOLSIGHT_CONFIG")
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .context("starting toolsight prune")?,
+                );
+                eprintln!("== minute {m}: toolsight prune (raw retention 2d) runs beside ingest");
+            }
             let p = phase(
                 &format!("sustained minute {m}/{minutes}, grpc, closed loop"),
                 Protocol::Grpc,
@@ -544,6 +587,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 p.rss_end_mib,
             );
             phases.push(p);
+        }
+        if let Some(p) = prune {
+            let out = p.wait_with_output()?;
+            eprintln!(
+                "== toolsight prune: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         let records_expected: u64 = phases.iter().map(|p| p.report.records_expected).sum();
         let records = db::count_records(&pool).await?;

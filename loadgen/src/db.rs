@@ -208,3 +208,108 @@ pub async fn seed_minute(
     .rows_affected();
     Ok(rows)
 }
+
+/// Seven days of history for `toolsight rules backtest`: `series` tools making 3 calls a minute
+/// (an error every 50th minute), an upstream per 50 tools, and an agent session per tool every
+/// 10 minutes (3 calls of one tool, tokens).
+pub async fn seed_week(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    series: usize,
+) -> anyhow::Result<u64> {
+    let mut conn = pool.acquire().await?;
+    toolsight::store::partitions::ensure(
+        &mut conn,
+        Duration::from_secs(86_400),
+        now - chrono::Duration::days(8),
+        now + chrono::Duration::hours(1),
+    )
+    .await?;
+    let week = 7 * 24 * 60 - 1;
+    let mut rows = sqlx::query(
+        "INSERT INTO tool_rollup_1m (minute, service, tool, side, calls, errors, cancellations,
+             with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist,
+             shard, sized_results, counted_results, overhead_calls, overhead_us_sum)
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
+                'tool-' || s, 'server', 3, ((m + s) % 50 = 0)::int, 0, 3, 0, 300, 3, 600000,
+                array_fill(0::bigint, ARRAY[55]) || ARRAY[1, 1, 1]::bigint[], 0, 3, 3, 0, 0
+         FROM generate_series(0, $3) AS m, generate_series(0, $2 - 1) AS s",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(week)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO upstream_rollup_1m (minute, service, server_address, calls, rate_limited,
+             server_errors, min_remaining_ratio, latency_hist, shard)
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || s,
+                'api-' || s || '.example', 150, 0, 0, 0.5, array_fill(1::bigint, ARRAY[50]), 0
+         FROM generate_series(0, $3) AS m, generate_series(0, greatest($2 / 50, 1) - 1) AS s",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(week)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO loop_calls_1m
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
+                'tool-' || s, 'session-' || s || '-' || m, decode(lpad(to_hex(s), 32, '0'), 'hex'), 0, 3, 0, 0
+         FROM generate_series(0, $3) AS m, generate_series(0, $2 - 1) AS s WHERE m % 10 = s % 10",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(week)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO session_tokens_1m
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
+                'session-' || s || '-' || m, 0, 2000 + s
+         FROM generate_series(0, $3) AS m, generate_series(0, $2 - 1) AS s WHERE m % 10 = s % 10",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(week)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    sqlx::query("ANALYZE").execute(&mut *conn).await?;
+    Ok(rows)
+}
+
+/// Copies up to `rows` stored rows of each raw table `age` into the past (their partitions
+/// created), so the sustained benchmark has a whole partition for retention to drop under load.
+pub async fn age_rows(pool: &PgPool, rows: i64, age: chrono::Duration) -> anyhow::Result<u64> {
+    let mut conn = pool.acquire().await?;
+    let now = chrono::Utc::now();
+    toolsight::store::partitions::ensure(
+        &mut conn,
+        Duration::from_secs(86_400),
+        now - age - chrono::Duration::hours(1),
+        now - age + chrono::Duration::hours(1),
+    )
+    .await?;
+    let mut copied = 0;
+    for table in ["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"] {
+        sqlx::query(&format!(
+            "CREATE TEMP TABLE aged AS SELECT * FROM {table} LIMIT {rows}"
+        ))
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE aged SET start_time = start_time - make_interval(secs => $1)")
+            .bind(age.num_seconds() as f64)
+            .execute(&mut *conn)
+            .await?;
+        copied += sqlx::query(&format!("INSERT INTO {table} SELECT * FROM aged"))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        sqlx::query("DROP TABLE aged").execute(&mut *conn).await?;
+    }
+    Ok(copied)
+}
