@@ -223,6 +223,7 @@ impl Config {
         }
         for (key, d) in [
             ("retention.raw", self.retention.raw),
+            ("retention.sampled_out", self.retention.sampled_out),
             ("retention.rollups", self.retention.rollups),
             ("retention.notifications", self.retention.notifications),
             ("retention.own_metrics", self.retention.own_metrics),
@@ -234,6 +235,10 @@ impl Config {
                     humantime::format_duration(d)
                 ));
             }
+        }
+        self.ingest.raw_policy().validate(p);
+        if self.retention.sampled_out > self.retention.raw {
+            p.push("retention.sampled_out: must be at most retention.raw".into());
         }
         if self.retention.batch_rows < 1 {
             p.push("retention.batch_rows: must be at least 1".into());

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// time, table and index sizes, WAL written, RSS).
     #[arg(long, default_value = "0s")]
     sustained: humantime::Duration,
+    /// The service's raw-row policy (`ingest.raw_keep_ok`): share of traces whose ordinary calls
+    /// keep their raw rows; after a sustained run, rows and bytes kept and sampled out.
+    #[arg(long, default_value_t = 1.0)]
+    raw_keep_ok: f64,
     /// The `toolsight` binary under test (default: the one built beside this one).
     #[arg(long)]
     service: Option<PathBuf>,
@@ -160,6 +164,7 @@ impl Service {
         database_url: &str,
         writers: usize,
         batch_rows: usize,
+        raw_keep_ok: f64,
         log: &PathBuf,
     ) -> anyhow::Result<Service> {
         let (grpc, http, admin) = (free_port()?, free_port()?, free_port()?);
@@ -173,6 +178,7 @@ impl Service {
             .env("TOOLSIGHT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("TOOLSIGHT_INGEST__WRITERS", writers.to_string())
             .env("TOOLSIGHT_INGEST__BATCH_ROWS", batch_rows.to_string())
+            .env("TOOLSIGHT_INGEST__RAW_KEEP_OK", raw_keep_ok.to_string())
             .env("TOOLSIGHT_LOG__LEVEL", "warn")
             .env_remove("TOOLSIGHT_CONFIG")
             .stdout(Stdio::null())
@@ -460,7 +466,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "== starting toolsight on a fresh database (log: {})",
         log.display()
     );
-    let svc = Service::start(&binary, &db_url, args.writers, args.batch_rows, &log).await?;
+    let svc = Service::start(
+        &binary,
+        &db_url,
+        args.writers,
+        args.batch_rows,
+        args.raw_keep_ok,
+        &log,
+    )
+    .await?;
     let pid = svc.child.id();
 
     // RSS sampled every 250 ms for the whole run.
@@ -599,6 +613,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let records_expected: u64 = phases.iter().map(|p| p.report.records_expected).sum();
         let records = db::count_records(&pool).await?;
         let w = watch.now(&pool).await?;
+        for (what, rows, bytes) in db::raw_policy_split(&pool).await? {
+            println!(
+                "{what}: {rows} rows, {:.0} MiB, {:.0} bytes per row",
+                bytes as f64 / 1048576.0,
+                bytes as f64 / rows.max(1) as f64
+            );
+        }
         pool.close().await;
         svc.stop()?;
         sampler.abort();

@@ -54,7 +54,10 @@ pub async fn copy_reference(
                 let mut conn = pool.acquire().await?;
                 // Batches of about 10k rows, as the writers use.
                 for group in chunk.chunks(10) {
-                    let bufs = toolsight::store::copy::encode_records(group);
+                    let bufs = toolsight::store::copy::encode_records(
+                        group,
+                        &toolsight::store::policy::RawPolicy::default(),
+                    );
                     let mut tx = conn.begin().await?;
                     for (buf, table) in bufs.into_iter().zip([
                         "tool_calls",
@@ -287,11 +290,14 @@ pub async fn seed_week(
 pub async fn age_rows(pool: &PgPool, rows: i64, age: chrono::Duration) -> anyhow::Result<u64> {
     let mut conn = pool.acquire().await?;
     let now = chrono::Utc::now();
-    toolsight::store::partitions::ensure(
+    // Every table's, the raw-row policy's sampled-out partitions included.
+    toolsight::store::partitions::ensure_each(
         &mut conn,
         Duration::from_secs(86_400),
-        now - age - chrono::Duration::hours(1),
-        now - age + chrono::Duration::hours(1),
+        &[(
+            now - age - chrono::Duration::hours(1),
+            now - age + chrono::Duration::hours(1),
+        )],
     )
     .await?;
     let mut copied = 0;
@@ -312,4 +318,27 @@ pub async fn age_rows(pool: &PgPool, rows: i64, age: chrono::Duration) -> anyhow
         sqlx::query("DROP TABLE aged").execute(&mut *conn).await?;
     }
     Ok(copied)
+}
+
+/// Rows and bytes (heap, indexes, TOAST) of the raw tables the raw-row policy splits, kept and
+/// sampled out: `("kept", rows, bytes)`, `("sampled out", rows, bytes)`.
+pub async fn raw_policy_split(pool: &PgPool) -> anyhow::Result<Vec<(&'static str, i64, i64)>> {
+    let mut out = Vec::new();
+    for (what, suffix) in [("kept", "kept"), ("sampled out", "sampled_out")] {
+        let (mut rows, mut bytes) = (0i64, 0i64);
+        for table in ["tool_calls", "llm_calls", "upstream_calls"] {
+            let t = format!("{table}_{suffix}");
+            let (r, b): (i64, i64) = sqlx::query_as(&format!(
+                "SELECT (SELECT count(*) FROM {t}),
+                        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint
+                         FROM pg_partition_tree('{t}') WHERE isleaf)"
+            ))
+            .fetch_one(pool)
+            .await?;
+            rows += r;
+            bytes += b;
+        }
+        out.push((what, rows, bytes));
+    }
+    Ok(out)
 }

@@ -307,8 +307,8 @@ impl CopyBuf {
         self.i64(tokens);
     }
 
-    pub fn tool_call(&mut self, c: &ToolCall) {
-        self.row(27);
+    pub fn tool_call(&mut self, c: &ToolCall, kept: bool) {
+        self.row(28);
         self.span_ref(&c.span);
         self.name(&c.tool);
         self.name(c.side.as_str());
@@ -331,6 +331,7 @@ impl CopyBuf {
         self.opt_name(c.own_outcome.map(Outcome::as_str));
         self.opt_i64(c.overhead_us);
         self.bool(c.loop_counted);
+        self.bool(kept);
     }
 
     pub fn mcp_request(&mut self, r: &McpRequest) {
@@ -344,8 +345,8 @@ impl CopyBuf {
         self.bool(true);
     }
 
-    pub fn llm_call(&mut self, c: &LlmCall) {
-        self.row(15);
+    pub fn llm_call(&mut self, c: &LlmCall, kept: bool) {
+        self.row(16);
         self.span_ref(&c.span);
         self.name(&c.model);
         self.opt_name(c.provider.as_deref());
@@ -355,10 +356,11 @@ impl CopyBuf {
         self.bool(c.error);
         self.name(&c.session_key);
         self.name(c.session_source.as_str());
+        self.bool(kept);
     }
 
-    pub fn upstream_call(&mut self, c: &UpstreamCall) {
-        self.row(14);
+    pub fn upstream_call(&mut self, c: &UpstreamCall, kept: bool) {
+        self.row(15);
         self.span_ref(&c.span);
         self.name(&c.server_address);
         self.opt_name(c.method.as_deref());
@@ -370,6 +372,7 @@ impl CopyBuf {
             None => self.null(),
         }
         self.opt_f64(c.rate_limit.retry_after_s);
+        self.bool(kept);
     }
 }
 
@@ -379,9 +382,11 @@ impl Default for CopyBuf {
     }
 }
 
-/// COPY payloads for the four raw tables (tool_calls, mcp_requests, llm_calls, upstream_calls).
+/// COPY payloads for the four raw tables (tool_calls, mcp_requests, llm_calls, upstream_calls),
+/// each tool, LLM and upstream call marked kept or sampled out by `policy`.
 pub fn encode_records<'a>(
     batches: impl IntoIterator<Item = &'a crate::normalize::Normalized>,
+    policy: &crate::store::policy::RawPolicy,
 ) -> [CopyBuf; 4] {
     let mut bufs = [
         CopyBuf::new(),
@@ -390,12 +395,16 @@ pub fn encode_records<'a>(
         CopyBuf::new(),
     ];
     for r in batches {
-        r.tool_calls.iter().for_each(|c| bufs[0].tool_call(c));
+        r.tool_calls
+            .iter()
+            .for_each(|c| bufs[0].tool_call(c, policy.keeps_tool_call(c)));
         r.mcp_requests.iter().for_each(|c| bufs[1].mcp_request(c));
-        r.llm_calls.iter().for_each(|c| bufs[2].llm_call(c));
+        r.llm_calls
+            .iter()
+            .for_each(|c| bufs[2].llm_call(c, policy.keeps_llm_call(c)));
         r.upstream_calls
             .iter()
-            .for_each(|c| bufs[3].upstream_call(c));
+            .for_each(|c| bufs[3].upstream_call(c, policy.keeps_upstream_call(c)));
     }
     bufs
 }

@@ -14,6 +14,7 @@ pub(crate) mod correlate;
 pub(crate) mod history;
 pub(crate) mod notify;
 pub mod partitions;
+pub mod policy;
 pub mod queries;
 pub mod retention;
 pub mod rollup;

@@ -18,6 +18,7 @@ pub enum Span {
     /// `retention.partition` (one day by default).
     Configured,
     Day,
+    Hour,
 }
 
 /// A partitioned table.
@@ -28,24 +29,39 @@ pub struct Partitioned {
     pub span: Span,
     /// Partitions updated in place (rollups, state) leave room for HOT updates.
     pub fillfactor: Option<u8>,
+    /// Created only around now (an hour back, [`NEAR_AHEAD`] ahead) and on demand, never for a
+    /// whole range ahead or behind: the short-lived rows the raw-row policy samples out.
+    pub near: bool,
 }
 
+/// How far ahead of now partitions of `near` tables are created.
+pub const NEAR_AHEAD: TimeDelta = TimeDelta::hours(2);
+
+/// Tool, LLM and upstream calls are partitioned first by whether the raw-row policy
+/// (`store::policy`) keeps them (`kept`): `<table>_kept` by `retention.partition` for
+/// `retention.raw`, `<table>_sampled_out` by hour for `retention.sampled_out`. MCP requests
+/// other than tool calls are few and all kept.
 pub const PARTITIONED: &[Partitioned] = &[
-    raw("tool_calls"),
+    raw("tool_calls_kept"),
+    sampled_out("tool_calls_sampled_out"),
     raw("mcp_requests"),
-    raw("llm_calls"),
-    raw("upstream_calls"),
+    raw("llm_calls_kept"),
+    sampled_out("llm_calls_sampled_out"),
+    raw("upstream_calls_kept"),
+    sampled_out("upstream_calls_sampled_out"),
     Partitioned {
         parent: "loop_calls_1m",
         class: Class::Raw,
         span: Span::Configured,
         fillfactor: Some(70),
+        near: false,
     },
     Partitioned {
         parent: "session_tokens_1m",
         class: Class::Raw,
         span: Span::Configured,
         fillfactor: Some(70),
+        near: false,
     },
     rollup("tool_rollup_1m"),
     rollup("mcp_method_rollup_1m"),
@@ -59,6 +75,17 @@ const fn raw(parent: &'static str) -> Partitioned {
         class: Class::Raw,
         span: Span::Configured,
         fillfactor: None,
+        near: false,
+    }
+}
+
+const fn sampled_out(parent: &'static str) -> Partitioned {
+    Partitioned {
+        parent,
+        class: Class::SampledOut,
+        span: Span::Hour,
+        fillfactor: None,
+        near: true,
     }
 }
 
@@ -68,6 +95,7 @@ const fn rollup(parent: &'static str) -> Partitioned {
         class: Class::Rollup,
         span: Span::Day,
         fillfactor: Some(70),
+        near: false,
     }
 }
 
@@ -83,6 +111,7 @@ impl Partitioned {
                 .filter(|d| *d >= Duration::hours(1))
                 .unwrap_or(Duration::days(1)),
             Span::Day => Duration::days(1),
+            Span::Hour => Duration::hours(1),
         }
     }
 }
@@ -148,23 +177,33 @@ pub fn name(parent: &str, lower: DateTime<Utc>) -> String {
     format!("{parent}_p{}", lower.format("%Y%m%d_%H%M"))
 }
 
-/// Creates the partitions that `[from, to)` lacks for every partitioned table. Idempotent, and
-/// safe with several replicas: they take turns on an advisory lock and each reads what is
-/// listed after taking it. Returns the partitions created.
+/// Creates the partitions that `[from, to)` lacks for every partitioned table but the `near`
+/// ones (created around now and on demand). Idempotent, and safe with several replicas: they
+/// take turns on an advisory lock and each reads what is listed after taking it. Returns the
+/// partitions created.
 pub async fn ensure(
     conn: &mut PgConnection,
     partition: std::time::Duration,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<String>, StoreError> {
-    ensure_each(conn, partition, &[(from, to)]).await
+    ensure_tables(conn, partition, |t| !t.near, &[(from, to)]).await
 }
 
-/// [`ensure`] for several ranges at once (the instants a batch of records starts at): only the
-/// partitions holding them are created, not those in between.
+/// Creates, for every partitioned table, the partitions holding the given ranges (the
+/// instants a batch of records starts at): only those, not the ones in between.
 pub async fn ensure_each(
     conn: &mut PgConnection,
     partition: std::time::Duration,
+    ranges: &[(DateTime<Utc>, DateTime<Utc>)],
+) -> Result<Vec<String>, StoreError> {
+    ensure_tables(conn, partition, |_| true, ranges).await
+}
+
+async fn ensure_tables(
+    conn: &mut PgConnection,
+    partition: std::time::Duration,
+    tables: impl Fn(&Partitioned) -> bool,
     ranges: &[(DateTime<Utc>, DateTime<Utc>)],
 ) -> Result<Vec<String>, StoreError> {
     let mut created = Vec::new();
@@ -173,7 +212,7 @@ pub async fn ensure_each(
         .bind(LOCK)
         .execute(&mut *tx)
         .await?;
-    for t in PARTITIONED {
+    for t in PARTITIONED.iter().filter(|t| tables(t)) {
         let mut existing: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
             "SELECT lower_bound, upper_bound FROM toolsight_partitions WHERE parent = $1",
         )
@@ -230,7 +269,8 @@ pub fn ahead(max_clock_skew: std::time::Duration) -> Duration {
     Duration::from_std(max_clock_skew).unwrap_or(TimeDelta::hours(1)) + Duration::days(1)
 }
 
-/// Creates the partitions from a span ago to [`ahead`] of `now`.
+/// Creates the partitions from a day ago to [`ahead`] of `now`, and those of the `near` tables
+/// from an hour ago to [`NEAR_AHEAD`].
 pub async fn prepare(
     pool: &PgPool,
     policy: &Retention,
@@ -238,13 +278,23 @@ pub async fn prepare(
     now: DateTime<Utc>,
 ) -> Result<Vec<String>, StoreError> {
     let mut conn = pool.acquire().await?;
-    ensure(
+    let mut created = ensure(
         &mut conn,
         policy.partition,
         now - Duration::days(1),
         now + ahead(max_clock_skew),
     )
-    .await
+    .await?;
+    created.extend(
+        ensure_tables(
+            &mut conn,
+            policy.partition,
+            |t| t.near,
+            &[(now - Duration::hours(1), now + NEAR_AHEAD)],
+        )
+        .await?,
+    );
+    Ok(created)
 }
 
 /// The partitions of `class` whose every row is older than `before`.

@@ -19,6 +19,8 @@ pub const TABLES: &[(&str, &str, Class)] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     Raw,
+    /// Raw rows the raw-row policy does not keep (`store::policy`).
+    SampledOut,
     Rollup,
     /// Notifications no longer pending (delivered or failed).
     Delivered,
@@ -80,6 +82,10 @@ pub struct Retention {
     /// Raw rows (tool calls, MCP requests, LLM and upstream calls).
     #[serde(with = "humantime_serde")]
     pub raw: std::time::Duration,
+    /// Raw rows the raw-row policy (`ingest.raw_keep_ok`) samples out: kept this long so the
+    /// two sides of a call can still be joined, in hourly partitions (so up to an hour more).
+    #[serde(with = "humantime_serde")]
+    pub sampled_out: std::time::Duration,
     /// Per-minute rollups and alert events.
     #[serde(with = "humantime_serde")]
     pub rollups: std::time::Duration,
@@ -106,6 +112,7 @@ impl Default for Retention {
         let days = |d: u64| std::time::Duration::from_secs(d * 86_400);
         Retention {
             raw: days(7),
+            sampled_out: std::time::Duration::from_secs(2 * 3600),
             rollups: days(90),
             notifications: days(30),
             own_metrics: days(30),
@@ -120,6 +127,7 @@ impl Retention {
     fn keep(&self, class: Class) -> std::time::Duration {
         match class {
             Class::Raw => self.raw,
+            Class::SampledOut => self.sampled_out,
             Class::Rollup => self.rollups,
             Class::Delivered => self.notifications,
             Class::OwnMetrics => self.own_metrics,
@@ -160,7 +168,7 @@ pub async fn prune(
     mut on_table: impl FnMut(Pruned<'_>),
 ) -> Result<u64, StoreError> {
     let mut total = 0;
-    for class in [Class::Raw, Class::Rollup] {
+    for class in [Class::Raw, Class::SampledOut, Class::Rollup] {
         let before = policy.before(class, now);
         for p in super::partitions::expired(pool, class, before).await? {
             let rows = super::partitions::estimated_rows(pool, &p.name)
@@ -216,6 +224,7 @@ mod tests {
         let year = std::time::Duration::from_secs(365 * 86_400);
         let policy = Retention {
             raw: year,
+            sampled_out: year,
             rollups: year * 300_000,
             notifications: std::time::Duration::MAX,
             own_metrics: year,

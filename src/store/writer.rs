@@ -17,6 +17,7 @@ use sqlx::Connection;
 use super::StoreError;
 use super::copy::CopyBuf;
 use super::correlate;
+use super::policy::RawPolicy;
 use super::rollup::{Inserted, Key, Rollups};
 use crate::metrics::{KindLabel, Metrics, RetryableLabel};
 use crate::normalize::Normalized;
@@ -42,6 +43,27 @@ pub struct Ingest {
     pub max_keys_per_service: usize,
     /// Distinct session keys per hour, across services.
     pub max_sessions_per_hour: usize,
+    /// The raw-row policy ([`RawPolicy`]): share of traces whose ordinary calls keep their raw
+    /// rows (1: all), the duration from which a call is always kept, and per-tool durations.
+    pub raw_keep_ok: f64,
+    #[serde(with = "humantime_serde")]
+    pub raw_slow: Duration,
+    pub raw_slow_tools: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
+}
+
+impl Ingest {
+    /// The raw-row policy these settings give.
+    pub fn raw_policy(&self) -> RawPolicy {
+        RawPolicy {
+            keep_ok: self.raw_keep_ok,
+            slow: self.raw_slow,
+            slow_tools: self
+                .raw_slow_tools
+                .iter()
+                .map(|(tool, d)| (tool.clone(), **d))
+                .collect(),
+        }
+    }
 }
 
 impl Default for Ingest {
@@ -55,6 +77,9 @@ impl Default for Ingest {
             max_services: 1000,
             max_keys_per_service: 500,
             max_sessions_per_hour: 200_000,
+            raw_keep_ok: RawPolicy::default().keep_ok,
+            raw_slow: RawPolicy::default().slow,
+            raw_slow_tools: Default::default(),
         }
     }
 }
@@ -210,11 +235,13 @@ impl Writer {
                 let close = close.clone();
                 let shard = w as i16;
                 let batch_rows = config.batch_rows.max(1);
+                let policy = config.raw_policy();
                 tokio::spawn(async move {
                     let target = Target {
                         pool,
                         shard,
                         partition,
+                        policy,
                     };
                     run_writer(rx, target, batch_rows, metrics, close).await
                 })
@@ -274,6 +301,7 @@ struct Target {
     pool: PgPool,
     shard: i16,
     partition: Duration,
+    policy: RawPolicy,
 }
 
 async fn run_writer(
@@ -520,8 +548,8 @@ async fn retry_conflicts<T, F: std::future::Future<Output = Result<T, StoreError
     }
 }
 
-fn encode_records(jobs: &[Job]) -> [CopyBuf; 4] {
-    super::copy::encode_records(jobs.iter().map(|j| &j.records))
+fn encode_records(jobs: &[Job], policy: &RawPolicy) -> [CopyBuf; 4] {
+    super::copy::encode_records(jobs.iter().map(|j| &j.records), policy)
 }
 
 async fn copy_in(
@@ -548,10 +576,10 @@ async fn write_batch(target: &Target, jobs: &[Job]) -> Result<Written, StoreErro
         return Ok([0; 4]);
     }
     let mut conn = target.pool.acquire().await?;
-    match write_once(&mut conn, jobs, target.shard).await {
+    match write_once(&mut conn, jobs, target).await {
         Err(e) if super::partitions::is_missing_partition(&e) => {
             super::partitions::ensure_each(&mut conn, target.partition, &hours_of(jobs)).await?;
-            write_once(&mut conn, jobs, target.shard).await
+            write_once(&mut conn, jobs, target).await
         }
         other => other,
     }
@@ -560,13 +588,13 @@ async fn write_batch(target: &Target, jobs: &[Job]) -> Result<Written, StoreErro
 async fn write_once(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
-    shard: i16,
+    target: &Target,
 ) -> Result<Written, StoreError> {
-    match write_fast(conn, jobs, shard).await {
+    match write_fast(conn, jobs, target).await {
         Err(StoreError::Query(sqlx::Error::Database(e)))
             if e.code().as_deref() == Some("23505") =>
         {
-            write_dedup(conn, jobs, shard).await
+            write_dedup(conn, jobs, target).await
         }
         other => other,
     }
@@ -575,10 +603,13 @@ async fn write_once(
 async fn write_fast(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
-    shard: i16,
+    target: &Target,
 ) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
-    for (buf, table) in encode_records(jobs).into_iter().zip(RAW_TABLES) {
+    for (buf, table) in encode_records(jobs, &target.policy)
+        .into_iter()
+        .zip(RAW_TABLES)
+    {
         if buf.rows() > 0 {
             copy_in(
                 &mut tx,
@@ -588,7 +619,7 @@ async fn write_fast(
             .await?;
         }
     }
-    merge_rollups(&mut tx, jobs, &mut Inserted::default(), shard).await?;
+    merge_rollups(&mut tx, jobs, &mut Inserted::default(), target.shard).await?;
     tx.commit().await?;
     Ok(kind_counts(jobs))
 }
@@ -596,11 +627,11 @@ async fn write_fast(
 async fn write_dedup(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
-    shard: i16,
+    target: &Target,
 ) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
     let mut sets: [Option<HashSet<Key>>; 4] = Default::default();
-    for ((buf, table), set) in encode_records(jobs)
+    for ((buf, table), set) in encode_records(jobs, &target.policy)
         .into_iter()
         .zip(RAW_TABLES)
         .zip(sets.iter_mut())
@@ -635,7 +666,7 @@ async fn write_dedup(
         llm_calls,
         upstream_calls,
     };
-    merge_rollups(&mut tx, jobs, &mut inserted, shard).await?;
+    merge_rollups(&mut tx, jobs, &mut inserted, target.shard).await?;
     tx.commit().await?;
     Ok(written)
 }

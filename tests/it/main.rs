@@ -19,6 +19,7 @@ mod ingest_e2e;
 mod notify_e2e;
 mod outage_e2e;
 mod protocol_e2e;
+mod raw_policy;
 mod retention;
 mod rule_state;
 mod rule_windows;

@@ -29,7 +29,7 @@ async fn prune_drops_whole_expired_partitions_and_keeps_the_rest() {
     }
     send(&svc, s).await;
     assert_eq!(svc.count("SELECT count(*) FROM tool_calls").await, 12);
-    let partitions = "SELECT count(*) FROM toolsight_partitions WHERE parent = 'tool_calls'";
+    let partitions = "SELECT count(*) FROM toolsight_partitions WHERE parent = 'tool_calls_kept'";
     let before = svc.count(partitions).await;
     // Yesterday, today, tomorrow (ahead), and the two old days.
     assert!(before >= 5, "{before}");
@@ -59,7 +59,7 @@ async fn prune_drops_whole_expired_partitions_and_keeps_the_rest() {
     };
     let dry = prune.clone()(true);
     for d in [10, 4] {
-        let name = format!("tool_calls_p{}_0000", day(d));
+        let name = format!("tool_calls_kept_p{}_0000", day(d));
         assert!(dry.contains(&format!("{name:<34} would drop")), "{dry}");
     }
     assert!(
@@ -85,14 +85,14 @@ async fn prune_drops_whole_expired_partitions_and_keeps_the_rest() {
     assert!(
         out.contains(&format!(
             "{:<34} dropped          7 rows",
-            format!("tool_calls_p{}_0000", day(10))
+            format!("tool_calls_kept_p{}_0000", day(10))
         )),
         "{out}"
     );
     assert!(
         out.contains(&format!(
             "{:<34} dropped          3 rows",
-            format!("tool_calls_p{}_0000", day(4))
+            format!("tool_calls_kept_p{}_0000", day(4))
         )),
         "{out}"
     );
@@ -101,7 +101,7 @@ async fn prune_drops_whole_expired_partitions_and_keeps_the_rest() {
     assert_eq!(svc.count(partitions).await, before - 2);
     assert_eq!(
         svc.count(
-            "SELECT count(*) FROM pg_class WHERE relname LIKE 'tool_calls_p%' AND relkind = 'r'"
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'tool_calls_kept_p%' AND relkind = 'r'"
         )
         .await,
         before - 2,

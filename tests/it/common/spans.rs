@@ -138,10 +138,15 @@ impl Spans {
 }
 
 pub async fn send(svc: &Service, spans: Spans) {
+    send_body(svc, spans.body()).await
+}
+
+/// Sends an OTLP/JSON body and expects every span accepted.
+pub async fn send_body(svc: &Service, body: Vec<u8>) {
     let r = reqwest::Client::new()
         .post(svc.http_url())
         .header("content-type", "application/json")
-        .body(spans.body())
+        .body(body)
         .send()
         .await
         .unwrap();
