@@ -104,34 +104,7 @@ pub async fn seed_rule_state(
         now + chrono::Duration::hours(1),
     )
     .await?;
-    let mut rows = 0;
-    // 3 calls a minute around 200 ms (buckets 55-57), one upstream per 50 tools.
-    rows += sqlx::query(
-        "INSERT INTO tool_rollup_1m (minute, service, tool, side, calls, errors, cancellations,
-             with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist,
-             shard, sized_results, counted_results, overhead_calls, overhead_us_sum)
-         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
-                'tool-' || s, 'server', 3, 0, 0, 3, 0, 300, 3, 600000,
-                array_fill(0::bigint, ARRAY[55]) || ARRAY[1, 1, 1]::bigint[], 0, 3, 3, 0, 0
-         FROM generate_series(0, 69) AS m, generate_series(0, $2 - 1) AS s",
-    )
-    .bind(now)
-    .bind(series as i64)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    rows += sqlx::query(
-        "INSERT INTO upstream_rollup_1m (minute, service, server_address, calls, rate_limited,
-             server_errors, min_remaining_ratio, latency_hist, shard)
-         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || s,
-                'api-' || s || '.example', 150, 0, 0, 0.5, array_fill(1::bigint, ARRAY[50]), 0
-         FROM generate_series(0, 69) AS m, generate_series(0, greatest($2 / 50, 1) - 1) AS s",
-    )
-    .bind(now)
-    .bind(series as i64)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let mut rows = seed_rollups(&mut conn, now, series, 70, None).await?;
     rows += sqlx::query(
         "INSERT INTO loop_calls_1m
          SELECT date_trunc('minute', $1::timestamptz) - ((k % 26) + d) * interval '1 minute',
@@ -212,6 +185,48 @@ pub async fn seed_minute(
     Ok(rows)
 }
 
+/// Tool rollups of `series` tools making 3 calls a minute around 200 ms (buckets 55-57), with an
+/// error every `error_every` minutes, and one upstream per 50 tools, over the `minutes` minutes
+/// up to `now`. Returns the rows written.
+async fn seed_rollups(
+    conn: &mut sqlx::PgConnection,
+    now: chrono::DateTime<chrono::Utc>,
+    series: usize,
+    minutes: i64,
+    error_every: Option<i64>,
+) -> anyhow::Result<u64> {
+    let mut rows = sqlx::query(
+        "INSERT INTO tool_rollup_1m (minute, service, tool, side, calls, errors, cancellations,
+             with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist,
+             shard, sized_results, counted_results, overhead_calls, overhead_us_sum)
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
+                'tool-' || s, 'server', 3, coalesce(((m + s) % $4 = 0)::int, 0), 0, 3, 0, 300, 3,
+                600000, array_fill(0::bigint, ARRAY[55]) || ARRAY[1, 1, 1]::bigint[], 0, 3, 3, 0, 0
+         FROM generate_series(0, $3 - 1) AS m, generate_series(0, $2 - 1) AS s",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(minutes)
+    .bind(error_every)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    rows += sqlx::query(
+        "INSERT INTO upstream_rollup_1m (minute, service, server_address, calls, rate_limited,
+             server_errors, min_remaining_ratio, latency_hist, shard)
+         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || s,
+                'api-' || s || '.example', 150, 0, 0, 0.5, array_fill(1::bigint, ARRAY[50]), 0
+         FROM generate_series(0, $3 - 1) AS m, generate_series(0, greatest($2 / 50, 1) - 1) AS s",
+    )
+    .bind(now)
+    .bind(series as i64)
+    .bind(minutes)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(rows)
+}
+
 /// Seven days of history for `toolsight rules backtest`: `series` tools making 3 calls a minute
 /// (an error every 50th minute), an upstream per 50 tools, and an agent session per tool every
 /// 10 minutes (3 calls of one tool, tokens).
@@ -229,34 +244,7 @@ pub async fn seed_week(
     )
     .await?;
     let week = 7 * 24 * 60 - 1;
-    let mut rows = sqlx::query(
-        "INSERT INTO tool_rollup_1m (minute, service, tool, side, calls, errors, cancellations,
-             with_result, empty_results, result_bytes, result_items, duration_us_sum, latency_hist,
-             shard, sized_results, counted_results, overhead_calls, overhead_us_sum)
-         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),
-                'tool-' || s, 'server', 3, ((m + s) % 50 = 0)::int, 0, 3, 0, 300, 3, 600000,
-                array_fill(0::bigint, ARRAY[55]) || ARRAY[1, 1, 1]::bigint[], 0, 3, 3, 0, 0
-         FROM generate_series(0, $3) AS m, generate_series(0, $2 - 1) AS s",
-    )
-    .bind(now)
-    .bind(series as i64)
-    .bind(week)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    rows += sqlx::query(
-        "INSERT INTO upstream_rollup_1m (minute, service, server_address, calls, rate_limited,
-             server_errors, min_remaining_ratio, latency_hist, shard)
-         SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || s,
-                'api-' || s || '.example', 150, 0, 0, 0.5, array_fill(1::bigint, ARRAY[50]), 0
-         FROM generate_series(0, $3) AS m, generate_series(0, greatest($2 / 50, 1) - 1) AS s",
-    )
-    .bind(now)
-    .bind(series as i64)
-    .bind(week)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let mut rows = seed_rollups(&mut conn, now, series, week + 1, Some(50)).await?;
     rows += sqlx::query(
         "INSERT INTO loop_calls_1m
          SELECT date_trunc('minute', $1::timestamptz) - m * interval '1 minute', 'svc-' || (s / 50),

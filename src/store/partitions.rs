@@ -29,9 +29,6 @@ pub struct Partitioned {
     pub span: Span,
     /// Partitions updated in place (rollups, state) leave room for HOT updates.
     pub fillfactor: Option<u8>,
-    /// Created only around now (an hour back, [`NEAR_AHEAD`] ahead) and on demand, never for a
-    /// whole range ahead or behind: the short-lived rows the raw-row policy samples out.
-    pub near: bool,
 }
 
 /// How far ahead of now partitions of `near` tables are created.
@@ -54,14 +51,12 @@ pub const PARTITIONED: &[Partitioned] = &[
         class: Class::Raw,
         span: Span::Configured,
         fillfactor: Some(70),
-        near: false,
     },
     Partitioned {
         parent: "session_tokens_1m",
         class: Class::Raw,
         span: Span::Configured,
         fillfactor: Some(70),
-        near: false,
     },
     rollup("tool_rollup_1m"),
     rollup("mcp_method_rollup_1m"),
@@ -75,7 +70,6 @@ const fn raw(parent: &'static str) -> Partitioned {
         class: Class::Raw,
         span: Span::Configured,
         fillfactor: None,
-        near: false,
     }
 }
 
@@ -85,7 +79,6 @@ const fn sampled_out(parent: &'static str) -> Partitioned {
         class: Class::SampledOut,
         span: Span::Hour,
         fillfactor: None,
-        near: true,
     }
 }
 
@@ -95,7 +88,6 @@ const fn rollup(parent: &'static str) -> Partitioned {
         class: Class::Rollup,
         span: Span::Day,
         fillfactor: Some(70),
-        near: false,
     }
 }
 
@@ -103,6 +95,12 @@ const fn rollup(parent: &'static str) -> Partitioned {
 const LOCK: &str = "toolsight-partitions";
 
 impl Partitioned {
+    /// Created only around now (an hour back, [`NEAR_AHEAD`] ahead) and on demand, never for a
+    /// whole range ahead or behind: the short-lived rows the raw-row policy samples out.
+    pub fn near(&self) -> bool {
+        self.class == Class::SampledOut
+    }
+
     /// The span of this table's partitions, given `retention.partition`.
     pub fn span(&self, configured: std::time::Duration) -> Duration {
         match self.span {
@@ -187,7 +185,7 @@ pub async fn ensure(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<String>, StoreError> {
-    ensure_tables(conn, partition, |t| !t.near, &[(from, to)]).await
+    ensure_tables(conn, partition, |t| !t.near(), &[(from, to)]).await
 }
 
 /// Creates, for every partitioned table, the partitions holding the given ranges (the
@@ -289,7 +287,7 @@ pub async fn prepare(
         ensure_tables(
             &mut conn,
             policy.partition,
-            |t| t.near,
+            |t| t.near(),
             &[(now - Duration::hours(1), now + NEAR_AHEAD)],
         )
         .await?,

@@ -111,17 +111,19 @@ fn keep_all_by_default_and_a_bad_share_is_refused() {
     let config = toolsight::config::Config::default();
     assert_eq!(config.ingest.raw_keep_ok, 1.0);
     assert!(config.ingest.raw_policy().keeps_all());
-    let dir = std::env::temp_dir().join(format!("toolsight-raw-policy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bad.toml");
-    std::fs::write(
-        &path,
+    let load = |name: &str, text: &str| {
+        let dir = std::env::temp_dir().join(format!("toolsight-raw-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        toolsight::config::Config::load_from(Some(&path), Vec::new())
+    };
+    let err = load(
+        "bad.toml",
         "[ingest]\nraw_keep_ok = 1.5\n[retention]\nsampled_out = \"30d\"\n",
     )
-    .unwrap();
-    let err = toolsight::config::Config::load_from(Some(&path), Vec::new())
-        .unwrap_err()
-        .to_string();
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("ingest.raw_keep_ok: 1.5 is outside 0..=1"),
         "{err}"
@@ -130,16 +132,13 @@ fn keep_all_by_default_and_a_bad_share_is_refused() {
         err.contains("retention.sampled_out: must be at most retention.raw"),
         "{err}"
     );
-    let path = dir.join("good.toml");
-    std::fs::write(
-        &path,
+    let policy = load(
+        "good.toml",
         "[ingest]\nraw_keep_ok = 0.1\nraw_slow = \"750ms\"\nraw_slow_tools = { report = \"3s\" }\n",
     )
-    .unwrap();
-    let policy = toolsight::config::Config::load_from(Some(&path), Vec::new())
-        .unwrap()
-        .ingest
-        .raw_policy();
+    .unwrap()
+    .ingest
+    .raw_policy();
     assert_eq!(policy.keep_ok, 0.1);
     assert_eq!(policy.slow, StdDuration::from_millis(750));
     assert_eq!(policy.slow_tools["report"], StdDuration::from_secs(3));
