@@ -108,8 +108,10 @@ impl Config {
             let key = if k == "DATABASE_URL" {
                 "database.url".to_owned()
             } else if let Some(rest) = k.strip_prefix(ENV_PREFIX)
-                && rest != "CONFIG"
+                && rest.contains("__")
             {
+                // Only `TOOLSIGHT_<SECTION>__<KEY>` is a setting: `TOOLSIGHT_CONFIG`,
+                // `TOOLSIGHT_ADMIN_TOKEN` and variables named by `env:` secrets are not.
                 rest.to_ascii_lowercase().replace("__", ".")
             } else {
                 continue;
@@ -295,15 +297,32 @@ impl Config {
             .collect()
     }
 
+    /// What serving needs beyond a valid configuration: no listener reachable from the network
+    /// without the token it needs. Only `serve`, `demo` and `config` ask; the commands that
+    /// listen on nothing (`rules`, `silence`, `migrate`, …) run with a configuration made for
+    /// a container.
+    pub fn check_servable(&self) -> Result<(), ConfigError> {
+        if self.auth.allow_unauthenticated {
+            return Ok(());
+        }
+        let problems: Vec<String> = self
+            .open_listeners()
+            .into_iter()
+            .map(|(key, addr, needs)| {
+                format!(
+                    "{key}: {addr} is not a loopback address, so it needs {needs} (or auth.allow_unauthenticated = true to run it open)"
+                )
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
     fn validate_auth(&self, p: &mut Vec<String>) {
         let a = &self.auth;
-        if !a.allow_unauthenticated {
-            for (key, addr, needs) in self.open_listeners() {
-                p.push(format!(
-                    "{key}: {addr} is not a loopback address, so it needs {needs} (or auth.allow_unauthenticated = true to run it open)"
-                ));
-            }
-        }
         p.extend(crate::receive::auth::check_tokens(
             &a.tokens,
             "auth.tokens",
@@ -521,6 +540,32 @@ mod tests {
         assert_eq!(c.otlp.http_listen.port(), 4318);
         assert!(!c.privacy.store_redacted_content);
         assert!(c.normalize_options().redactor.is_none());
+    }
+
+    #[test]
+    fn only_section_key_variables_are_settings() {
+        // The admin token the `silence` client reads, the benchmark's server, and the
+        // variables `env:` secrets name share the prefix without being settings.
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("TOOLSIGHT_ADMIN_TOKEN", "secret-for-the-client-0123"),
+                ("TOOLSIGHT_BENCH_SERVER", "target/release/toolsight"),
+                ("TOOLSIGHT_TOKEN_BILLING", "billing-token-0123456789"),
+                ("TOOLSIGHT_CONFIG", "/etc/toolsight/toolsight.toml"),
+                ("TOOLSIGHT_INGEST__WRITERS", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.ingest.writers, 5);
+        assert!(c.auth.admin_token.is_none());
+        let err = Config::load_from(None, env(&[("TOOLSIGHT_ADMIN__TOKEN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TOOLSIGHT_ADMIN__TOKEN") && err.contains("unknown"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -800,15 +845,15 @@ mod auth_tests {
 
     #[test]
     fn exposed_listeners_need_tokens_unless_explicitly_open() {
-        let err = Config::load_from(
+        let exposed = Config::load_from(
             None,
             env(&[
                 ("TOOLSIGHT_OTLP__HTTP_LISTEN", "0.0.0.0:4318"),
                 ("TOOLSIGHT_ADMIN__LISTEN", "10.0.0.5:9464"),
             ]),
         )
-        .unwrap_err()
-        .to_string();
+        .expect("a configuration for a container loads: only serving it needs tokens");
+        let err = exposed.check_servable().unwrap_err().to_string();
         assert!(
             err.contains(
                 "otlp.http_listen: 0.0.0.0:4318 is not a loopback address, so it needs auth.tokens"
@@ -828,7 +873,7 @@ mod auth_tests {
                 ("TOOLSIGHT_AUTH__ALLOW_UNAUTHENTICATED", "true"),
             ]),
         );
-        assert!(open.is_ok());
+        assert!(open.unwrap().check_servable().is_ok());
 
         let dir = std::env::temp_dir().join(format!("toolsight-cfg-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

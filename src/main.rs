@@ -35,7 +35,7 @@ pub(crate) enum Command {
     Tools {
         /// Time range to summarize, e.g. 15m, 2h, 7d.
         #[arg(long, default_value = "15m")]
-        since: String,
+        since: humantime::Duration,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -48,6 +48,9 @@ pub(crate) enum Command {
         /// Count what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (each table or partition, the total) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// See every alert kind fire and resolve in minutes: the service on a fresh `toolsight_demo`
     /// database with short-window demo rules, fed the incidents scenario, each alert printed as
@@ -61,6 +64,16 @@ pub(crate) enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+    /// Exit 0 when the service answers ready (`GET /readyz` 200), 1 otherwise: for a container
+    /// HEALTHCHECK or a supervisor's probe.
+    Healthcheck {
+        /// The admin API (default: the configured admin.listen, https when tls is configured).
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "5s")]
+        timeout: humantime::Duration,
     },
     /// Silences: alerts matching them are not notified (through the admin API).
     Silence {
@@ -88,12 +101,15 @@ pub(crate) enum SilenceCommand {
         matchers: Vec<String>,
         /// How long, e.g. 2h.
         #[arg(long, short, default_value = "1h")]
-        duration: String,
+        duration: humantime::Duration,
         #[arg(long, short = 'm')]
         comment: String,
-        /// Who silences (default: $USER).
-        #[arg(long, short, env = "USER")]
-        author: String,
+        /// Who silences (default: $USER, else $LOGNAME, else `toolsight@<hostname>`).
+        #[arg(long, short)]
+        author: Option<String>,
+        /// Print the created silence as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Silences in force, to come, or ended in the last 24 hours.
     List {
@@ -110,11 +126,17 @@ pub(crate) enum RulesCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Print JSON (files, unit-test files, problems) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Run rule unit tests (input value series, expected firing alerts at given times).
     Test {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Print JSON (every case and what differed) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Replay rules over the stored history: when each would have fired and resolved.
     Backtest {

@@ -7,8 +7,6 @@ mod rules;
 mod silence;
 mod tools;
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use toolsight::config::{Config, LogFormat};
 use toolsight::{app, store};
@@ -50,16 +48,40 @@ async fn shutdown_signal() {
 }
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Like `promtool`, the rule commands read only their files, and a silence client given
+    // its server and token reads nothing else: they work where the service config is missing
+    // or made for a container.
+    let command = match cli.command {
+        Command::Rules {
+            command: RulesCommand::Check { files, json },
+        } => return rules::check(files, json),
+        Command::Rules {
+            command: RulesCommand::Test { files, json },
+        } => return rules::test(&files, json),
+        Command::Silence {
+            url: Some(url),
+            token: Some(token),
+            command,
+        } => return silence(&url, Some(&token), command).await,
+        other => other,
+    };
     let mut config = Config::load(cli.config.as_deref())?;
-    if matches!(cli.command, Command::Demo { .. }) {
+    if matches!(
+        command,
+        Command::Serve | Command::Demo { .. } | Command::Config
+    ) {
+        // Only what listens needs its listeners closed to strangers.
+        config.check_servable()?;
+    }
+    if matches!(command, Command::Demo { .. }) {
         // The demo's own lines tell the story; the service speaks only of problems.
         config.log.level = "warn".into();
     }
     init_logging(&config);
-    if !matches!(cli.command, Command::Serve | Command::Demo { .. }) {
+    if !matches!(command, Command::Serve | Command::Demo { .. }) {
         store::cluster::use_running(&mut config.database);
     }
-    match cli.command {
+    match command {
         Command::Serve => {
             let listeners = app::Listeners::bind(&config).await?;
             // A first run with nothing configured and no server: a private cluster.
@@ -85,6 +107,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tools { since, json } => {
+            let since = since.to_string();
             let secs = toolsight::admin::parse_since(Some(&since)).map_err(anyhow::Error::msg)?;
             let opts = store::connect_options(&config.database.url)?;
             let pool = store::query_pool(&opts, 1)
@@ -102,13 +125,14 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Prune { dry_run } => {
+        Command::Prune { dry_run, json } => {
             let opts = store::connect_options(&config.database.url)?;
             let pool = store::query_pool(&opts, 1)
                 .await
                 .context("connecting to the database")?;
             let started = std::time::Instant::now();
             let verb = if dry_run { "would delete" } else { "deleted" };
+            let mut pruned = Vec::new();
             let total = store::retention::prune(
                 &pool,
                 &config.retention,
@@ -116,6 +140,12 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
                 |p| {
                     let (table, n, before) = (p.table, p.rows, p.before);
+                    if json {
+                        pruned.push(serde_json::json!({
+                            "table": table, "rows": n, "before": before, "partition": p.partition,
+                        }));
+                        return;
+                    }
                     let before = before.format("%Y-%m-%d %H:%M:%S UTC");
                     if p.partition {
                         let verb = if dry_run { "would drop" } else { "dropped" };
@@ -128,56 +158,19 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            println!(
-                "{verb} {total} rows in {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
+            let seconds = started.elapsed().as_secs_f64();
+            if json {
+                let report = serde_json::json!({
+                    "dryRun": dry_run, "pruned": pruned, "rows": total, "seconds": seconds,
+                });
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{verb} {total} rows in {seconds:.1} s");
+            }
             Ok(())
         }
         Command::Config => {
             print!("{}", config.to_toml());
-            Ok(())
-        }
-        Command::Rules {
-            command: RulesCommand::Check { files },
-        } => {
-            use toolsight::evaluate::rules::{RulesError, is_test_file, load};
-            // Like `promtool check rules`: every file on its own line, every problem at its
-            // own line; rule unit-test files (`alerts/*.yaml` matches them) are named, not failed.
-            let (tests, files): (Vec<PathBuf>, Vec<PathBuf>) =
-                files.into_iter().partition(|f| is_test_file(f));
-            for t in &tests {
-                println!(
-                    "{}: rule unit tests, not rules (run them with `toolsight rules test {}`)",
-                    t.display(),
-                    t.display()
-                );
-            }
-            let mut problems = 0;
-            for file in &files {
-                match load(std::slice::from_ref(file)) {
-                    Ok(loaded) => {
-                        for (file, f) in loaded {
-                            let rules: usize = f.groups.iter().map(|g| g.rules.len()).sum();
-                            println!("{file}: ok ({} groups, {rules} rules)", f.groups.len());
-                        }
-                    }
-                    Err(RulesError::Invalid(p)) => {
-                        problems += p.len();
-                        p.iter().for_each(|p| println!("{p}"));
-                    }
-                }
-            }
-            // Names that clash across files.
-            if problems == 0
-                && let Err(RulesError::Invalid(p)) = load(&files)
-            {
-                problems += p.len();
-                p.iter().for_each(|p| println!("{p}"));
-            }
-            if problems > 0 {
-                anyhow::bail!("{problems} problem(s) in rule files");
-            }
             Ok(())
         }
         Command::Rules {
@@ -234,32 +227,56 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                     .as_ref()
                     .map(|t| t.expose().to_owned())
             });
-            let base = url.unwrap_or_else(|| {
-                let mut a = config.admin.listen;
-                if a.ip().is_unspecified() {
-                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                format!("http://{a}")
-            });
+            let base = url.unwrap_or_else(|| admin_base(&config));
             silence(&base, token.as_deref(), command).await
         }
-        Command::Rules {
-            command: RulesCommand::Test { files },
-        } => {
-            let (mut passed, mut failed) = (0, 0);
-            for f in &files {
-                let (p, x) = toolsight::evaluate::unittest::run_file(f)
-                    .map_err(toolsight::evaluate::rules::RulesError::Invalid)?;
-                passed += p;
-                failed += x;
-            }
-            println!("{passed} passed, {failed} failed");
-            if failed > 0 {
-                anyhow::bail!("{failed} rule test(s) failed");
-            }
-            Ok(())
+        Command::Healthcheck { url, timeout } => {
+            let base = url.unwrap_or_else(|| admin_base(&config));
+            healthcheck(&base, &config, timeout.into()).await
         }
+        Command::Rules {
+            command: RulesCommand::Check { .. } | RulesCommand::Test { .. },
+        } => unreachable!("rule commands return before the config is loaded"),
     }
+}
+
+/// The admin API as this host reaches it: the configured `admin.listen`, on loopback when it
+/// listens on every interface, https when TLS is configured for it.
+fn admin_base(config: &Config) -> String {
+    let mut a = config.admin.listen;
+    if a.ip().is_unspecified() {
+        a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let tls = config.tls.cert_file.is_some() && !config.tls.plain_admin;
+    format!("{}://{a}", if tls { "https" } else { "http" })
+}
+
+/// `GET {base}/readyz`: Ok when it answers 200. The certificates of `tls.cert_file` are trusted
+/// besides the platform's, so a private CA in the served chain works.
+async fn healthcheck(
+    base: &str,
+    config: &Config,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut http = reqwest::Client::builder().timeout(timeout);
+    if let Some(cert) = &config.tls.cert_file {
+        let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        http = http.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem)?);
+    }
+    let url = format!("{}/readyz", base.trim_end_matches('/'));
+    let r = http
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("reaching {url}"))?;
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("not ready ({status}): {}", body.trim());
+    }
+    println!("ready");
+    Ok(())
 }
 
 /// 75 (`EX_TEMPFAIL`) when the failure may pass by itself (the database unreachable, a

@@ -42,14 +42,20 @@ pub(super) async fn silence(
             duration,
             comment,
             author,
+            json,
         } => {
-            let body = serde_json::json!({"matchers": matchers, "duration": duration, "comment": comment, "createdBy": author});
+            let author = author.unwrap_or_else(default_author);
+            let body = serde_json::json!({"matchers": matchers, "duration": duration.to_string(), "comment": comment, "createdBy": author});
             let s = answer(send(http.post(&url).json(&body)).await?).await?;
-            println!(
-                "silence {} until {}",
-                s["id"],
-                s["ends_at"].as_str().unwrap_or("?")
-            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "silence {} until {}",
+                    s["id"],
+                    s["ends_at"].as_str().unwrap_or("?")
+                );
+            }
         }
         SilenceCommand::List { json } => {
             let s = answer(send(http.get(&url)).await?).await?;
@@ -94,4 +100,21 @@ pub(super) async fn silence(
         }
     }
     Ok(())
+}
+
+/// Who silences when `--author` is not given: `$USER`, else `$LOGNAME`, else
+/// `toolsight@<hostname>` (containers often set neither).
+fn default_author() -> String {
+    ["USER", "LOGNAME"]
+        .into_iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            format!("toolsight@{host}")
+        })
 }

@@ -188,7 +188,7 @@ pub fn run_case(files: &[(String, RuleFile)], case: &TestCase) -> Result<Vec<Str
 }
 
 /// Loads and runs a test file; returns (passed, failed) and prints a line per case.
-pub fn run_file(path: &Path) -> Result<(usize, usize), Vec<Problem>> {
+pub fn run_file(path: &Path) -> Result<Vec<CaseResult>, Vec<Problem>> {
     let shown = path.display().to_string();
     let problem = |message: String| {
         vec![Problem {
@@ -208,24 +208,30 @@ pub fn run_file(path: &Path) -> Result<(usize, usize), Vec<Problem>> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let rule_paths: Vec<_> = tf.rule_files.iter().map(|f| dir.join(f)).collect();
     let files = rules::load(&rule_paths).map_err(|rules::RulesError::Invalid(p)| p)?;
-    let (mut passed, mut failed) = (0, 0);
-    for case in &tf.tests {
-        match run_case(&files, case) {
-            Ok(f) if f.is_empty() => {
-                passed += 1;
-                println!("PASS {shown}: {}", case.name);
-            }
-            Ok(f) => {
-                failed += 1;
-                println!("FAIL {shown}: {}\n  {}", case.name, f.join("\n  "));
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL {shown}: {}\n  {e}", case.name);
-            }
-        }
+    Ok(tf
+        .tests
+        .iter()
+        .map(|case| CaseResult {
+            file: shown.clone(),
+            name: case.name.clone(),
+            failures: run_case(&files, case).unwrap_or_else(|e| vec![e]),
+        })
+        .collect())
+}
+
+/// One test case's outcome: it passed when nothing failed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaseResult {
+    pub file: String,
+    pub name: String,
+    /// What differed from the expectation (empty: passed).
+    pub failures: Vec<String>,
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
     }
-    Ok((passed, failed))
 }
 
 #[cfg(test)]

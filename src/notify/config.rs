@@ -93,6 +93,8 @@ pub struct WebhookReceiver {
     pub name: String,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// A PEM file of CA certificates to trust besides the platform's (a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
     /// The URL (a secret: webhook URLs often carry tokens).
     pub url: Option<Secret>,
     /// Signs the body with HMAC-SHA256 in `X-Toolsight-Signature: sha256=<hex>`.
@@ -111,6 +113,8 @@ pub struct EmailReceiver {
     pub name: String,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// A PEM file of CA certificates to trust besides the platform's (a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
     /// `host:port` of the SMTP server.
     pub smarthost: Option<String>,
     pub tls: Option<SmtpTls>,
@@ -128,6 +132,8 @@ pub struct AlertmanagerReceiver {
     pub name: String,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// A PEM file of CA certificates to trust besides the platform's (a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Base URLs of the instances (`http://host:9093`).
     #[serde(default)]
     pub urls: Vec<String>,
@@ -145,6 +151,31 @@ impl ReceiverConfig {
             ReceiverConfig::Webhook(r) => &r.name,
             ReceiverConfig::Email(r) => &r.name,
             ReceiverConfig::Alertmanager(r) => &r.name,
+        }
+    }
+
+    /// The CA file trusted besides the platform's roots, if any.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        match self {
+            ReceiverConfig::Webhook(r) => r.ca_file.as_deref(),
+            ReceiverConfig::Email(r) => r.ca_file.as_deref(),
+            ReceiverConfig::Alertmanager(r) => r.ca_file.as_deref(),
+        }
+    }
+
+    /// The certificates of [`ReceiverConfig::ca_file`] (none without one), as PEM.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = self.ca_file() else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("`ca_file` {}: cannot read: {e}", path.display()))?;
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => Ok(Some(pem)),
+            _ => Err(format!(
+                "`ca_file` {}: holds no PEM certificate",
+                path.display()
+            )),
         }
     }
 
@@ -201,6 +232,9 @@ impl Notify {
             }
             if !names.insert(r.name()) {
                 p.push(format!("{at}: the name is used twice"));
+            }
+            if let Err(e) = r.ca_pem() {
+                p.push(format!("{at}: {e}"));
             }
             match r {
                 ReceiverConfig::Webhook(w) => match &w.url {

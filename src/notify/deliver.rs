@@ -37,11 +37,15 @@ impl DeliveryError {
 fn http_error(e: reqwest::Error) -> DeliveryError {
     // `without_url`: the URL may hold a token.
     let e = e.without_url();
-    let msg = format!("{e}");
-    let source = std::error::Error::source(&e)
-        .map(|s| format!(": {s}"))
-        .unwrap_or_default();
-    DeliveryError::Transient(format!("{msg}{source}"))
+    // Every cause: the one that says what went wrong ("invalid peer certificate:
+    // UnknownIssuer", "connection refused") is often several levels down.
+    let mut msg = format!("{e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    DeliveryError::Transient(msg)
 }
 
 async fn check_status(r: reqwest::Response) -> Result<(), DeliveryError> {
@@ -82,13 +86,22 @@ pub struct Sender {
 impl Sender {
     pub fn new(receiver: ReceiverConfig) -> Result<Sender, DeliveryError> {
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
+        // Webhooks, Alertmanager and SMTP trust the same roots: the platform's (through
+        // rustls-platform-verifier), plus the receiver's `ca_file`.
+        let ca = receiver.ca_pem().map_err(DeliveryError::Rejected)?;
+        let mut http = reqwest::Client::builder()
             .timeout(receiver.timeout())
-            .user_agent(concat!("toolsight/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("toolsight/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &ca {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| DeliveryError::Rejected(format!("ca_file: {e}")))?;
+            http = http.tls_certs_merge(certs);
+        }
+        let http = http
             .build()
             .map_err(|e| DeliveryError::Rejected(format!("http client: {e}")))?;
         let smtp = match &receiver {
-            ReceiverConfig::Email(e) => Some(smtp_transport(e, receiver.timeout())?),
+            ReceiverConfig::Email(e) => Some(smtp_transport(e, receiver.timeout(), ca.as_deref())?),
             _ => None,
         };
         Ok(Sender {
@@ -189,8 +202,10 @@ impl Sender {
 fn smtp_transport(
     r: &EmailReceiver,
     timeout: std::time::Duration,
+    ca: Option<&[u8]>,
 ) -> Result<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, DeliveryError> {
     use lettre::transport::smtp::authentication::Credentials;
+    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
     type T = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
     let (host, port) = r
         .smarthost
@@ -206,6 +221,17 @@ fn smtp_transport(
     }
     .port(port)
     .timeout(Some(timeout));
+    if let Some(pem) = ca {
+        let params = TlsParameters::builder(host.clone())
+            .add_root_certificate(Certificate::from_pem(pem).map_err(err)?)
+            .build()
+            .map_err(err)?;
+        b = match r.tls.unwrap_or_default() {
+            SmtpTls::Starttls => b.tls(Tls::Required(params)),
+            SmtpTls::Tls => b.tls(Tls::Wrapper(params)),
+            SmtpTls::None => b,
+        };
+    }
     if let (Some(user), Some(pass)) = (&r.username, &r.password) {
         b = b.credentials(Credentials::new(user.clone(), pass.expose().to_owned()));
     }

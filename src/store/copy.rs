@@ -25,6 +25,148 @@ fn stored_text(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The columns each encoder writes, in its order. Every COPY and every move out of a staging
+/// table names them, so a column that a newer migration adds (with its default) leaves an older
+/// writer working: rolling upgrades never depend on column order.
+pub mod columns {
+    const SPAN: [&str; 7] = [
+        "trace_id",
+        "span_id",
+        "parent_span_id",
+        "start_time",
+        "duration_us",
+        "service",
+        "service_instance",
+    ];
+
+    const fn with_span<const N: usize, const M: usize>(own: [&'static str; N]) -> [&'static str; M] {
+        let mut out = [""; M];
+        let mut i = 0;
+        while i < M {
+            out[i] = if i < SPAN.len() { SPAN[i] } else { own[i - SPAN.len()] };
+            i += 1;
+        }
+        out
+    }
+
+    pub const TOOL_CALLS: [&str; 28] = with_span([
+        "tool",
+        "side",
+        "source",
+        "outcome",
+        "error_type",
+        "session_key",
+        "session_source",
+        "request_id",
+        "result_bytes",
+        "result_items",
+        "result_empty",
+        "args_hash",
+        "args_redacted",
+        "result_redacted",
+        "counted",
+        "inner_span_id",
+        "peer_span_id",
+        "own_outcome",
+        "overhead_us",
+        "loop_counted",
+        "kept",
+    ]);
+    pub const MCP_REQUESTS: [&str; 13] =
+        with_span(["method", "side", "source", "outcome", "orphan", "counted"]);
+    pub const LLM_CALLS: [&str; 16] = with_span([
+        "model",
+        "provider",
+        "operation",
+        "input_tokens",
+        "output_tokens",
+        "error",
+        "session_key",
+        "session_source",
+        "kept",
+    ]);
+    pub const UPSTREAM_CALLS: [&str; 15] = with_span([
+        "server_address",
+        "method",
+        "status_code",
+        "ratelimit_remaining",
+        "ratelimit_limit",
+        "ratelimit_reset_at",
+        "retry_after_s",
+        "kept",
+    ]);
+    pub const TOOL_ROLLUP: [&str; 18] = [
+        "minute",
+        "service",
+        "tool",
+        "side",
+        "calls",
+        "errors",
+        "cancellations",
+        "with_result",
+        "empty_results",
+        "result_bytes",
+        "result_items",
+        "duration_us_sum",
+        "latency_hist",
+        "shard",
+        "sized_results",
+        "counted_results",
+        "overhead_calls",
+        "overhead_us_sum",
+    ];
+    pub const METHOD_ROLLUP: [&str; 9] = [
+        "minute",
+        "service",
+        "method",
+        "side",
+        "calls",
+        "errors",
+        "orphans",
+        "latency_hist",
+        "shard",
+    ];
+    pub const LLM_ROLLUP: [&str; 9] = [
+        "minute",
+        "service",
+        "model",
+        "calls",
+        "errors",
+        "input_tokens",
+        "output_tokens",
+        "latency_hist",
+        "shard",
+    ];
+    pub const UPSTREAM_ROLLUP: [&str; 9] = [
+        "minute",
+        "service",
+        "server_address",
+        "calls",
+        "rate_limited",
+        "server_errors",
+        "min_remaining_ratio",
+        "latency_hist",
+        "shard",
+    ];
+    pub const LOOP_CALLS: [&str; 9] = [
+        "minute",
+        "service",
+        "tool",
+        "session_key",
+        "args_hash",
+        "shard",
+        "calls",
+        "failed",
+        "stuck",
+    ];
+    pub const SESSION_TOKENS: [&str; 5] = ["minute", "service", "session_key", "shard", "tokens"];
+}
+
+/// A field count as COPY's row header wants it.
+const fn fields(columns: &[&str]) -> i16 {
+    columns.len() as i16
+}
+
 /// One COPY ... FROM STDIN (FORMAT binary) payload.
 pub struct CopyBuf {
     buf: Vec<u8>,
@@ -194,7 +336,7 @@ impl CopyBuf {
         known: [i64; 2],
         overhead: [i64; 2],
     ) {
-        self.row(18);
+        self.row(fields(&columns::TOOL_ROLLUP));
         self.ts(minute);
         self.name(service);
         self.name(tool);
@@ -218,7 +360,7 @@ impl CopyBuf {
         hist: &[i64],
         shard: i16,
     ) {
-        self.row(9);
+        self.row(fields(&columns::METHOD_ROLLUP));
         self.ts(minute);
         self.name(service);
         self.name(method);
@@ -239,7 +381,7 @@ impl CopyBuf {
         hist: &[i64],
         shard: i16,
     ) {
-        self.row(9);
+        self.row(fields(&columns::LLM_ROLLUP));
         self.ts(minute);
         self.name(service);
         self.name(model);
@@ -261,7 +403,7 @@ impl CopyBuf {
         hist: &[i64],
         shard: i16,
     ) {
-        self.row(9);
+        self.row(fields(&columns::UPSTREAM_ROLLUP));
         self.ts(minute);
         self.name(service);
         self.name(address);
@@ -280,7 +422,7 @@ impl CopyBuf {
         shard: i16,
         counters: [i64; 3],
     ) {
-        self.row(9);
+        self.row(fields(&columns::LOOP_CALLS));
         self.ts(minute);
         self.name(service);
         self.name(tool);
@@ -299,7 +441,7 @@ impl CopyBuf {
         shard: i16,
         tokens: i64,
     ) {
-        self.row(5);
+        self.row(fields(&columns::SESSION_TOKENS));
         self.ts(minute);
         self.name(service);
         self.name(session);
@@ -308,7 +450,7 @@ impl CopyBuf {
     }
 
     pub fn tool_call(&mut self, c: &ToolCall, kept: bool) {
-        self.row(28);
+        self.row(fields(&columns::TOOL_CALLS));
         self.span_ref(&c.span);
         self.name(&c.tool);
         self.name(c.side.as_str());
@@ -335,7 +477,7 @@ impl CopyBuf {
     }
 
     pub fn mcp_request(&mut self, r: &McpRequest) {
-        self.row(13);
+        self.row(fields(&columns::MCP_REQUESTS));
         self.span_ref(&r.span);
         self.name(&r.method);
         self.name(r.side.as_str());
@@ -346,7 +488,7 @@ impl CopyBuf {
     }
 
     pub fn llm_call(&mut self, c: &LlmCall, kept: bool) {
-        self.row(16);
+        self.row(fields(&columns::LLM_CALLS));
         self.span_ref(&c.span);
         self.name(&c.model);
         self.opt_name(c.provider.as_deref());
@@ -360,7 +502,7 @@ impl CopyBuf {
     }
 
     pub fn upstream_call(&mut self, c: &UpstreamCall, kept: bool) {
-        self.row(15);
+        self.row(fields(&columns::UPSTREAM_CALLS));
         self.span_ref(&c.span);
         self.name(&c.server_address);
         self.opt_name(c.method.as_deref());

@@ -244,7 +244,7 @@ async fn ensure_tables(
                 parent = t.parent
             );
             tx.execute(create.as_str()).await?;
-            sqlx::query("INSERT INTO toolsight_partitions VALUES ($1, $2, $3, $4)")
+            sqlx::query("INSERT INTO toolsight_partitions (name, parent, lower_bound, upper_bound) VALUES ($1, $2, $3, $4)")
                 .bind(&name)
                 .bind(t.parent)
                 .bind(lo)

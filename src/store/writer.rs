@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use sqlx::Connection;
 
 use super::StoreError;
-use super::copy::CopyBuf;
+use super::copy::{CopyBuf, columns};
 use super::correlate;
 use super::policy::RawPolicy;
 use super::rollup::{Inserted, Key, Rollups};
@@ -126,26 +126,35 @@ pub struct Writer {
 /// Per-connection staging tables, emptied at every commit: raw records (used only when a batch
 /// holds spans already stored) and rollup deltas.
 const STAGING: &str = "
-CREATE TEMP TABLE IF NOT EXISTS stage_tool_calls (LIKE tool_calls) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_mcp_requests (LIKE mcp_requests) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_llm_calls (LIKE llm_calls) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_upstream_calls (LIKE upstream_calls) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_tool_rollup (LIKE tool_rollup_1m) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_method_rollup (LIKE mcp_method_rollup_1m) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_llm_rollup (LIKE llm_rollup_1m) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_upstream_rollup (LIKE upstream_rollup_1m) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_loop_calls (LIKE loop_calls_1m) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_session_tokens (LIKE session_tokens_1m) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_tool_calls (LIKE tool_calls INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_mcp_requests (LIKE mcp_requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_llm_calls (LIKE llm_calls INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_upstream_calls (LIKE upstream_calls INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_tool_rollup (LIKE tool_rollup_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_method_rollup (LIKE mcp_method_rollup_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_llm_rollup (LIKE llm_rollup_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_upstream_rollup (LIKE upstream_rollup_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_loop_calls (LIKE loop_calls_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_session_tokens (LIKE session_tokens_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 ";
 
-const RAW_TABLES: [&str; 4] = ["tool_calls", "mcp_requests", "llm_calls", "upstream_calls"];
+/// The raw tables, each with the columns its COPY writes.
+const RAW_TABLES: [(&str, &[&str]); 4] = [
+    ("tool_calls", &columns::TOOL_CALLS),
+    ("mcp_requests", &columns::MCP_REQUESTS),
+    ("llm_calls", &columns::LLM_CALLS),
+    ("upstream_calls", &columns::UPSTREAM_CALLS),
+];
 
 /// Merges of the staged rollup deltas, in key order (the COPY order) so concurrent writers lock
-/// rows in the same order.
-const MERGE_ROLLUPS: [(&str, &str); 6] = [
-    (
-        "COPY stage_tool_rollup FROM STDIN (FORMAT binary)",
-        "INSERT INTO tool_rollup_1m AS r SELECT * FROM stage_tool_rollup ORDER BY service, tool, side, minute
+/// rows in the same order: (the COPY into staging, the merge), every column named.
+static MERGE_ROLLUPS: std::sync::LazyLock<[(String, String); 6]> = std::sync::LazyLock::new(|| {
+    [
+        merge(
+            "stage_tool_rollup",
+            "tool_rollup_1m",
+            &columns::TOOL_ROLLUP,
+            "ORDER BY service, tool, side, minute
          ON CONFLICT (service, tool, side, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             errors = r.errors + EXCLUDED.errors,
@@ -160,50 +169,70 @@ const MERGE_ROLLUPS: [(&str, &str); 6] = [
             overhead_us_sum = r.overhead_us_sum + EXCLUDED.overhead_us_sum,
             duration_us_sum = r.duration_us_sum + EXCLUDED.duration_us_sum,
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
-    ),
-    (
-        "COPY stage_method_rollup FROM STDIN (FORMAT binary)",
-        "INSERT INTO mcp_method_rollup_1m AS r SELECT * FROM stage_method_rollup ORDER BY service, method, side, minute
+        ),
+        merge(
+            "stage_method_rollup",
+            "mcp_method_rollup_1m",
+            &columns::METHOD_ROLLUP,
+            "ORDER BY service, method, side, minute
          ON CONFLICT (service, method, side, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             errors = r.errors + EXCLUDED.errors,
             orphans = r.orphans + EXCLUDED.orphans,
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
-    ),
-    (
-        "COPY stage_llm_rollup FROM STDIN (FORMAT binary)",
-        "INSERT INTO llm_rollup_1m AS r SELECT * FROM stage_llm_rollup ORDER BY service, model, minute
+        ),
+        merge(
+            "stage_llm_rollup",
+            "llm_rollup_1m",
+            &columns::LLM_ROLLUP,
+            "ORDER BY service, model, minute
          ON CONFLICT (service, model, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             errors = r.errors + EXCLUDED.errors,
             input_tokens = r.input_tokens + EXCLUDED.input_tokens,
             output_tokens = r.output_tokens + EXCLUDED.output_tokens,
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
-    ),
-    (
-        "COPY stage_upstream_rollup FROM STDIN (FORMAT binary)",
-        "INSERT INTO upstream_rollup_1m AS r SELECT * FROM stage_upstream_rollup ORDER BY service, server_address, minute
+        ),
+        merge(
+            "stage_upstream_rollup",
+            "upstream_rollup_1m",
+            &columns::UPSTREAM_ROLLUP,
+            "ORDER BY service, server_address, minute
          ON CONFLICT (service, server_address, minute, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             rate_limited = r.rate_limited + EXCLUDED.rate_limited,
             server_errors = r.server_errors + EXCLUDED.server_errors,
             min_remaining_ratio = least(r.min_remaining_ratio, EXCLUDED.min_remaining_ratio),
             latency_hist = toolsight_hist_add(r.latency_hist, EXCLUDED.latency_hist);",
-    ),
-    (
-        "COPY stage_loop_calls FROM STDIN (FORMAT binary)",
-        "INSERT INTO loop_calls_1m AS r SELECT * FROM stage_loop_calls ORDER BY minute, service, tool, session_key, args_hash
+        ),
+        merge(
+            "stage_loop_calls",
+            "loop_calls_1m",
+            &columns::LOOP_CALLS,
+            "ORDER BY minute, service, tool, session_key, args_hash
          ON CONFLICT (minute, service, tool, session_key, args_hash, shard) DO UPDATE SET
             calls = r.calls + EXCLUDED.calls,
             failed = r.failed + EXCLUDED.failed,
             stuck = r.stuck + EXCLUDED.stuck;",
-    ),
-    (
-        "COPY stage_session_tokens FROM STDIN (FORMAT binary)",
-        "INSERT INTO session_tokens_1m AS r SELECT * FROM stage_session_tokens ORDER BY minute, service, session_key
+        ),
+        merge(
+            "stage_session_tokens",
+            "session_tokens_1m",
+            &columns::SESSION_TOKENS,
+            "ORDER BY minute, service, session_key
          ON CONFLICT (minute, service, session_key, shard) DO UPDATE SET tokens = r.tokens + EXCLUDED.tokens;",
-    ),
-];
+        ),
+    ]
+});
+
+/// `COPY` into `stage` and `INSERT INTO table (columns) SELECT columns FROM stage {tail}`.
+fn merge(stage: &str, table: &str, columns: &[&str], tail: &str) -> (String, String) {
+    let list = columns.join(", ");
+    (
+        format!("COPY {stage} ({list}) FROM STDIN (FORMAT binary)"),
+        format!("INSERT INTO {table} AS r ({list}) SELECT {list} FROM {stage} {tail}"),
+    )
+}
 
 impl Writer {
     /// Starts the writer tasks on their own pool (`config.writers` connections).
@@ -606,14 +635,15 @@ async fn write_fast(
     target: &Target,
 ) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
-    for (buf, table) in encode_records(jobs, &target.policy)
+    for (buf, (table, columns)) in encode_records(jobs, &target.policy)
         .into_iter()
         .zip(RAW_TABLES)
     {
         if buf.rows() > 0 {
+            let list = columns.join(", ");
             copy_in(
                 &mut tx,
-                &format!("COPY {table} FROM STDIN (FORMAT binary)"),
+                &format!("COPY {table} ({list}) FROM STDIN (FORMAT binary)"),
                 buf,
             )
             .await?;
@@ -631,7 +661,7 @@ async fn write_dedup(
 ) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
     let mut sets: [Option<HashSet<Key>>; 4] = Default::default();
-    for ((buf, table), set) in encode_records(jobs, &target.policy)
+    for ((buf, (table, columns)), set) in encode_records(jobs, &target.policy)
         .into_iter()
         .zip(RAW_TABLES)
         .zip(sets.iter_mut())
@@ -639,14 +669,15 @@ async fn write_dedup(
         if buf.rows() == 0 {
             continue;
         }
+        let list = columns.join(", ");
         copy_in(
             &mut tx,
-            &format!("COPY stage_{table} FROM STDIN (FORMAT binary)"),
+            &format!("COPY stage_{table} ({list}) FROM STDIN (FORMAT binary)"),
             buf,
         )
         .await?;
         let keys: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(&format!(
-            "INSERT INTO {table} SELECT * FROM stage_{table} ON CONFLICT DO NOTHING RETURNING trace_id, span_id"
+            "INSERT INTO {table} ({list}) SELECT {list} FROM stage_{table} ON CONFLICT DO NOTHING RETURNING trace_id, span_id"
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -691,7 +722,7 @@ pub(super) async fn merge_rollup_deltas(
     shard: i16,
 ) -> Result<(), StoreError> {
     let mut merges = String::new();
-    for (buf, (copy, merge)) in rollups.encode(shard).into_iter().zip(MERGE_ROLLUPS) {
+    for (buf, (copy, merge)) in rollups.encode(shard).into_iter().zip(MERGE_ROLLUPS.iter()) {
         if buf.rows() > 0 {
             copy_in(conn, copy, buf).await?;
             merges.push_str(merge);

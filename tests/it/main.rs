@@ -21,6 +21,7 @@ mod outage_e2e;
 mod protocol_e2e;
 mod raw_policy;
 mod retention;
+mod rolling_upgrade;
 mod rule_state;
 mod rule_windows;
 mod rules_cli;

@@ -700,3 +700,118 @@ async fn killed_after_writing_the_outbox_the_notification_is_sent_once_after_res
     drop((restarted, replica));
     pool.close().await;
 }
+
+/// An HTTPS webhook receiver (Python's `http.server` behind `ssl`) that appends each body it
+/// gets, one per line, to `log`.
+const HTTPS_HOOK: &str = r#"
+import http.server, ssl, sys
+port, cert, key, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        with open(log, "ab") as f:
+            f.write(body + b"\n")
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Hook)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_smtp_trust_a_private_ca_from_ca_file() {
+    let pki = crate::tls_e2e::pki("receiver-ca");
+    let (ca, cert, key) = (
+        pki.dir.join("ca.pem"),
+        pki.dir.join("server.pem"),
+        pki.dir.join("server.key"),
+    );
+    let log = pki.dir.join("hook.log");
+    let hook_port = free_port();
+    let _hook = Process(
+        Command::new("python3")
+            .arg("-c")
+            .arg(HTTPS_HOOK)
+            .arg(hook_port.to_string())
+            .args([&cert, &key, &log])
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(hook_port).await;
+
+    // Without the CA, the receiver's certificate is refused and nothing is delivered.
+    let hook = |name: &str, ca_line: &str| {
+        format!(
+            "name = \"{name}\"\ntype = \"webhook\"\nurl = \"https://localhost:{hook_port}/hook\"\n{ca_line}"
+        )
+    };
+    let svc = notifying("notify_ca_refused", &hook("hook", "")).await;
+    send(&svc, loops(&["search"])).await;
+    let error: String = eventually("a refused delivery", || async {
+        sqlx::query_scalar("SELECT last_error FROM notify_outbox WHERE last_error IS NOT NULL")
+            .fetch_optional(&svc.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    assert!(!log.exists(), "nothing reached the receiver");
+    svc.stop().await.unwrap();
+
+    // With it, the webhook is delivered over TLS ...
+    let ca_line = format!("ca_file = \"{}\"\n", ca.display());
+    let svc = notifying("notify_ca_hook", &hook("hook", &ca_line)).await;
+    send(&svc, loops(&["search"])).await;
+    let body = eventually("the webhook over TLS", || async {
+        std::fs::read_to_string(&log).ok()
+    })
+    .await;
+    let first: Value = serde_json::from_str(body.lines().next().unwrap()).unwrap();
+    assert_eq!(first["commonLabels"]["alertname"], "Loop", "{first}");
+    svc.stop().await.unwrap();
+
+    // ... and so is the email, over STARTTLS to a real SMTP server with the same certificate.
+    let python = common::python::venv("smtp-venv", "import aiosmtpd", |pip| {
+        common::python::run(pip().arg("aiosmtpd==1.4.6"))
+    });
+    let maildir = pki.dir.join("maildir");
+    let smtp_port = free_port();
+    let _smtp = Process(
+        Command::new(python)
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{smtp_port}"))
+            .arg("--tlscert")
+            .arg(&cert)
+            .arg("--tlskey")
+            .arg(&key)
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(smtp_port).await;
+    let svc = notifying(
+        "notify_ca_mail",
+        &format!(
+            "name = \"mail\"\ntype = \"email\"\nsmarthost = \"localhost:{smtp_port}\"\ntls = \"starttls\"\nfrom = \"toolsight@example.com\"\nto = [\"oncall@example.com\"]\n{ca_line}"
+        ),
+    )
+    .await;
+    send(&svc, loops(&["search"])).await;
+    let new = maildir.join("new");
+    let raw = eventually("the email over STARTTLS", || async {
+        let first = std::fs::read_dir(&new).ok()?.flatten().next()?;
+        std::fs::read(first.path()).ok()
+    })
+    .await;
+    let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(msg.subject(), Some("[FIRING:1] alertname=Loop"));
+    svc.stop().await.unwrap();
+}

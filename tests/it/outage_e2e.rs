@@ -65,6 +65,21 @@ async fn every_acknowledged_span_survives_an_outage_under_load() {
     // The database goes away for toolsight.
     common::database_outage("outage_load", true).await;
     svc.wait_readyz(503).await;
+    // The container's HEALTHCHECK says so too (exit 1 with the reason), and when it returns,
+    // healthy again (below).
+    let health = || {
+        common::toolsight()
+            .args(["healthcheck", "--url", &format!("http://{}", svc.admin)])
+            .env("TOOLSIGHT_OTLP__HTTP_LISTEN", "0.0.0.0:4318")
+            .output()
+            .unwrap()
+    };
+    let out = health();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not ready (503"),
+        "{out:?}"
+    );
     common::eventually("exports to be refused", || async {
         (refused.load(Ordering::Relaxed) > 0).then_some(())
     })
@@ -73,6 +88,9 @@ async fn every_acknowledged_span_survives_an_outage_under_load() {
     // It returns; ingest resumes by itself.
     common::database_outage("outage_load", false).await;
     svc.wait_readyz(200).await;
+    let out = health();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
     let resumed_from = acked.load(Ordering::Relaxed);
     common::eventually("ingest to resume", || async {
         (acked.load(Ordering::Relaxed) > resumed_from + 100).then_some(())

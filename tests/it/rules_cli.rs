@@ -188,3 +188,91 @@ fn structural_problems_are_each_reported_at_their_own_line() {
         "{out}"
     );
 }
+
+/// The shipped container's environment: listeners on every interface and no tokens (not
+/// servable), the admin token for the silence client, the benchmark's server variable, a
+/// variable an `env:` secret names, and a configuration file that is not there.
+const CONTAINER_ENV: [(&str, &str); 6] = [
+    ("TOOLSIGHT_OTLP__HTTP_LISTEN", "0.0.0.0:4318"),
+    ("TOOLSIGHT_OTLP__GRPC_LISTEN", "0.0.0.0:4317"),
+    ("TOOLSIGHT_ADMIN__LISTEN", "0.0.0.0:9464"),
+    ("TOOLSIGHT_ADMIN_TOKEN", "an-admin-token-for-the-client"),
+    ("TOOLSIGHT_BENCH_SERVER", "target/release/toolsight"),
+    ("TOOLSIGHT_TOKEN_BILLING", "a-token-an-env-secret-names"),
+];
+
+fn in_container(args: &[&str], config: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolsight"));
+    cmd.args(args).envs(CONTAINER_ENV).env_remove("TOOLSIGHT_CONFIG");
+    if let Some(c) = config {
+        cmd.env("TOOLSIGHT_CONFIG", c);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn rule_commands_read_no_configuration_and_speak_json() {
+    let default = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.yaml");
+    let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/default.test.yaml");
+    let missing = Some("/nonexistent/toolsight.toml");
+    let out = in_container(&["rules", "check", "--json", default, tests], missing);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"][0]["groups"], 3, "{report}");
+    assert_eq!(report["files"][0]["rules"], 7, "{report}");
+    assert_eq!(report["unitTestFiles"][0], tests, "{report}");
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+
+    let out = in_container(&["rules", "test", "--json", tests], missing);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["passed"].as_u64(), report["failed"].as_u64()), (Some(8), Some(0)));
+    assert_eq!(report["cases"].as_array().unwrap().len(), 8, "{report}");
+    assert_eq!(report["cases"][0]["failures"], serde_json::json!([]));
+
+    // A broken file: the problems in the JSON, a failing exit status.
+    let dir = std::env::temp_dir().join(format!("toolsight-rules-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "groups:\n  - name: g\n    rules:\n      - alert: X\n        kind: nope\n").unwrap();
+    let out = in_container(&["rules", "check", "--json", bad.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["problems"][0]["line"], 4, "{report}");
+    assert!(report["problems"][0]["file"].as_str().unwrap().ends_with("bad.yaml"));
+}
+
+#[test]
+fn only_serving_commands_need_listeners_closed_to_strangers() {
+    // `config` checks what `serve` would: the open listeners are refused, by name ...
+    let out = in_container(&["config"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("otlp.http_listen: 0.0.0.0:4318 is not a loopback address"),
+        "{stderr}"
+    );
+    // ... and the variables that only share the prefix are not settings.
+    assert!(!stderr.contains("unknown setting"), "{stderr}");
+    // With tokens the same environment serves; still no "unknown setting".
+    let out = Command::new(env!("CARGO_BIN_EXE_toolsight"))
+        .arg("config")
+        .envs(CONTAINER_ENV)
+        .env_remove("TOOLSIGHT_CONFIG")
+        .env("TOOLSIGHT_AUTH__ALLOW_UNAUTHENTICATED", "true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("http_listen = \"0.0.0.0:4318\""),
+        "{out:?}"
+    );
+    // A command that listens on nothing runs in that environment: a silence client given no
+    // server to reach fails on the connection, not on the configuration.
+    let out = in_container(
+        &["silence", "--url", "http://127.0.0.1:9", "list"],
+        Some("/nonexistent/toolsight.toml"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reaching the admin API"), "{stderr}");
+}

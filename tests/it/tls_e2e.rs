@@ -13,15 +13,16 @@ use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
 };
 
-struct Pki {
+pub(crate) struct Pki {
     ca: String,
     client_cert: String,
     client_key: String,
-    dir: PathBuf,
+    /// Holds `ca.pem`, `server.pem` and `server.key`.
+    pub(crate) dir: PathBuf,
 }
 
 /// A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, as PEM files.
-fn pki(name: &str) -> Pki {
+pub(crate) fn pki(name: &str) -> Pki {
     let dir = std::env::temp_dir().join(format!("toolsight-tls-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_key = KeyPair::generate().unwrap();
