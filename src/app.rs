@@ -347,6 +347,8 @@ fn serve_listeners(
         dead_tasks: parts.dead_tasks.clone(),
         rules: parts.rules.clone(),
         admin_token: config.auth.admin_token.clone(),
+        notify: Arc::new(config.notify.clone()),
+        started: chrono::Utc::now(),
     });
     for (listener, name, tls, limits, router) in [
         (

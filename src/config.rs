@@ -350,6 +350,7 @@ impl Config {
             max_services: self.ingest.max_services.max(1),
             max_keys_per_service: self.ingest.max_keys_per_service.max(1),
             max_sessions_per_hour: self.ingest.max_sessions_per_hour.max(1),
+            max_trace_sessions_per_hour: self.ingest.max_trace_sessions_per_hour.max(1),
         }
     }
 

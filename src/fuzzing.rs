@@ -38,6 +38,7 @@ const LIMITS: cardinality::Limits = cardinality::Limits {
     max_services: 3,
     max_keys_per_service: 4,
     max_sessions_per_hour: 5,
+    max_trace_sessions_per_hour: 5,
 };
 
 /// Now, when a request carries no usable timestamp: 2026-11-01T00:00:00Z.
@@ -320,7 +321,8 @@ fn check_guard(n: &mut Normalized, now: i64) {
     let bound = LIMITS.max_services
         + 1
         + (LIMITS.max_services + 1) * 4 * LIMITS.max_keys_per_service
-        + 2 * LIMITS.max_sessions_per_hour;
+        + 2 * LIMITS.max_sessions_per_hour
+        + 2 * LIMITS.max_trace_sessions_per_hour;
     assert!(guard.tracked() <= bound, "{} keys tracked", guard.tracked());
 }
 

@@ -568,6 +568,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         .arg("prune")
                         .env("DATABASE_URL", &db_url)
                         .env("TOOLSIGHT_RETENTION__RAW", "2d")
+                        // A raw retention below the accepted span age is refused.
+                        .env("TOOLSIGHT_INGEST__MAX_SPAN_AGE", "1d")
                         .env_remove("TOOLSIGHT_CONFIG")
                         .stdout(Stdio::piped())
                         .stderr(Stdio::piped())
@@ -605,10 +607,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if let Some(p) = prune {
             let out = p.wait_with_output()?;
             eprintln!(
-                "== toolsight prune: {}\n{}",
+                "== toolsight prune: {}\n{}{}",
                 out.status,
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
             );
+            if !out.status.success() {
+                bail!("toolsight prune failed beside ingest");
+            }
         }
         let records_expected: u64 = phases.iter().map(|p| p.report.records_expected).sum();
         let records = db::count_records(&pool).await?;

@@ -1,6 +1,9 @@
-//! `toolsight silence`: a client of the admin API's silences.
+//! `toolsight silence`: a client of the admin API's silences, in Alertmanager's API v2 (as
+//! `amtool silence` is).
 
 use anyhow::Context;
+
+use toolsight::admin::alertmanager::ApiMatcher;
 
 use crate::SilenceCommand;
 
@@ -19,7 +22,7 @@ pub(super) async fn silence(
     let http = reqwest::Client::builder()
         .default_headers(headers)
         .build()?;
-    let url = format!("{}/api/v1/silences", base.trim_end_matches('/'));
+    let api = format!("{}/api/v2", base.trim_end_matches('/'));
     let answer = |r: reqwest::Response| async move {
         let status = r.status();
         let body: serde_json::Value = r.json().await.unwrap_or_default();
@@ -44,26 +47,33 @@ pub(super) async fn silence(
             author,
             json,
         } => {
-            let author = author.unwrap_or_else(default_author);
-            let body = serde_json::json!({"matchers": matchers, "duration": duration.to_string(), "comment": comment, "createdBy": author});
-            let s = answer(send(http.post(&url).json(&body)).await?).await?;
+            let matchers = matchers
+                .iter()
+                .map(|m| ApiMatcher::parse(m))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let starts = chrono::Utc::now();
+            let ends = starts + chrono::Duration::from_std(duration.into())?;
+            let body = serde_json::json!({
+                "matchers": matchers, "startsAt": starts, "endsAt": ends,
+                "comment": comment, "createdBy": author.unwrap_or_else(default_author),
+            });
+            let created = answer(send(http.post(format!("{api}/silences")).json(&body)).await?).await?;
+            let id = created["silenceID"].as_str().unwrap_or("?").to_owned();
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                let shown = answer(send(http.get(format!("{api}/silence/{id}"))).await?).await?;
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
-                println!(
-                    "silence {} until {}",
-                    s["id"],
-                    s["ends_at"].as_str().unwrap_or("?")
-                );
+                println!("silence {id} until {}", ends.to_rfc3339());
             }
         }
         SilenceCommand::List { json } => {
-            let s = answer(send(http.get(&url)).await?).await?;
+            let s = answer(send(http.get(format!("{api}/silences"))).await?).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
-            let rows = s["silences"].as_array().cloned().unwrap_or_default();
+            let rows = s.as_array().cloned().unwrap_or_default();
             if rows.is_empty() {
                 println!("no silences");
                 return Ok(());
@@ -72,26 +82,26 @@ pub(super) async fn silence(
             t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY)
                 .set_header(["id", "state", "matchers", "ends", "by", "comment"]);
             for r in rows {
-                let matchers: Vec<String> = r["matchers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|m| m.as_str().map(str::to_owned))
-                    .collect();
-                let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                let matchers: Vec<String> =
+                    serde_json::from_value::<Vec<ApiMatcher>>(r["matchers"].clone())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(ApiMatcher::to_text)
+                        .collect();
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
                 t.add_row([
-                    r["id"].to_string(),
-                    text("state"),
+                    text(&r["id"]),
+                    text(&r["status"]["state"]),
                     matchers.join(" "),
-                    text("ends_at"),
-                    text("created_by"),
-                    text("comment"),
+                    text(&r["endsAt"]),
+                    text(&r["createdBy"]),
+                    text(&r["comment"]),
                 ]);
             }
             println!("{t}");
         }
         SilenceCommand::Expire { id } => {
-            let r = send(http.delete(format!("{url}/{id}"))).await?;
+            let r = send(http.delete(format!("{api}/silence/{id}"))).await?;
             if r.status().is_success() {
                 println!("silence {id} expired");
             } else {

@@ -1,11 +1,15 @@
 //! The cardinality guard: a bound on the distinct services, the distinct tools (and methods,
 //! models, upstreams) per service, and the sessions tracked per hour. The service and session
 //! budgets are per scope (the ingest token that sent the export), so one tenant exhausting its
-//! budget folds only its own keys. Session keys that are a
-//! trace id (no session attribute was sent) are one per trace by construction and pass freely:
-//! they are never tracked, and folding them would merge unrelated traces into one "session".
-//! New keys beyond a bound fold into [`OVERFLOW`] and are counted, so a misbehaving client (a
-//! tool name with an id in it, a session per request) cannot exhaust memory or the rollups.
+//! budget folds only its own keys. Session keys that are a trace id (no session attribute was
+//! sent) are one per trace by construction: they have a budget of their own
+//! (`max_trace_sessions_per_hour`), so that traffic whose every call is its own trace does not
+//! make the rules' per-session state (`loop_calls_1m`, `session_tokens_1m`) one row per call.
+//! Past it they fold into [`OVERFLOW`] like any session, which the retry-loop and token-burn
+//! rules skip: nothing unrelated is merged into one "session", and loops inside those traces go
+//! unseen (the documented bound). New keys beyond a bound fold into [`OVERFLOW`] and are
+//! counted, so a misbehaving client (a tool name with an id in it, a session per request)
+//! cannot exhaust memory or the rollups.
 //! Time is passed in.
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +30,8 @@ pub struct Limits {
     pub max_keys_per_service: usize,
     /// Distinct session keys per hour, per scope (ingest token), across its services.
     pub max_sessions_per_hour: usize,
+    /// Distinct trace-id session keys (no session attribute sent) per hour, per scope.
+    pub max_trace_sessions_per_hour: usize,
 }
 
 impl Default for Limits {
@@ -34,6 +40,7 @@ impl Default for Limits {
             max_services: 1000,
             max_keys_per_service: 500,
             max_sessions_per_hour: 200_000,
+            max_trace_sessions_per_hour: 100_000,
         }
     }
 }
@@ -68,6 +75,8 @@ struct State {
 struct Scope {
     services: usize,
     sessions: [HashSet<String>; 2],
+    /// Trace-id session keys of this hour and the previous one.
+    traces: [HashSet<String>; 2],
 }
 
 pub struct Guard {
@@ -132,13 +141,22 @@ fn service_keys<'a>(
 }
 
 /// Admits a session key seen this hour or the last, or a new one while there is room.
-fn session(sessions: &mut [HashSet<String>; 2], key: &mut String, l: &Limits, folded: &mut Folded) {
+fn session(sessions: &mut [HashSet<String>; 2], key: &mut String, limit: usize, folded: &mut Folded) {
     if key == OVERFLOW || sessions[1].contains(key.as_str()) {
         return;
     }
     // Session sets are counted by their lengths, not in the key count.
-    if !admit(&mut sessions[0], key, l.max_sessions_per_hour, &mut 0) {
+    if !admit(&mut sessions[0], key, limit, &mut 0) {
         folded.sessions += 1;
+    }
+}
+
+/// [`session`] with the budget of the key's kind: sent by the client, or a trace id.
+fn any_session(scope: &mut Scope, key: &mut String, source: SessionSource, l: &Limits, folded: &mut Folded) {
+    if source == SessionSource::TraceId {
+        session(&mut scope.traces, key, l.max_trace_sessions_per_hour, folded);
+    } else {
+        session(&mut scope.sessions, key, l.max_sessions_per_hour, folded);
     }
 }
 
@@ -156,7 +174,10 @@ impl Guard {
             s.keys
                 + s.scopes
                     .values()
-                    .map(|c| c.sessions[0].len() + c.sessions[1].len())
+                    .map(|c| {
+                        c.sessions.iter().map(HashSet::len).sum::<usize>()
+                            + c.traces.iter().map(HashSet::len).sum::<usize>()
+                    })
                     .sum::<usize>()
         })
     }
@@ -172,8 +193,10 @@ impl Guard {
         if hour != st.hour {
             let next = hour == st.hour + 1;
             for s in st.scopes.values_mut() {
-                let current = std::mem::take(&mut s.sessions[0]);
-                s.sessions[1] = if next { current } else { HashSet::new() };
+                for sets in [&mut s.sessions, &mut s.traces] {
+                    let current = std::mem::take(&mut sets[0]);
+                    sets[1] = if next { current } else { HashSet::new() };
+                }
             }
             st.hour = hour;
         }
@@ -191,9 +214,7 @@ impl Guard {
         for c in &mut n.tool_calls {
             let keys = service_keys(services, scope, &mut c.span.service, &l, &mut folded, added);
             admit_key(&mut keys.tools, &mut c.tool, &l, &mut folded, added);
-            if c.session_source != SessionSource::TraceId {
-                session(&mut scope.sessions, &mut c.session_key, &l, &mut folded);
-            }
+            any_session(scope, &mut c.session_key, c.session_source, &l, &mut folded);
         }
         for r in &mut n.mcp_requests {
             let keys = service_keys(services, scope, &mut r.span.service, &l, &mut folded, added);
@@ -202,9 +223,7 @@ impl Guard {
         for c in &mut n.llm_calls {
             let keys = service_keys(services, scope, &mut c.span.service, &l, &mut folded, added);
             admit_key(&mut keys.models, &mut c.model, &l, &mut folded, added);
-            if c.session_source != SessionSource::TraceId {
-                session(&mut scope.sessions, &mut c.session_key, &l, &mut folded);
-            }
+            any_session(scope, &mut c.session_key, c.session_source, &l, &mut folded);
         }
         for u in &mut n.upstream_calls {
             let keys = service_keys(services, scope, &mut u.span.service, &l, &mut folded, added);
@@ -276,6 +295,7 @@ mod tests {
             max_services: 2,
             max_keys_per_service: 2,
             max_sessions_per_hour: 3,
+            ..Limits::default()
         });
         let mut n = Normalized::default();
         for (svc, tool, sess) in [
@@ -311,9 +331,10 @@ mod tests {
     }
 
     #[test]
-    fn trace_id_sessions_are_neither_tracked_nor_folded() {
+    fn trace_id_sessions_have_a_budget_of_their_own() {
         let g = Guard::new(Limits {
             max_sessions_per_hour: 1,
+            max_trace_sessions_per_hour: 2,
             ..Limits::default()
         });
         let mut n = Normalized::default();
@@ -322,9 +343,19 @@ mod tests {
             c.session_source = SessionSource::TraceId;
             n.tool_calls.push(c);
         }
-        assert_eq!(g.apply(&mut n, 0, "anyone").sessions, 0);
-        assert_eq!(keys(&n)[2].2, "trace-c");
-        assert_eq!(g.tracked(), 2, "the service and its tool only");
+        // A session the client sent: its own budget, untouched by the traces.
+        n.tool_calls.push(call("a", "t", "conv-1"));
+        assert_eq!(g.apply(&mut n, 0, "anyone").sessions, 1);
+        let sessions: Vec<String> = keys(&n).into_iter().map(|k| k.2).collect();
+        assert_eq!(sessions, ["trace-a", "trace-b", OVERFLOW, "conv-1"]);
+        assert_eq!(g.tracked(), 2 + 2 + 1, "the service, its tool, two traces, one session");
+        // A trace already seen this hour stays itself: its later calls join it.
+        let mut again = Normalized::default();
+        let mut c = call("a", "t", "trace-b");
+        c.session_source = SessionSource::TraceId;
+        again.tool_calls.push(c);
+        assert_eq!(g.apply(&mut again, 0, "anyone").sessions, 0);
+        assert_eq!(keys(&again)[0].2, "trace-b");
     }
 
     #[test]

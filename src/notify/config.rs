@@ -16,6 +16,12 @@ pub struct Notify {
     pub external_url: String,
     /// Grafana's URL: alert links open the tool detail dashboard there.
     pub grafana_url: String,
+    /// Firing alerts carry up to this many example trace ids of their key (the failed, empty
+    /// and slowest calls first) in the `example_traces` annotation; 0: none.
+    pub example_traces: usize,
+    /// Where a trace id opens, `{trace_id}` replaced (Jaeger `http://jaeger:16686/trace/{trace_id}`,
+    /// Tempo, a vendor): the links go in `example_trace_urls`. Empty: ids only.
+    pub trace_url: String,
     pub receivers: Vec<ReceiverConfig>,
     /// The default route: alerts no route below matches go here (empty: nowhere).
     pub receiver: String,
@@ -48,6 +54,8 @@ impl Default for Notify {
         Notify {
             external_url: "http://127.0.0.1:9464".into(),
             grafana_url: "http://127.0.0.1:3000".into(),
+            example_traces: 3,
+            trace_url: String::new(),
             receivers: Vec::new(),
             receiver: String::new(),
             group_by: vec!["alertname".into()],
@@ -224,6 +232,12 @@ pub struct RouteConfig {
 impl Notify {
     /// Every problem of the notification settings.
     pub fn validate(&self, p: &mut Vec<String>) {
+        if !self.trace_url.is_empty() && !self.trace_url.contains("{trace_id}") {
+            p.push("notify.trace_url: must contain {trace_id}".into());
+        }
+        if self.example_traces > 20 {
+            p.push("notify.example_traces: at most 20".into());
+        }
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.receivers.iter().enumerate() {
             let at = format!("notify.receivers[{i}] ({})", r.name());

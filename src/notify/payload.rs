@@ -161,8 +161,16 @@ pub fn email(
             .cloned()
             .unwrap_or_default();
         let since = a.starts_at.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+        // Example calls: their links when a trace URL is configured, else their trace ids.
+        let traces = a
+            .annotations
+            .get("example_trace_urls")
+            .map(|u| u.split(' ').collect::<Vec<_>>().join("\n    "))
+            .or_else(|| a.annotations.get("example_traces").cloned())
+            .map(|t| format!("  example traces:\n    {t}\n"))
+            .unwrap_or_default();
         text.push_str(&format!(
-            "- {status}: {alert}\n  service: {service}\n  tool: {tool}\n  value: {value}\n  threshold: {threshold}\n  since: {since}\n  {summary}\n  dashboard: {link}\n\n",
+            "- {status}: {alert}\n  service: {service}\n  tool: {tool}\n  value: {value}\n  threshold: {threshold}\n  since: {since}\n  {summary}\n  dashboard: {link}\n{traces}\n",
             alert = get(a, "alertname"),
             service = get(a, "service"),
             tool = get(a, "tool"),

@@ -57,7 +57,14 @@ pub(crate) struct Notifier {
     links: Links,
     receivers: HashMap<String, ReceiverConfig>,
     groups: HashMap<(String, String), Group>,
+    /// Example traces per firing alert, and where a trace id opens (`notify.example_traces`,
+    /// `notify.trace_url`).
+    example_traces: usize,
+    trace_url: String,
 }
+
+/// How far before an alert became active its example calls are looked for.
+const EXAMPLES_BEFORE: chrono::Duration = chrono::Duration::minutes(15);
 
 impl Notifier {
     pub(crate) fn new(pool: PgPool, settings: &Notify) -> Notifier {
@@ -74,7 +81,47 @@ impl Notifier {
                 .collect(),
             pool,
             groups: HashMap::new(),
+            example_traces: settings.example_traces,
+            trace_url: settings.trace_url.clone(),
         }
+    }
+
+    /// A firing alert's annotations with its example traces: `example_traces` (ids, comma
+    /// separated) and, with a trace URL, `example_trace_urls` (space separated). A failed lookup
+    /// leaves them out: the notification matters more than its examples.
+    async fn with_examples(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+        mut annotations: std::collections::BTreeMap<String, String>,
+        since: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> std::collections::BTreeMap<String, String> {
+        let ids = match store::example_traces(
+            &self.pool,
+            labels,
+            since - EXAMPLES_BEFORE,
+            at,
+            self.example_traces,
+        )
+        .await
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "example traces of a firing alert not found");
+                Vec::new()
+            }
+        };
+        if !ids.is_empty() {
+            if !self.trace_url.is_empty() {
+                let urls: Vec<String> = ids
+                    .iter()
+                    .map(|id| self.trace_url.replace("{trace_id}", id))
+                    .collect();
+                annotations.insert("example_trace_urls".into(), urls.join(" "));
+            }
+            annotations.insert("example_traces".into(), ids.join(","));
+        }
+        annotations
     }
 
     /// Loads the persisted groups (at start, or on becoming the notifier).
@@ -113,10 +160,16 @@ impl Notifier {
         let mut touched: HashSet<(String, String)> = HashSet::new();
         for e in &events {
             let resolved = e.status == "resolved";
+            let annotations = if resolved || self.example_traces == 0 {
+                e.annotations.0.clone()
+            } else {
+                self.with_examples(&e.labels.0, e.annotations.0.clone(), e.since, e.at)
+                    .await
+            };
             let alert = GroupAlert {
                 fingerprint: route::fingerprint(&e.labels.0),
                 labels: e.labels.0.clone(),
-                annotations: e.annotations.0.clone(),
+                annotations,
                 status: if resolved {
                     Status::Resolved
                 } else {

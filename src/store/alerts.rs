@@ -301,6 +301,22 @@ pub async fn load_alerts(pool: &PgPool) -> Result<Vec<StoredAlert>, StoreError> 
     .await?)
 }
 
+/// The annotations the latest firing event of each firing alert carried: (alert, key,
+/// annotations). What its notifications said, for the APIs.
+pub async fn firing_annotations(
+    pool: &PgPool,
+) -> Result<Vec<(String, String, sqlx::types::Json<BTreeMap<String, String>>)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT ON (e.alert, e.key) e.alert, e.key, e.annotations
+         FROM alert_events e
+         JOIN alert_state s ON s.alert = e.alert AND s.key = e.key AND s.phase = 'firing'
+         WHERE e.status = 'firing'
+         ORDER BY e.alert, e.key, e.id DESC",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 /// A firing or resolved notification to record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {

@@ -239,3 +239,76 @@ pub(crate) async fn expire_silence(pool: &PgPool, id: i64) -> Result<bool, Store
         .await?;
     Ok(r.rows_affected() == 1)
 }
+
+/// Up to `n` example trace ids (hex) of the calls behind an alert with these labels, between
+/// `from` and `to`: those that failed, came back empty or were slowest first, one per trace. A
+/// key with a `tool` is one of `tool_calls` (its `side` and `session` when the key has them),
+/// with a `server_address` one of `upstream_calls`, with only a `session` one of `llm_calls`.
+pub(crate) async fn example_traces(
+    pool: &PgPool,
+    labels: &BTreeMap<String, String>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    n: usize,
+) -> Result<Vec<String>, StoreError> {
+    let label = |k: &str| labels.get(k).cloned();
+    let (Some(service), true) = (label("service"), n > 0) else {
+        return Ok(Vec::new());
+    };
+    let q = if let Some(tool) = label("tool") {
+        sqlx::query_scalar(
+            "SELECT encode(trace_id, 'hex') FROM tool_calls
+             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND tool = $4
+               AND ($5::text IS NULL OR side = $5) AND ($6::text IS NULL OR session_key = $6)
+             ORDER BY coalesce(own_outcome, outcome) <> 'ok' DESC, coalesce(result_empty, false) DESC,
+                      duration_us DESC
+             LIMIT $7",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(service)
+        .bind(tool)
+        .bind(label("side"))
+        .bind(label("session"))
+    } else if let Some(address) = label("server_address") {
+        sqlx::query_scalar(
+            "SELECT encode(trace_id, 'hex') FROM upstream_calls
+             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND server_address = $4
+               AND $5::text IS NULL AND $6::text IS NULL
+             ORDER BY coalesce(status_code = 429 OR status_code >= 500, true) DESC, duration_us DESC
+             LIMIT $7",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(service)
+        .bind(address)
+        .bind(None::<String>)
+        .bind(None::<String>)
+    } else if let Some(session) = label("session") {
+        sqlx::query_scalar(
+            "SELECT encode(trace_id, 'hex') FROM llm_calls
+             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND session_key = $4
+               AND $5::text IS NULL AND $6::text IS NULL
+             ORDER BY input_tokens + output_tokens DESC
+             LIMIT $7",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(service)
+        .bind(session)
+        .bind(None::<String>)
+        .bind(None::<String>)
+    } else {
+        return Ok(Vec::new());
+    };
+    // Both sides of a call share its trace: ask for more rows than ids.
+    let rows: Vec<String> = q.bind((n * 4) as i64).fetch_all(pool).await?;
+    let mut ids: Vec<String> = Vec::new();
+    for id in rows {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids.truncate(n);
+    Ok(ids)
+}

@@ -43,6 +43,8 @@ pub struct Ingest {
     pub max_keys_per_service: usize,
     /// Distinct session keys per hour, across services.
     pub max_sessions_per_hour: usize,
+    /// Distinct trace-id session keys (no session attribute sent) per hour.
+    pub max_trace_sessions_per_hour: usize,
     /// The raw-row policy ([`RawPolicy`]): share of traces whose ordinary calls keep their raw
     /// rows (1: all), the duration from which a call is always kept, and per-tool durations.
     pub raw_keep_ok: f64,
@@ -77,6 +79,7 @@ impl Default for Ingest {
             max_services: 1000,
             max_keys_per_service: 500,
             max_sessions_per_hour: 200_000,
+            max_trace_sessions_per_hour: 100_000,
             raw_keep_ok: RawPolicy::default().keep_ok,
             raw_slow: RawPolicy::default().slow,
             raw_slow_tools: Default::default(),

@@ -264,15 +264,24 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
         .json()
         .await
         .unwrap();
-    assert_eq!(
-        api["alerts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["state"] == "firing")
-            .count(),
-        6
-    );
+    // In Prometheus's shape: the envelope, `activeAt`, the value as text, the annotations the
+    // firing notification carried.
+    assert_eq!(api["status"], "success", "{api}");
+    let firing: Vec<&Value> = api["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "firing")
+        .collect();
+    assert_eq!(firing.len(), 6, "{api}");
+    let looped = firing
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "Loop")
+        .unwrap();
+    assert_eq!(looped["value"], "6e0", "{looped}");
+    assert!(looped["activeAt"].as_str().is_some(), "{looped}");
+    let summary = looped["annotations"]["summary"].as_str().unwrap_or_default();
+    assert!(!summary.is_empty(), "annotations as notified: {looped}");
 
     // A restarted evaluator restores the state: re-evaluating fires nothing twice.
     let mut restarted = Evaluator::new(svc.pool.clone(), rules);
@@ -321,14 +330,18 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
         .json()
         .await
         .unwrap();
-    assert!(
-        rules_api["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|g| g["name"] == "tool-health"),
-        "the service's own rules"
-    );
+    assert_eq!(rules_api["status"], "success", "{rules_api}");
+    let health = rules_api["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "tool-health")
+        .expect("the service's own rules");
+    assert!(health["interval"].as_f64().unwrap() > 0.0, "{health}");
+    let rule = &health["rules"][0];
+    assert_eq!(rule["type"], "alerting", "{rule}");
+    assert!(rule["duration"].is_number() && rule["evaluationTime"].is_number(), "{rule}");
+    assert!(rule["lastEvaluation"].is_string() && rule["health"].is_string(), "{rule}");
     svc.stop().await.unwrap();
 }
 
@@ -619,20 +632,22 @@ async fn the_live_loop_fires_on_fresh_failures() {
     }
     send(&svc, s).await;
     let a = common::firing_alert("LiveErrors to fire", svc.admin, |a| {
-        a["alert"] == "LiveErrors"
+        a["labels"]["alertname"] == "LiveErrors"
     })
     .await;
     assert_eq!(a["labels"]["tool"], "flaky");
-    assert_eq!(a["value"], 1.0);
+    assert_eq!(a["value"], "1e0");
     let rules: Value = reqwest::get(format!("http://{}/api/v1/rules", svc.admin))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let rule = &rules["groups"][0]["rules"][0];
-    assert_eq!(rule["alert"], "LiveErrors");
+    let rule = &rules["data"]["groups"][0]["rules"][0];
+    assert_eq!(rule["name"], "LiveErrors");
     assert_eq!(rule["health"], "ok");
+    assert_eq!(rule["state"], "firing");
+    assert_eq!(rule["alerts"][0]["labels"]["tool"], "flaky", "{rule}");
     svc.stop().await.unwrap();
 }
 
@@ -685,7 +700,7 @@ async fn a_stuck_group_delays_no_other_and_its_missed_instants_are_counted() {
     common::firing_alert(
         "the other group's alert to fire while one group is stuck",
         svc.admin,
-        |a| a["alert"] == "LiveErrors",
+        |a| a["labels"]["alertname"] == "LiveErrors",
     )
     .await;
     eventually("the stuck group's missed instants, counted", || async {
@@ -812,7 +827,7 @@ async fn rule_names(svc: &Service) -> Vec<String> {
         .json()
         .await
         .unwrap();
-    r["groups"]
+    r["data"]["groups"]
         .as_array()
         .unwrap()
         .iter()
@@ -821,7 +836,7 @@ async fn rule_names(svc: &Service) -> Vec<String> {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|r| r["alert"].as_str().unwrap().to_owned())
+                .map(|r| r["name"].as_str().unwrap().to_owned())
         })
         .collect()
 }
@@ -867,11 +882,11 @@ async fn rule_files_reload_and_bad_files_keep_the_old_rules() {
             .json()
             .await
             .unwrap();
-        api["alerts"]
+        api["data"]["alerts"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|a| a["alert"].as_str().unwrap().to_owned())
+            .map(|a| a["labels"]["alertname"].as_str().unwrap().to_owned())
             .collect::<Vec<_>>()
     };
     eventually("First to fire", || async {

@@ -36,9 +36,34 @@ fn dashboards() -> Vec<(String, Value)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(out.len(), 3, "overview, tool detail, collector health");
+    assert_eq!(
+        out.len(),
+        4,
+        "overview, tool detail, collector health, and its Prometheus variant"
+    );
     out
 }
+
+/// The dashboards of a PostgreSQL datasource (all but the Prometheus variant).
+fn pg_dashboards() -> Vec<(String, Value)> {
+    let pg: Vec<_> = dashboards()
+        .into_iter()
+        .filter(|(_, d)| variables(d)[0]["query"] == "grafana-postgresql-datasource")
+        .collect();
+    assert_eq!(pg.len(), 3, "overview, tool detail, collector health");
+    pg
+}
+
+/// The collector health dashboard for a Prometheus that scrapes `/metrics`.
+fn prometheus_dashboard() -> (String, Value) {
+    dashboards()
+        .into_iter()
+        .find(|(_, d)| variables(d)[0]["query"] == "prometheus")
+        .expect("a Prometheus-datasource dashboard")
+}
+
+/// The datasource every panel and query names: the dashboard's `datasource` variable.
+const DATASOURCE_VAR: &str = "${datasource}";
 
 fn panels(d: &Value) -> Vec<&Value> {
     d["panels"].as_array().unwrap().iter().collect()
@@ -63,11 +88,29 @@ fn dashboards_are_well_formed() {
             .iter()
             .map(|v| v["name"].as_str().unwrap().to_owned())
             .collect();
+        // Imports anywhere: the datasource is a variable, its default the provisioned one.
+        let first = variables(&d)[0];
+        assert_eq!(
+            (&first["name"], &first["type"]),
+            (&json!("datasource"), &json!("datasource")),
+            "{file}"
+        );
+        let prometheus = first["query"] == "prometheus";
+        if !prometheus {
+            assert_eq!(first["current"]["value"], DATASOURCE_UID, "{file}");
+        }
         let mut ids = BTreeSet::new();
         let mut queries = Vec::new();
-        for v in variables(&d) {
-            assert_eq!(v["datasource"]["uid"], DATASOURCE_UID, "{file} variable");
+        for v in variables(&d).into_iter().skip(1) {
+            if v["type"] == "textbox" {
+                continue;
+            }
+            assert_eq!(v["datasource"]["uid"], DATASOURCE_VAR, "{file} variable");
             queries.push(v["query"].as_str().unwrap().to_owned());
+        }
+        for a in d["annotations"]["list"].as_array().unwrap() {
+            assert_eq!(a["datasource"]["uid"], DATASOURCE_VAR, "{file} annotation");
+            queries.push(a["target"]["rawSql"].as_str().unwrap().to_owned());
         }
         for p in panels(&d) {
             let title = p["title"].as_str().unwrap();
@@ -75,13 +118,17 @@ fn dashboards_are_well_formed() {
                 ids.insert(p["id"].as_i64().unwrap()),
                 "{file}: id of {title}"
             );
-            assert_eq!(p["datasource"]["uid"], DATASOURCE_UID, "{file}: {title}");
+            assert_eq!(p["datasource"]["uid"], DATASOURCE_VAR, "{file}: {title}");
             let targets = p["targets"].as_array().unwrap();
             assert!(!targets.is_empty(), "{file}: {title}");
             for t in targets {
-                assert_eq!(t["datasource"]["uid"], DATASOURCE_UID, "{file}: {title}");
-                assert_eq!(t["rawQuery"], true);
-                queries.push(t["rawSql"].as_str().unwrap().to_owned());
+                assert_eq!(t["datasource"]["uid"], DATASOURCE_VAR, "{file}: {title}");
+                if prometheus {
+                    assert!(t["expr"].as_str().is_some_and(|e| e.contains("toolsight_")));
+                } else {
+                    assert_eq!(t["rawQuery"], true);
+                    queries.push(t["rawSql"].as_str().unwrap().to_owned());
+                }
             }
         }
         for q in queries {
@@ -91,6 +138,25 @@ fn dashboards_are_well_formed() {
                     builtin(name) || defined.contains(name),
                     "{file}: ${name} is not defined in {q}"
                 );
+            }
+        }
+    }
+    // Alert firing and resolved events are annotations on the latency and error panels.
+    for (file, d) in pg_dashboards()
+        .into_iter()
+        .filter(|(_, d)| d["uid"] != "toolsight-health")
+    {
+        let annotation = &d["annotations"]["list"][0];
+        let on: BTreeSet<i64> = annotation["filter"]["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_i64().unwrap())
+            .collect();
+        for p in panels(&d) {
+            let title = p["title"].as_str().unwrap().to_lowercase();
+            if p["type"] == "timeseries" && (title.contains("latency") || title.contains("error")) {
+                assert!(on.contains(&p["id"].as_i64().unwrap()), "{file}: {title}");
             }
         }
     }
@@ -146,6 +212,17 @@ fn quote_list(values: &[String]) -> String {
 
 fn seconds(interval: &str) -> i64 {
     humantime::parse_duration(interval).unwrap().as_secs() as i64
+}
+
+/// A text box variable's value in a query: as typed (its default), quotes doubled, as Grafana's
+/// SQL datasources put a single-value variable.
+fn textboxes(d: &Value, sql: &str) -> String {
+    let mut s = sql.to_owned();
+    for v in variables(d).into_iter().filter(|v| v["type"] == "textbox") {
+        let (name, value) = (v["name"].as_str().unwrap(), v["query"].as_str().unwrap());
+        s = s.replace(&format!("${{{name}}}"), &value.replace('\'', "''"));
+    }
+    s
 }
 
 /// Expands a query as Grafana's PostgreSQL datasource does: template variables first
@@ -374,7 +451,7 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
 
     // Every own metric a panel reads alone, recorded at least twice: the rule group's duration is only
     // set once its first evaluation has finished, after the notification it queued.
-    let own: BTreeSet<String> = dashboards()
+    let own: BTreeSet<String> = pg_dashboards()
         .iter()
         .flat_map(|(_, d)| {
             Regex::new(r"metric = '(toolsight_[a-z_]+)'")
@@ -413,11 +490,14 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
         },
     ];
     let mut ran = 0;
-    for (file, d) in dashboards() {
+    for (file, d) in pg_dashboards() {
         for r in &ranges {
             // Variables: each query's own result, "All" selected, in dependency order.
             let mut vars: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for v in variables(&d) {
+            for v in variables(&d).into_iter().skip(1) {
+                if v["type"] == "textbox" {
+                    continue;
+                }
                 let sql = expand(v["query"].as_str().unwrap(), r, &vars);
                 let values: Vec<String> = sqlx::query_scalar(&sql)
                     .fetch_all(&svc.pool)
@@ -431,10 +511,19 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
                 vars.insert(v["name"].as_str().unwrap().to_owned(), values);
                 ran += 1;
             }
+            // The alert annotations: the events of the alerts the seeded traffic fired.
+            for a in d["annotations"]["list"].as_array().unwrap() {
+                let sql = expand(a["target"]["rawSql"].as_str().unwrap(), r, &vars);
+                let (cols, rows) = run(&svc.pool, &sql).await;
+                ran += 1;
+                assert!(rows > 0, "{file}: no alert annotations\n{sql}");
+                let names: Vec<&str> = cols.iter().map(|(n, _)| n.as_str()).collect();
+                assert_eq!(names, ["time", "text", "tags"], "{file}");
+            }
             for p in panels(&d) {
                 let title = p["title"].as_str().unwrap();
                 for t in p["targets"].as_array().unwrap() {
-                    let sql = expand(t["rawSql"].as_str().unwrap(), r, &vars);
+                    let sql = expand(&textboxes(&d, t["rawSql"].as_str().unwrap()), r, &vars);
                     let (cols, rows) = run(&svc.pool, &sql).await;
                     ran += 1;
                     assert!(
@@ -463,9 +552,63 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
     }
     assert!(ran > 60, "{ran} queries");
 
+    // From a number to a trace: the tool detail's failed and slowest calls link each trace id
+    // through the `trace_url` template.
+    let (_, tool) = pg_dashboards()
+        .into_iter()
+        .find(|(_, d)| d["uid"] == "toolsight-tool")
+        .unwrap();
+    let all: BTreeMap<String, Vec<String>> = [
+        ("service".to_owned(), vec!["svc".to_owned()]),
+        ("tool".to_owned(), vec!["search".to_owned()]),
+    ]
+    .into();
+    for title in ["Failed calls", "Slowest calls"] {
+        let panel = panels(&tool)
+            .into_iter()
+            .find(|p| p["title"] == title)
+            .unwrap();
+        let sql = expand(
+            &textboxes(&tool, panel["targets"][0]["rawSql"].as_str().unwrap()),
+            &ranges[1],
+            &all,
+        );
+        let rows = sqlx::query(&sql).fetch_all(&svc.pool).await.unwrap();
+        assert!(!rows.is_empty(), "{title}\n{sql}");
+        for row in &rows {
+            let (trace, link): (String, String) = (row.get("trace id"), row.get("link"));
+            assert_eq!(trace.len(), 32, "{title}");
+            assert_eq!(link, format!("http://localhost:16686/trace/{trace}"), "{title}");
+            if title == "Failed calls" {
+                assert_ne!(row.get::<String, _>("outcome"), "ok", "{title}");
+                assert_eq!(row.get::<String, _>("error type"), "timeout", "{title}");
+            }
+        }
+    }
+
+    // The Prometheus variant reads only metrics the service exports.
+    let exported = svc.metrics().await;
+    let (file, prom) = prometheus_dashboard();
+    let names: BTreeSet<String> = Regex::new(r"toolsight_[a-z_]+")
+        .unwrap()
+        .find_iter(&prom["panels"].to_string())
+        .map(|m| m.as_str().to_owned())
+        .collect();
+    assert!(names.len() > 10, "{names:?}");
+    for name in names {
+        let family = ["_total", "_sum", "_count", "_bucket"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            exported.contains(&format!("# TYPE {family} ")),
+            "{file}: {name} is not exported"
+        );
+    }
+
     // The p95 of the "Latency by tool" panel over a 10-minute range equals the latency rule's
     // p95 for the same tool and window.
-    let (_, overview) = dashboards()
+    let (_, overview) = pg_dashboards()
         .into_iter()
         .find(|(_, d)| d["uid"] == "toolsight-overview")
         .unwrap();

@@ -333,7 +333,7 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
     .await
     .unwrap();
     // Same number; JSON parsing without serde_json's float_roundtrip may move the last ULP.
-    let api_p95 = row["p95_ms"].as_f64().unwrap();
+    let api_p95 = row["p95Ms"].as_f64().unwrap();
     assert!(
         (api_p95 - sql_p95).abs() < 1e-9 * sql_p95,
         "api {api_p95} vs sql {sql_p95}"
@@ -342,6 +342,8 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    let bad: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!((&bad["status"], &bad["errorType"]), (&"error".into(), &"bad_data".into()));
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"))
         .args(["tools", "--since", "1h"])

@@ -89,6 +89,7 @@ fn fast(receivers: Vec<ReceiverConfig>, default: &str) -> Notify {
         retry_max: Duration::from_millis(400),
         external_url: "http://toolsight.test:9464".into(),
         grafana_url: "http://grafana.test:3000".into(),
+        trace_url: "http://jaeger.test/trace/{trace_id}".into(),
         ..Notify::default()
     }
 }
@@ -258,6 +259,21 @@ async fn webhook_grouped_signed_silenced_and_delivered_once_after_the_receiver_w
         assert_eq!(a["status"], "firing");
         assert_eq!(a["endsAt"], "0001-01-01T00:00:00Z");
         assert_eq!(a["fingerprint"].as_str().unwrap().len(), 16);
+        // From a number to a trace: the loop's calls (three traces) as examples, with links.
+        let ids: Vec<&str> = a["annotations"]["example_traces"]
+            .as_str()
+            .unwrap_or_else(|| panic!("example traces in {a}"))
+            .split(',')
+            .collect();
+        assert_eq!(ids.len(), 3, "{a}");
+        assert!(ids.iter().all(|i| i.len() == 32), "{a}");
+        assert_eq!(
+            a["annotations"]["example_trace_urls"],
+            ids.iter()
+                .map(|i| format!("http://jaeger.test/trace/{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         assert!(
             a["annotations"]["summary"]
                 .as_str()
@@ -514,6 +530,7 @@ async fn email_through_a_real_smtp_server() {
         "threshold: 3.000",
         "since: ",
         "http://grafana.test:3000/d/toolsight-tool/tool-detail?var-service=svc&var-tool=search",
+        "example traces:\n    http://jaeger.test/trace/",
     ] {
         assert!(text.contains(want), "{want} in {text}");
     }
@@ -813,5 +830,140 @@ async fn webhooks_and_smtp_trust_a_private_ca_from_ca_file() {
     .await;
     let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();
     assert_eq!(msg.subject(), Some("[FIRING:1] alertname=Loop"));
+    svc.stop().await.unwrap();
+}
+
+/// `amtool` (the real one, from Debian's prometheus-alertmanager package) against toolsight's
+/// Alertmanager API v2, with the admin token: it adds a silence, lists it and the alerts, and
+/// expires it; what toolsight then sends follows the silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amtool_silences_and_queries_alerts_through_the_alertmanager_api() {
+    let amtool = std::env::var("TOOLSIGHT_TEST_AMTOOL").unwrap_or_else(|_| "amtool".into());
+    let token = "an-admin-token-for-amtool-0123";
+    let hook = Hook::default();
+    let addr = hook.start().await;
+    let rules = rules_file("amtool");
+    let r = receiver(&format!(
+        "name = \"hook\"\ntype = \"webhook\"\nurl = \"http://{addr}/hook\"\n"
+    ));
+    let mut notify = fast(vec![r], "hook");
+    notify.group_by = vec!["alertname".into(), "tool".into()];
+    let svc = Service::start_with("amtool", move |c| {
+        c.rules.files = vec![rules];
+        c.notify = notify;
+        c.auth.admin_token = Some(toolsight::secret::Secret::new(token));
+    })
+    .await;
+    evaluating(&svc.pool).await;
+    let dir = std::env::temp_dir().join(format!("toolsight-amtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let http_config = dir.join("http.yml");
+    std::fs::write(
+        &http_config,
+        format!("authorization:\n  type: Bearer\n  credentials: {token}\n"),
+    )
+    .unwrap();
+    let url = format!("--alertmanager.url=http://{}", svc.admin);
+    let am = |args: &[&str]| {
+        let out = Command::new(&amtool)
+            .args(args)
+            .arg(&url)
+            .arg(format!("--http.config.file={}", http_config.display()))
+            .output()
+            .expect("amtool (apt-get install prometheus-alertmanager)");
+        assert!(out.status.success(), "amtool {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // Without the token: refused.
+    let refused = Command::new(&amtool)
+        .args(["alert", "query", &url])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+
+    let id = am(&[
+        "silence",
+        "add",
+        "tool=list_items",
+        "--comment=maintenance",
+        "--author=tester",
+        "--duration=10m",
+    ]);
+    assert_eq!(id.trim(), "1");
+    let listed: Value = serde_json::from_str(&am(&["silence", "query", "-o", "json"])).unwrap();
+    assert_eq!(listed[0]["id"], "1", "{listed}");
+    assert_eq!(listed[0]["status"]["state"], "active", "{listed}");
+    assert_eq!(listed[0]["createdBy"], "tester");
+    assert_eq!(
+        listed[0]["matchers"][0],
+        json!({"name": "tool", "value": "list_items", "isRegex": false, "isEqual": true})
+    );
+
+    send(&svc, loops(&["search", "list_items"])).await;
+    // What toolsight sends: the search loop, not the silenced one.
+    let firing = eventually("the firing notification", || async {
+        hook.delivered_with_status("firing")
+    })
+    .await;
+    assert_eq!(firing.json()["commonLabels"]["tool"], "search");
+
+    // amtool sees the active alert by default and the silenced one with -s.
+    let active: Value = serde_json::from_str(&am(&["alert", "query", "-o", "json"])).unwrap();
+    let tools = |v: &Value| -> Vec<String> {
+        let mut t: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["labels"]["tool"].as_str().unwrap().to_owned())
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(tools(&active), ["search"], "{active}");
+    assert_eq!(active[0]["status"]["state"], "active");
+    assert_eq!(active[0]["receivers"][0]["name"], "hook");
+    let all: Value =
+        serde_json::from_str(&am(&["alert", "query", "-s", "-a", "-o", "json"])).unwrap();
+    assert_eq!(tools(&all), ["list_items", "search"], "{all}");
+    let silenced = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["labels"]["tool"] == "list_items")
+        .unwrap();
+    assert_eq!(silenced["status"]["state"], "suppressed");
+    assert_eq!(silenced["status"]["silencedBy"], json!(["1"]));
+    let filtered: Value =
+        serde_json::from_str(&am(&["alert", "query", "-s", "-a", "-o", "json", "tool=~list.*"]))
+            .unwrap();
+    assert_eq!(tools(&filtered), ["list_items"], "{filtered}");
+
+    // The groups endpoint, as Karma and Grafana read it: one per (receiver, group_by labels),
+    // the silenced alert included.
+    let groups: Value = reqwest::Client::new()
+        .get(format!("http://{}/api/v2/alerts/groups", svc.admin))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(groups.as_array().unwrap().len(), 2, "{groups}");
+    assert_eq!(groups[0]["receiver"]["name"], "hook");
+    assert_eq!(groups[0]["labels"]["alertname"], "Loop");
+    // Expired: the silenced alert is sent at the next group interval.
+    am(&["silence", "expire", "1"]);
+    let expired: Value =
+        serde_json::from_str(&am(&["silence", "query", "--expired", "-o", "json"])).unwrap();
+    assert_eq!(expired[0]["status"]["state"], "expired", "{expired}");
+    eventually("the notification of the alert no longer silenced", || async {
+        hook.delivered()
+            .into_iter()
+            .find(|h| h.json()["commonLabels"]["tool"] == "list_items")
+    })
+    .await;
+
     svc.stop().await.unwrap();
 }

@@ -396,7 +396,7 @@ pub async fn firing_alert(
             .json()
             .await
             .ok()?;
-        api["alerts"]
+        api["data"]["alerts"]
             .as_array()?
             .iter()
             .find(|a| a["state"] == "firing" && matches(a))

@@ -1,4 +1,9 @@
-//! The admin port: health, readiness, Prometheus metrics, and the JSON API.
+//! The admin port: health, readiness, Prometheus metrics, and the JSON API: Prometheus's
+//! shapes for `/api/v1/alerts` and `/api/v1/rules`, Alertmanager's API v2 (`alertmanager`) for
+//! alerts and silences, toolsight's own `/api/v1/tools` and `/api/v1/silences`. Every JSON
+//! field is camelCase.
+
+pub mod alertmanager;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +50,10 @@ pub struct AdminState {
     pub rules: crate::evaluate::run::SharedRules,
     /// Required on everything but `/healthz` and `/readyz` when set.
     pub admin_token: Option<crate::secret::Secret>,
+    /// Routes and receivers, for the Alertmanager API's receivers and groups.
+    pub notify: Arc<crate::notify::config::Notify>,
+    /// When the service started (`/api/v2/status`).
+    pub started: chrono::DateTime<chrono::Utc>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -60,6 +69,17 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/api/v1/silences/{id}",
             axum::routing::delete(expire_silence),
+        )
+        .route("/api/v2/status", get(alertmanager::status))
+        .route("/api/v2/alerts", get(alertmanager::alerts))
+        .route("/api/v2/alerts/groups", get(alertmanager::groups))
+        .route(
+            "/api/v2/silences",
+            get(alertmanager::list_silences).post(alertmanager::post_silence),
+        )
+        .route(
+            "/api/v2/silence/{id}",
+            get(alertmanager::get_silence).delete(alertmanager::delete_silence),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -153,19 +173,12 @@ pub fn parse_since(s: Option<&str>) -> Result<i64, String> {
 async fn tools(State(s): State<AdminState>, Query(q): Query<ToolsQuery>) -> Response {
     let since = match parse_since(q.since.as_deref()) {
         Ok(v) => v,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                axum::Json(serde_json::json!({ "error": e })),
-            )
-                .into_response();
-        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match store::queries::tool_summary(&s.pool, since).await {
         Ok(rows) => {
             let tools: Vec<ToolStats> = rows.into_iter().map(ToolStats::from).collect();
-            axum::Json(serde_json::json!({ "since_seconds": since, "tools": tools }))
-                .into_response()
+            axum::Json(serde_json::json!({ "sinceSeconds": since, "tools": tools })).into_response()
         }
         Err(e) => store_error(e),
     }
@@ -174,6 +187,7 @@ async fn tools(State(s): State<AdminState>, Query(q): Query<ToolsQuery>) -> Resp
 /// A row of `/api/v1/tools` (and `toolsight tools --json`): the API's own type, so the stored
 /// columns can change without changing what clients read.
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ToolStats {
     pub service: String,
     pub tool: String,
@@ -218,6 +232,7 @@ impl From<store::queries::ToolSummary> for ToolStats {
 
 /// A silence as the API shows it, with its state at `now`.
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SilenceView {
     pub id: i64,
     pub matchers: Vec<String>,
@@ -258,43 +273,92 @@ fn store_error(e: store::StoreError) -> Response {
     } else {
         StatusCode::INTERNAL_SERVER_ERROR
     };
-    (
-        code,
-        axum::Json(serde_json::json!({ "error": e.to_string() })),
-    )
-        .into_response()
+    error(code, e.to_string())
 }
 
-/// Active alerts: pending and firing, with their labels, value and since when.
-async fn alerts(State(s): State<AdminState>) -> Response {
-    let silenced = match crate::notify::run::Silenced::load(&s.pool, chrono::Utc::now()).await {
+/// A pending or firing alert, with the labels its notifications carry (the key's, the rule's
+/// own such as `severity`, `alertname`: silences match against these).
+pub(crate) struct ActiveAlert {
+    pub alert: String,
+    pub group: String,
+    pub state: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// As its firing notification carried them (none while pending).
+    pub annotations: std::collections::BTreeMap<String, String>,
+    pub value: Option<f64>,
+    pub active_since: Option<chrono::DateTime<chrono::Utc>>,
+    pub fired_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub silenced_by: Vec<i64>,
+}
+
+async fn active_alerts(
+    s: &AdminState,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<ActiveAlert>, Response> {
+    let silenced = match crate::notify::run::Silenced::load(&s.pool, now).await {
         Ok(x) => x,
-        Err(crate::notify::NotifyError::Store(e)) => return store_error(e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(crate::notify::NotifyError::Store(e)) => return Err(store_error(e)),
+        Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     };
-    match store::alerts::load_alerts(&s.pool).await {
-        Ok(rows) => {
-            let rules = s.rules.read().map(|r| r.clone()).unwrap_or_default();
-            let active: Vec<_> = rows
-                .into_iter()
-                .filter(|a| a.phase == "pending" || a.phase == "firing")
-                .map(|a| {
-                    // The labels its notifications carry: the key's, the rule's own
-                    // (`severity`), `alertname`; silences match against these.
-                    let mut labels = a.labels.0.clone();
-                    labels.extend(rule_labels(&rules, &a.group_name, &a.alert));
-                    labels.insert("alertname".into(), a.alert.clone());
-                    let silenced_by = silenced.by(&labels);
-                    serde_json::json!({
-                        "alert": a.alert, "state": a.phase, "labels": labels, "value": a.value,
-                        "activeSince": a.active_since, "firedAt": a.fired_at, "group": a.group_name,
-                        "silenced": !silenced_by.is_empty(), "silencedBy": silenced_by,
-                    })
-                })
-                .collect();
-            axum::Json(serde_json::json!({ "alerts": active })).into_response()
+    let rows = store::alerts::load_alerts(&s.pool)
+        .await
+        .map_err(store_error)?;
+    let mut annotations: std::collections::HashMap<(String, String), _> =
+        store::alerts::firing_annotations(&s.pool)
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .map(|(alert, key, a)| ((alert, key), a.0))
+            .collect();
+    let rules = s.rules.read().map(|r| r.clone()).unwrap_or_default();
+    Ok(rows
+        .into_iter()
+        .filter(|a| a.phase == "pending" || a.phase == "firing")
+        .map(|a| {
+            let mut labels = a.labels.0.clone();
+            labels.extend(rule_labels(&rules, &a.group_name, &a.alert));
+            labels.insert("alertname".into(), a.alert.clone());
+            let silenced_by = silenced.by(&labels);
+            ActiveAlert {
+                annotations: if a.phase == "firing" {
+                    annotations
+                        .remove(&(a.alert.clone(), a.key.clone()))
+                        .unwrap_or_default()
+                } else {
+                    Default::default()
+                },
+                alert: a.alert,
+                group: a.group_name,
+                state: a.phase,
+                labels,
+                value: a.value,
+                active_since: a.active_since,
+                fired_at: a.fired_at,
+                silenced_by,
+            }
+        })
+        .collect())
+}
+
+/// An alert as Prometheus's `/api/v1/alerts` and `/api/v1/rules` show it (`value` as text), with
+/// toolsight's `firedAt`, `group`, `silenced` and `silencedBy` besides.
+fn prometheus_alert(a: &ActiveAlert) -> serde_json::Value {
+    serde_json::json!({
+        "labels": a.labels, "annotations": a.annotations, "state": a.state,
+        "activeAt": a.active_since, "value": a.value.map(|v| format!("{v:e}")),
+        "firedAt": a.fired_at, "group": a.group,
+        "silenced": !a.silenced_by.is_empty(), "silencedBy": a.silenced_by,
+    })
+}
+
+/// Pending and firing alerts, as Prometheus lists them.
+async fn alerts(State(s): State<AdminState>) -> Response {
+    match active_alerts(&s, chrono::Utc::now()).await {
+        Ok(active) => {
+            let shown: Vec<_> = active.iter().map(prometheus_alert).collect();
+            success(serde_json::json!({ "alerts": shown }))
         }
-        Err(e) => store_error(e),
+        Err(r) => r,
     }
 }
 
@@ -314,8 +378,25 @@ fn rule_labels(
         .unwrap_or_default()
 }
 
+/// An error as Prometheus's API words it: `{"status": "error", "errorType", "error"}`.
 fn error(code: StatusCode, message: String) -> Response {
-    (code, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    let kind = match code {
+        StatusCode::BAD_REQUEST => "bad_data",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "internal",
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({ "status": "error", "errorType": kind, "error": message })),
+    )
+        .into_response()
+}
+
+/// Prometheus's success envelope.
+fn success(data: serde_json::Value) -> Response {
+    axum::Json(serde_json::json!({ "status": "success", "data": data })).into_response()
 }
 
 /// A new silence: matchers, and a duration or an end time.
@@ -339,6 +420,20 @@ async fn add_silence(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
+    match create_silence(&s, n).await {
+        Ok(silence) => {
+            let shown = SilenceView::at(silence, chrono::Utc::now());
+            (StatusCode::CREATED, axum::Json(shown)).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// Checks and stores a silence (both APIs): every problem in one 400.
+async fn create_silence(
+    s: &AdminState,
+    n: NewSilence,
+) -> Result<store::notify::Silence, Response> {
     let mut problems = Vec::new();
     if n.matchers.is_empty() {
         problems.push("at least one matcher is required".to_owned());
@@ -375,7 +470,7 @@ async fn add_silence(
         problems.push("the silence ends before it starts".into());
     }
     if !problems.is_empty() {
-        return error(StatusCode::BAD_REQUEST, problems.join("; "));
+        return Err(error(StatusCode::BAD_REQUEST, problems.join("; ")));
     }
     let ends = ends.unwrap_or(starts);
     match store::notify::create_silence(
@@ -390,10 +485,9 @@ async fn add_silence(
     {
         Ok(silence) => {
             tracing::info!(id = silence.id, matchers = ?n.matchers, until = %ends, by = %n.created_by, "silence created");
-            let shown = SilenceView::at(silence, chrono::Utc::now());
-            (StatusCode::CREATED, axum::Json(shown)).into_response()
+            Ok(silence)
         }
-        Err(e) => store_error(e),
+        Err(e) => Err(store_error(e)),
     }
 }
 
@@ -427,37 +521,74 @@ async fn expire_silence(
     }
 }
 
-/// Rules with their health, last error and last evaluation.
+/// Rules as Prometheus's `/api/v1/rules` shows alerting rules (durations in seconds, times in
+/// RFC 3339), each with its active alerts; toolsight's `kind`, `window` (seconds) and
+/// `minSamples` besides. `query` describes the rule (toolsight rules are not PromQL).
 async fn rules(State(s): State<AdminState>) -> Response {
     let health = match store::alerts::rule_health(&s.pool).await {
         Ok(h) => h,
         Err(e) => return store_error(e),
     };
+    let active = match active_alerts(&s, chrono::Utc::now()).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let never = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
     let loaded = s.rules.read().map(|r| r.clone()).unwrap_or_default();
     let groups: Vec<_> = loaded
         .iter()
         .flat_map(|(file, f)| f.groups.iter().map(move |g| (file, g)))
         .map(|(file, g)| {
+            let mut group_seconds = 0.0;
+            let mut group_last: Option<chrono::DateTime<chrono::Utc>> = None;
             let rules: Vec<_> = g
                 .rules
                 .iter()
                 .map(|r| {
                     let h = health.iter().find(|h| h.0 == g.name && h.1 == r.alert);
+                    let seconds = h.map_or(0.0, |h| h.5 / 1000.0);
+                    group_seconds += seconds;
+                    if let Some(h) = h {
+                        group_last = group_last.max(Some(h.4));
+                    }
+                    let alerts: Vec<_> = active
+                        .iter()
+                        .filter(|a| a.group == g.name && a.alert == r.alert)
+                        .collect();
+                    let state = if alerts.iter().any(|a| a.state == "firing") {
+                        "firing"
+                    } else if alerts.is_empty() {
+                        "inactive"
+                    } else {
+                        "pending"
+                    };
+                    let health = match h.map(|h| h.2.as_str()) {
+                        Some("ok") => "ok",
+                        Some("unknown") | None => "unknown",
+                        Some(_) => "err",
+                    };
                     serde_json::json!({
-                        "alert": r.alert, "kind": r.kind.name(),
-                        "window": humantime::format_duration(r.window).to_string(),
-                        "for": humantime::format_duration(r.for_).to_string(),
-                        "keepFiringFor": humantime::format_duration(r.keep_firing_for).to_string(),
-                        "minSamples": r.min_samples, "labels": r.labels, "annotations": r.annotations,
-                        "health": h.map_or("unknown", |h| h.2.as_str()),
-                        "lastError": h.and_then(|h| h.3.clone()),
-                        "lastEvaluation": h.map(|h| h.4),
-                        "evaluationMs": h.map(|h| h.5),
+                        "type": "alerting", "name": r.alert, "state": state,
+                        "query": format!("{} over {}", r.kind.name(), humantime::format_duration(r.window)),
+                        "duration": r.for_.as_secs_f64(),
+                        "keepFiringFor": r.keep_firing_for.as_secs_f64(),
+                        "labels": r.labels, "annotations": r.annotations,
+                        "alerts": alerts.iter().map(|a| prometheus_alert(a)).collect::<Vec<_>>(),
+                        "health": health,
+                        "lastError": h.and_then(|h| h.3.clone()).unwrap_or_default(),
+                        "evaluationTime": seconds,
+                        "lastEvaluation": h.map_or(never, |h| h.4),
+                        "kind": r.kind.name(), "window": r.window.as_secs_f64(),
+                        "minSamples": r.min_samples,
                     })
                 })
                 .collect();
-            serde_json::json!({ "name": g.name, "file": file, "interval": humantime::format_duration(g.interval).to_string(), "rules": rules })
+            serde_json::json!({
+                "name": g.name, "file": file, "interval": g.interval.as_secs_f64(), "limit": 0,
+                "rules": rules, "evaluationTime": group_seconds,
+                "lastEvaluation": group_last.unwrap_or(never),
+            })
         })
         .collect();
-    axum::Json(serde_json::json!({ "groups": groups })).into_response()
+    success(serde_json::json!({ "groups": groups }))
 }
