@@ -154,7 +154,10 @@ fn gettable(a: &super::ActiveAlert, routes: &Routes, now: DateTime<Utc>) -> (Val
 }
 
 /// The firing alerts the query selects, each with its receivers.
-async fn selected(s: &AdminState, raw: Option<&str>) -> Result<Vec<(Value, Vec<String>)>, Response> {
+async fn selected(
+    s: &AdminState,
+    raw: Option<&str>,
+) -> Result<Vec<(Value, Vec<String>)>, Response> {
     let q = AlertQuery::parse(raw).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let now = Utc::now();
     let routes = Routes::new(&s.notify);
@@ -295,9 +298,9 @@ fn gettable_silence(x: store::notify::Silence, now: DateTime<Utc>) -> Value {
     })
 }
 
-fn silence_id(id: &str) -> Result<i64, Response> {
-    id.parse()
-        .map_err(|_| error(StatusCode::NOT_FOUND, format!("no silence with id {id:?}")))
+/// A silence id as toolsight gives them (an integer, as text); else the 404's message.
+fn silence_id(id: &str) -> Result<i64, String> {
+    id.parse().map_err(|_| format!("no silence with id {id:?}"))
 }
 
 /// `GET /api/v2/silences` (with `filter` matchers: the silences holding every one of them).
@@ -323,9 +326,14 @@ pub(super) async fn list_silences(
                 // silence's matchers of its label.
                 .filter(|x| {
                     filter.iter().all(|f| {
-                        x.matchers.0.iter().filter_map(|m| m.parse::<Matcher>().ok()).any(|m| {
-                            m.name == f.name && f.matches(&BTreeMap::from([(m.name.clone(), m.value)]))
-                        })
+                        x.matchers
+                            .0
+                            .iter()
+                            .filter_map(|m| m.parse::<Matcher>().ok())
+                            .any(|m| {
+                                m.name == f.name
+                                    && f.matches(&BTreeMap::from([(m.name.clone(), m.value)]))
+                            })
                     })
                 })
                 .map(|x| gettable_silence(x, now))
@@ -340,7 +348,7 @@ pub(super) async fn list_silences(
 pub(super) async fn get_silence(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
     let id = match silence_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
     let now = Utc::now();
     match store::notify::silences(&s.pool, DateTime::<Utc>::MIN_UTC).await {
@@ -374,16 +382,14 @@ pub(super) async fn post_silence(
     if let Some(old) = n.id.as_deref().filter(|i| !i.is_empty()) {
         let old = match silence_id(old) {
             Ok(i) => i,
-            Err(r) => return r,
+            Err(e) => return error(StatusCode::NOT_FOUND, e),
         };
         if let Err(e) = store::notify::expire_silence(&s.pool, old).await {
             return store_error(e);
         }
     }
     match super::create_silence(&s, new).await {
-        Ok(silence) => {
-            axum::Json(json!({"silenceID": silence.id.to_string()})).into_response()
-        }
+        Ok(silence) => axum::Json(json!({"silenceID": silence.id.to_string()})).into_response(),
         Err(r) => r,
     }
 }
@@ -395,7 +401,7 @@ pub(super) async fn delete_silence(
 ) -> Response {
     let id = match silence_id(&id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
     match store::notify::expire_silence(&s.pool, id).await {
         Ok(true) => {

@@ -430,10 +430,7 @@ async fn add_silence(
 }
 
 /// Checks and stores a silence (both APIs): every problem in one 400.
-async fn create_silence(
-    s: &AdminState,
-    n: NewSilence,
-) -> Result<store::notify::Silence, Response> {
+async fn create_silence(s: &AdminState, n: NewSilence) -> Result<store::notify::Silence, Response> {
     let mut problems = Vec::new();
     if n.matchers.is_empty() {
         problems.push("at least one matcher is required".to_owned());

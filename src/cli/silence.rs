@@ -58,7 +58,8 @@ pub(super) async fn silence(
                 "matchers": matchers, "startsAt": starts, "endsAt": ends,
                 "comment": comment, "createdBy": author.unwrap_or_else(default_author),
             });
-            let created = answer(send(http.post(format!("{api}/silences")).json(&body)).await?).await?;
+            let created =
+                answer(send(http.post(format!("{api}/silences")).json(&body)).await?).await?;
             let id = created["silenceID"].as_str().unwrap_or("?").to_owned();
             if json {
                 let shown = answer(send(http.get(format!("{api}/silence/{id}"))).await?).await?;

@@ -141,7 +141,12 @@ fn service_keys<'a>(
 }
 
 /// Admits a session key seen this hour or the last, or a new one while there is room.
-fn session(sessions: &mut [HashSet<String>; 2], key: &mut String, limit: usize, folded: &mut Folded) {
+fn session(
+    sessions: &mut [HashSet<String>; 2],
+    key: &mut String,
+    limit: usize,
+    folded: &mut Folded,
+) {
     if key == OVERFLOW || sessions[1].contains(key.as_str()) {
         return;
     }
@@ -152,9 +157,20 @@ fn session(sessions: &mut [HashSet<String>; 2], key: &mut String, limit: usize, 
 }
 
 /// [`session`] with the budget of the key's kind: sent by the client, or a trace id.
-fn any_session(scope: &mut Scope, key: &mut String, source: SessionSource, l: &Limits, folded: &mut Folded) {
+fn any_session(
+    scope: &mut Scope,
+    key: &mut String,
+    source: SessionSource,
+    l: &Limits,
+    folded: &mut Folded,
+) {
     if source == SessionSource::TraceId {
-        session(&mut scope.traces, key, l.max_trace_sessions_per_hour, folded);
+        session(
+            &mut scope.traces,
+            key,
+            l.max_trace_sessions_per_hour,
+            folded,
+        );
     } else {
         session(&mut scope.sessions, key, l.max_sessions_per_hour, folded);
     }
@@ -348,7 +364,11 @@ mod tests {
         assert_eq!(g.apply(&mut n, 0, "anyone").sessions, 1);
         let sessions: Vec<String> = keys(&n).into_iter().map(|k| k.2).collect();
         assert_eq!(sessions, ["trace-a", "trace-b", OVERFLOW, "conv-1"]);
-        assert_eq!(g.tracked(), 2 + 2 + 1, "the service, its tool, two traces, one session");
+        assert_eq!(
+            g.tracked(),
+            2 + 2 + 1,
+            "the service, its tool, two traces, one session"
+        );
         // A trace already seen this hour stays itself: its later calls join it.
         let mut again = Normalized::default();
         let mut c = call("a", "t", "trace-b");

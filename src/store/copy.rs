@@ -39,11 +39,17 @@ pub mod columns {
         "service_instance",
     ];
 
-    const fn with_span<const N: usize, const M: usize>(own: [&'static str; N]) -> [&'static str; M] {
+    const fn with_span<const N: usize, const M: usize>(
+        own: [&'static str; N],
+    ) -> [&'static str; M] {
         let mut out = [""; M];
         let mut i = 0;
         while i < M {
-            out[i] = if i < SPAN.len() { SPAN[i] } else { own[i - SPAN.len()] };
+            out[i] = if i < SPAN.len() {
+                SPAN[i]
+            } else {
+                own[i - SPAN.len()]
+            };
             i += 1;
         }
         out

@@ -280,8 +280,10 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
         .unwrap();
     assert_eq!(looped["value"], "6e0", "{looped}");
     assert!(looped["activeAt"].as_str().is_some(), "{looped}");
-    let summary = looped["annotations"]["summary"].as_str().unwrap_or_default();
-    assert!(!summary.is_empty(), "annotations as notified: {looped}");
+    let notified = looped["annotations"]["summary"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!notified.is_empty(), "annotations as notified: {looped}");
 
     // A restarted evaluator restores the state: re-evaluating fires nothing twice.
     let mut restarted = Evaluator::new(svc.pool.clone(), rules);
@@ -340,8 +342,14 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
     assert!(health["interval"].as_f64().unwrap() > 0.0, "{health}");
     let rule = &health["rules"][0];
     assert_eq!(rule["type"], "alerting", "{rule}");
-    assert!(rule["duration"].is_number() && rule["evaluationTime"].is_number(), "{rule}");
-    assert!(rule["lastEvaluation"].is_string() && rule["health"].is_string(), "{rule}");
+    assert!(
+        rule["duration"].is_number() && rule["evaluationTime"].is_number(),
+        "{rule}"
+    );
+    assert!(
+        rule["lastEvaluation"].is_string() && rule["health"].is_string(),
+        "{rule}"
+    );
     svc.stop().await.unwrap();
 }
 

@@ -578,16 +578,24 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
         for row in &rows {
             let (trace, link): (String, String) = (row.get("trace id"), row.get("link"));
             assert_eq!(trace.len(), 32, "{title}");
-            assert_eq!(link, format!("http://localhost:16686/trace/{trace}"), "{title}");
+            assert_eq!(
+                link,
+                format!("http://localhost:16686/trace/{trace}"),
+                "{title}"
+            );
             if title == "Failed calls" {
                 assert_ne!(row.get::<String, _>("outcome"), "ok", "{title}");
-                assert_eq!(row.get::<String, _>("error type"), "timeout", "{title}");
+                assert!(
+                    row.get::<Option<String>, _>("error type").is_some(),
+                    "{title}"
+                );
             }
         }
     }
 
     // The Prometheus variant reads only metrics the service exports.
     let exported = svc.metrics().await;
+    let registered = std::fs::read_to_string(repo().join("src/metrics.rs")).unwrap();
     let (file, prom) = prometheus_dashboard();
     let names: BTreeSet<String> = Regex::new(r"toolsight_[a-z_]+")
         .unwrap()
@@ -600,8 +608,12 @@ async fn every_panel_query_runs_on_real_data_and_p95_matches_the_rules() {
             .iter()
             .find_map(|s| name.strip_suffix(s))
             .unwrap_or(&name);
+        // A labelled family shows in the scrape once it has a sample; one with none yet (no
+        // notification finished here) must at least be registered.
+        let registered =
+            registered.contains(&format!("\"{}\",", family.trim_start_matches("toolsight_")));
         assert!(
-            exported.contains(&format!("# TYPE {family} ")),
+            exported.contains(&format!("# TYPE {family} ")) || registered,
             "{file}: {name} is not exported"
         );
     }
@@ -710,15 +722,37 @@ fn the_compose_stack_and_image_are_consistent() {
         .parse()
         .unwrap();
     let members = manifest["workspace"]["members"].as_array().unwrap();
-    let needed = members
-        .iter()
-        .filter_map(|m| m.as_str())
-        .filter(|m| *m != ".")
-        .chain(["src", "migrations", "alerts"]);
-    for dir in needed {
+    for dir in ["src", "migrations", "alerts"] {
         assert!(
             dockerfile.contains(&format!("\nCOPY {dir} ./{dir}\n")),
             "the image build does not copy {dir}/"
+        );
+    }
+    // The other members: their manifest in the dependency layer, their sources after it.
+    for m in members
+        .iter()
+        .filter_map(|m| m.as_str())
+        .filter(|m| *m != ".")
+    {
+        let manifest = dockerfile
+            .find(&format!("\nCOPY {m}/Cargo.toml ./{m}/\n"))
+            .unwrap_or_else(|| panic!("the image build does not copy {m}/Cargo.toml"));
+        let sources = dockerfile
+            .find(&format!("\nCOPY {m}/src ./{m}/src\n"))
+            .unwrap_or_else(|| panic!("the image build does not copy {m}/src"));
+        assert!(manifest < sources);
+    }
+    // Dependencies are built from the manifests before any source is copied; nothing strips
+    // the line tables; the container's health is the service's readiness.
+    let deps = dockerfile.find("cargo build --release --locked").unwrap();
+    assert!(deps < dockerfile.find("\nCOPY src ./src\n").unwrap());
+    assert!(!dockerfile.contains("strip "));
+    assert!(dockerfile.contains(r#"CMD ["toolsight", "healthcheck""#));
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    for dir in ["target", "fuzz", ".git"] {
+        assert!(
+            ignored.lines().any(|l| l.trim() == dir),
+            ".dockerignore: {dir}"
         );
     }
     let env_block = dockerfile

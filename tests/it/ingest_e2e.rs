@@ -343,7 +343,10 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     let bad: serde_json::Value = bad.json().await.unwrap();
-    assert_eq!((&bad["status"], &bad["errorType"]), (&"error".into(), &"bad_data".into()));
+    assert_eq!(
+        (&bad["status"], &bad["errorType"]),
+        (&"error".into(), &"bad_data".into())
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolsight"))
         .args(["tools", "--since", "1h"])

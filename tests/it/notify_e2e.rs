@@ -934,9 +934,16 @@ async fn amtool_silences_and_queries_alerts_through_the_alertmanager_api() {
         .unwrap();
     assert_eq!(silenced["status"]["state"], "suppressed");
     assert_eq!(silenced["status"]["silencedBy"], json!(["1"]));
-    let filtered: Value =
-        serde_json::from_str(&am(&["alert", "query", "-s", "-a", "-o", "json", "tool=~list.*"]))
-            .unwrap();
+    let filtered: Value = serde_json::from_str(&am(&[
+        "alert",
+        "query",
+        "-s",
+        "-a",
+        "-o",
+        "json",
+        "tool=~list.*",
+    ]))
+    .unwrap();
     assert_eq!(tools(&filtered), ["list_items"], "{filtered}");
 
     // The groups endpoint, as Karma and Grafana read it: one per (receiver, group_by labels),
@@ -958,11 +965,14 @@ async fn amtool_silences_and_queries_alerts_through_the_alertmanager_api() {
     let expired: Value =
         serde_json::from_str(&am(&["silence", "query", "--expired", "-o", "json"])).unwrap();
     assert_eq!(expired[0]["status"]["state"], "expired", "{expired}");
-    eventually("the notification of the alert no longer silenced", || async {
-        hook.delivered()
-            .into_iter()
-            .find(|h| h.json()["commonLabels"]["tool"] == "list_items")
-    })
+    eventually(
+        "the notification of the alert no longer silenced",
+        || async {
+            hook.delivered()
+                .into_iter()
+                .find(|h| h.json()["commonLabels"]["tool"] == "list_items")
+        },
+    )
     .await;
 
     svc.stop().await.unwrap();

@@ -203,7 +203,9 @@ const CONTAINER_ENV: [(&str, &str); 6] = [
 
 fn in_container(args: &[&str], config: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolsight"));
-    cmd.args(args).envs(CONTAINER_ENV).env_remove("TOOLSIGHT_CONFIG");
+    cmd.args(args)
+        .envs(CONTAINER_ENV)
+        .env_remove("TOOLSIGHT_CONFIG");
     if let Some(c) = config {
         cmd.env("TOOLSIGHT_CONFIG", c);
     }
@@ -226,7 +228,10 @@ fn rule_commands_read_no_configuration_and_speak_json() {
     let out = in_container(&["rules", "test", "--json", tests], missing);
     assert!(out.status.success(), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((report["passed"].as_u64(), report["failed"].as_u64()), (Some(8), Some(0)));
+    assert_eq!(
+        (report["passed"].as_u64(), report["failed"].as_u64()),
+        (Some(8), Some(0))
+    );
     assert_eq!(report["cases"].as_array().unwrap().len(), 8, "{report}");
     assert_eq!(report["cases"][0]["failures"], serde_json::json!([]));
 
@@ -234,12 +239,21 @@ fn rule_commands_read_no_configuration_and_speak_json() {
     let dir = std::env::temp_dir().join(format!("toolsight-rules-json-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, "groups:\n  - name: g\n    rules:\n      - alert: X\n        kind: nope\n").unwrap();
+    std::fs::write(
+        &bad,
+        "groups:\n  - name: g\n    rules:\n      - alert: X\n        kind: nope\n",
+    )
+    .unwrap();
     let out = in_container(&["rules", "check", "--json", bad.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["problems"][0]["line"], 4, "{report}");
-    assert!(report["problems"][0]["file"].as_str().unwrap().ends_with("bad.yaml"));
+    assert!(
+        report["problems"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("bad.yaml")
+    );
 }
 
 #[test]
