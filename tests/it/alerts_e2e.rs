@@ -42,6 +42,7 @@ groups:
         window: 10m
         min_repeats: 5
         min_samples: 5
+        annotations: {summary: '{{ $labels.tool }} repeated {{ $value }} times'}
       - alert: Burn
         kind: token_burn
         window: 30m
@@ -280,10 +281,10 @@ async fn every_rule_kind_fires_on_its_failure_and_resolves() {
         .unwrap();
     assert_eq!(looped["value"], "6e0", "{looped}");
     assert!(looped["activeAt"].as_str().is_some(), "{looped}");
-    let notified = looped["annotations"]["summary"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(!notified.is_empty(), "annotations as notified: {looped}");
+    assert_eq!(
+        looped["annotations"]["summary"], "echo repeated 6 times",
+        "annotations as notified: {looped}"
+    );
 
     // A restarted evaluator restores the state: re-evaluating fires nothing twice.
     let mut restarted = Evaluator::new(svc.pool.clone(), rules);
