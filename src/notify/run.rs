@@ -63,8 +63,12 @@ pub(crate) struct Notifier {
     trace_url: String,
 }
 
-/// How far before an alert became active its example calls are looked for.
-const EXAMPLES_BEFORE: chrono::Duration = chrono::Duration::minutes(15);
+/// How far before an alert fired its example calls are looked for: the minutes that made it
+/// fire, and a bound on what one lookup reads.
+const EXAMPLES_BEFORE: chrono::Duration = chrono::Duration::minutes(5);
+/// Firing events per tick whose examples are looked up (the others go without): a burst of
+/// alerts costs the database a bounded number of lookups.
+const EXAMPLE_LOOKUPS_PER_TICK: usize = 16;
 
 impl Notifier {
     pub(crate) fn new(pool: PgPool, settings: &Notify) -> Notifier {
@@ -93,13 +97,12 @@ impl Notifier {
         &self,
         labels: &std::collections::BTreeMap<String, String>,
         mut annotations: std::collections::BTreeMap<String, String>,
-        since: DateTime<Utc>,
         at: DateTime<Utc>,
     ) -> std::collections::BTreeMap<String, String> {
         let ids = match store::example_traces(
             &self.pool,
             labels,
-            since - EXAMPLES_BEFORE,
+            at - EXAMPLES_BEFORE,
             at,
             self.example_traces,
         )
@@ -158,13 +161,20 @@ impl Notifier {
         let silenced = Silenced::load(&self.pool, now).await?;
         let mut work = self.groups.clone();
         let mut touched: HashSet<(String, String)> = HashSet::new();
+        let mut lookups = 0;
         for e in &events {
             let resolved = e.status == "resolved";
-            let annotations = if resolved || self.example_traces == 0 {
-                e.annotations.0.clone()
-            } else {
-                self.with_examples(&e.labels.0, e.annotations.0.clone(), e.since, e.at)
+            // Only for an alert that goes somewhere, and a bounded number per tick.
+            let wanted = !resolved
+                && self.example_traces > 0
+                && lookups < EXAMPLE_LOOKUPS_PER_TICK
+                && !self.routes.of(&e.labels.0).is_empty();
+            let annotations = if wanted {
+                lookups += 1;
+                self.with_examples(&e.labels.0, e.annotations.0.clone(), e.at)
                     .await
+            } else {
+                e.annotations.0.clone()
             };
             let alert = GroupAlert {
                 fingerprint: route::fingerprint(&e.labels.0),

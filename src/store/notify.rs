@@ -241,9 +241,11 @@ pub(crate) async fn expire_silence(pool: &PgPool, id: i64) -> Result<bool, Store
 }
 
 /// Up to `n` example trace ids (hex) of the calls behind an alert with these labels, between
-/// `from` and `to`: those that failed, came back empty or were slowest first, one per trace. A
-/// key with a `tool` is one of `tool_calls` (its `side` and `session` when the key has them),
-/// with a `server_address` one of `upstream_calls`, with only a `session` one of `llm_calls`.
+/// `from` and `to`, one per trace: calls that failed (or came back empty, or an upstream's 429s
+/// and 5xx, or an LLM call that failed) first, then any. A key with a `tool` is one of
+/// `tool_calls` (its `side` and `session` when the key has them), with a `server_address` one of
+/// `upstream_calls`, with only a `session` one of `llm_calls`. Neither query sorts: each stops at
+/// its first `4 n` matching rows, so its cost is bounded by the range, never by a sort of it.
 pub(crate) async fn example_traces(
     pool: &PgPool,
     labels: &BTreeMap<String, String>,
@@ -255,60 +257,64 @@ pub(crate) async fn example_traces(
     let (Some(service), true) = (label("service"), n > 0) else {
         return Ok(Vec::new());
     };
-    let q = if let Some(tool) = label("tool") {
-        sqlx::query_scalar(
-            "SELECT encode(trace_id, 'hex') FROM tool_calls
-             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND tool = $4
-               AND ($5::text IS NULL OR side = $5) AND ($6::text IS NULL OR session_key = $6)
-             ORDER BY coalesce(own_outcome, outcome) <> 'ok' DESC, coalesce(result_empty, false) DESC,
-                      duration_us DESC
-             LIMIT $7",
+    let (table, key, value, problem) = if let Some(tool) = label("tool") {
+        (
+            "tool_calls",
+            "tool",
+            tool,
+            "(coalesce(own_outcome, outcome) <> 'ok' OR result_empty IS TRUE)",
         )
-        .bind(from)
-        .bind(to)
-        .bind(service)
-        .bind(tool)
-        .bind(label("side"))
-        .bind(label("session"))
     } else if let Some(address) = label("server_address") {
-        sqlx::query_scalar(
-            "SELECT encode(trace_id, 'hex') FROM upstream_calls
-             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND server_address = $4
-               AND $5::text IS NULL AND $6::text IS NULL
-             ORDER BY coalesce(status_code = 429 OR status_code >= 500, true) DESC, duration_us DESC
-             LIMIT $7",
+        (
+            "upstream_calls",
+            "server_address",
+            address,
+            "(status_code IS NULL OR status_code = 429 OR status_code >= 500)",
         )
-        .bind(from)
-        .bind(to)
-        .bind(service)
-        .bind(address)
-        .bind(None::<String>)
-        .bind(None::<String>)
     } else if let Some(session) = label("session") {
-        sqlx::query_scalar(
-            "SELECT encode(trace_id, 'hex') FROM llm_calls
-             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND session_key = $4
-               AND $5::text IS NULL AND $6::text IS NULL
-             ORDER BY input_tokens + output_tokens DESC
-             LIMIT $7",
-        )
-        .bind(from)
-        .bind(to)
-        .bind(service)
-        .bind(session)
-        .bind(None::<String>)
-        .bind(None::<String>)
+        ("llm_calls", "session_key", session, "error")
     } else {
         return Ok(Vec::new());
     };
-    // Both sides of a call share its trace: ask for more rows than ids.
-    let rows: Vec<String> = q.bind((n * 4) as i64).fetch_all(pool).await?;
+    // Side and session narrow a tool's calls when the key has them.
+    let narrow = if table == "tool_calls" {
+        "AND ($5::text IS NULL OR side = $5) AND ($6::text IS NULL OR session_key = $6)"
+    } else {
+        "AND $5::text IS NULL AND $6::text IS NULL"
+    };
+    let (side, session) = if table == "tool_calls" {
+        (label("side"), label("session"))
+    } else {
+        (None, None)
+    };
     let mut ids: Vec<String> = Vec::new();
-    for id in rows {
-        if !ids.contains(&id) {
-            ids.push(id);
+    for only_problems in [true, false] {
+        let filter = if only_problems { problem } else { "true" };
+        let sql = format!(
+            "SELECT encode(trace_id, 'hex') FROM {table}
+             WHERE start_time BETWEEN $1 AND $2 AND service = $3 AND {key} = $4 {narrow}
+               AND {filter}
+             LIMIT $7"
+        );
+        let rows: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(from)
+            .bind(to)
+            .bind(&service)
+            .bind(&value)
+            .bind(&side)
+            .bind(&session)
+            // Both sides of a call share its trace: ask for more rows than ids.
+            .bind((n * 4) as i64)
+            .fetch_all(pool)
+            .await?;
+        for id in rows {
+            if ids.len() < n && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if ids.len() >= n {
+            break;
         }
     }
-    ids.truncate(n);
     Ok(ids)
 }

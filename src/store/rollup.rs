@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::copy::CopyBuf;
 use super::correlate::{MethodRow, ToolRow, ToolState};
+use crate::normalize::cardinality::OVERFLOW;
 use crate::normalize::{Normalized, Outcome, SpanRef};
 
 /// Histogram buckets: bucket 0 holds durations up to 10 µs, bucket i (1..=111) holds
@@ -216,7 +217,7 @@ impl<'a> Rollups<'a> {
             if !fresh(&mut inserted.tool_calls, &c.span) || !c.counted {
                 continue;
             }
-            if c.loop_counted {
+            if c.loop_counted && c.session_key != OVERFLOW {
                 let args = c.args_hash.as_ref().map_or(&[][..], |h| &h[..]);
                 self.loops
                     .entry((
@@ -281,10 +282,12 @@ impl<'a> Rollups<'a> {
             a.input_tokens += l.input_tokens;
             a.output_tokens += l.output_tokens;
             a.hist.add(l.span.duration_us);
-            *self
-                .tokens
-                .entry((minute_of(&l.span), &l.span.service, &l.session_key))
-                .or_default() += l.input_tokens + l.output_tokens;
+            if l.session_key != OVERFLOW {
+                *self
+                    .tokens
+                    .entry((minute_of(&l.span), &l.span.service, &l.session_key))
+                    .or_default() += l.input_tokens + l.output_tokens;
+            }
         }
         for u in &r.upstream_calls {
             if !fresh(&mut inserted.upstream_calls, &u.span) {
@@ -311,7 +314,7 @@ impl<'a> Rollups<'a> {
     /// The contribution of a stored tool call in `state` to its rollup row, times `sign`: the
     /// join (`correlate`) takes back what a row counted before and adds what it counts now.
     pub fn add_tool_row(&mut self, row: &'a ToolRow, state: &'a ToolState, sign: i64) {
-        if state.loop_counted {
+        if state.loop_counted && row.session_key != OVERFLOW {
             self.loops
                 .entry((
                     minute_at(row.start_unix_nanos),

@@ -285,6 +285,54 @@ async fn a_client_inventing_tool_names_folds_into_overflow() {
     svc.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_budget_count_in_rollups_and_write_no_rule_state() {
+    let svc = Service::start_with("hostile_sessions", |c| {
+        c.ingest.max_sessions_per_hour = 2;
+    })
+    .await;
+    // A session per call: two are tracked, the other three fold into `__overflow__`.
+    let spans: Vec<Span> = (1..=5)
+        .map(|n| {
+            span(
+                n,
+                vec![
+                    kv("gen_ai.conversation.id", &format!("conv-{n}")),
+                    kv("gen_ai.tool.call.arguments", r#"{"q":"same"}"#),
+                ],
+            )
+        })
+        .collect();
+    assert_eq!(post_pb(&svc, &request(spans)).await.status(), 200);
+    assert_eq!(
+        svc.count("SELECT sum(calls)::bigint FROM tool_rollup_1m")
+            .await,
+        5,
+        "every call counted"
+    );
+    // The rules skip folded sessions, so they have no state: no hot `__overflow__` row that
+    // every batch would update.
+    assert_eq!(
+        svc.count("SELECT count(*) FROM loop_calls_1m WHERE session_key = '__overflow__'")
+            .await,
+        0
+    );
+    assert_eq!(
+        svc.count("SELECT count(DISTINCT session_key) FROM loop_calls_1m")
+            .await,
+        2
+    );
+    assert_eq!(
+        svc.metric("toolsight_cardinality_folded_total{kind=\"session\"}")
+            .await,
+        3.0
+    );
+    let mut conn = svc.pool.acquire().await.unwrap();
+    let mismatches = common::rule_state_mismatches(&mut conn).await;
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+    svc.stop().await.unwrap();
+}
+
 /// A tool span of service `service` named `tool`; `n` makes its ids unique.
 fn tool_span(n: u64, tool: &str) -> Span {
     let mut s = span(n, vec![]);

@@ -473,6 +473,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, Stri
 
 /// Where the retry-loop and token-burn rules' per-minute state differs from the raw rows it
 /// summarizes, by the raw-row definition (`LOOP_CALLS`): (table, key, minute or span id).
+/// Sessions folded by the cardinality guard have no state (the rules skip them).
 pub async fn rule_state_mismatches(conn: &mut sqlx::PgConnection) -> Vec<(String, String, String)> {
     let loop_calls = toolsight::store::alerts::LOOP_CALLS;
     sqlx::query_as(&format!(
@@ -481,7 +482,8 @@ pub async fn rule_state_mismatches(conn: &mut sqlx::PgConnection) -> Vec<(String
                    coalesce(args_hash, '\\x'::bytea) AS args_hash, count(*) AS calls,
                    count(*) FILTER (WHERE outcome <> 'ok') AS failed,
                    count(*) FILTER (WHERE outcome <> 'ok' OR result_empty IS TRUE) AS stuck
-            FROM tool_calls t WHERE {loop_calls} GROUP BY 1, 2, 3, 4, 5),
+            FROM tool_calls t WHERE {loop_calls} AND session_key <> '__overflow__'
+            GROUP BY 1, 2, 3, 4, 5),
          state AS (
             SELECT minute, service, tool, session_key, args_hash, sum(calls) AS calls,
                    sum(failed) AS failed, sum(stuck) AS stuck
@@ -490,7 +492,7 @@ pub async fn rule_state_mismatches(conn: &mut sqlx::PgConnection) -> Vec<(String
          raw_tokens AS (
             SELECT date_trunc('minute', start_time) AS minute, service, session_key,
                    sum(input_tokens + output_tokens) AS tokens
-            FROM llm_calls GROUP BY 1, 2, 3),
+            FROM llm_calls WHERE session_key <> '__overflow__' GROUP BY 1, 2, 3),
          state_tokens AS (
             SELECT minute, service, session_key, sum(tokens) AS tokens
             FROM session_tokens_1m GROUP BY 1, 2, 3)
