@@ -365,3 +365,17 @@ async fn real_exporter_over_grpc_http_protobuf_and_http_json() {
     );
     svc.stop().await.unwrap();
 }
+
+/// The service's connections run without JIT: the join after each write would otherwise be
+/// compiled on every batch once the partitions' statistics make it look expensive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_connections_run_without_jit() {
+    let opts =
+        toolsight::store::connect_options(&format!("{}/postgres", common::server_url())).unwrap();
+    let pool = toolsight::store::query_pool(&opts, 1).await.unwrap();
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+}
