@@ -471,26 +471,46 @@ async fn wait_port(port: u16) {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn email_through_a_real_smtp_server() {
+/// A real SMTP server (Python's aiosmtpd) on a free port that keeps each mail it gets in
+/// `maildir` (Maildir); `tls` adds its extra arguments (certificate and key: STARTTLS).
+async fn smtp_server(maildir: &std::path::Path, tls: &[&std::path::Path]) -> (Process, u16) {
     let python = common::python::venv("smtp-venv", "import aiosmtpd", |pip| {
         common::python::run(pip().arg("aiosmtpd==1.4.6"))
     });
-    let maildir = std::env::temp_dir().join(format!("toolsight-maildir-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&maildir);
+    let _ = std::fs::remove_dir_all(maildir);
     let port = free_port();
-    let _smtp = Process(
-        Command::new(python)
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(&maildir)
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "aiosmtpd", "-n", "-l"])
+        .arg(format!("127.0.0.1:{port}"));
+    if let [cert, key] = tls {
+        cmd.arg("--tlscert").arg(cert).arg("--tlskey").arg(key);
+    }
+    let smtp = Process(
+        cmd.args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     wait_port(port).await;
+    (smtp, port)
+}
+
+/// The first mail delivered to `maildir`, as it arrived.
+async fn first_mail(what: &str, maildir: &std::path::Path) -> Vec<u8> {
+    let new = maildir.join("new");
+    eventually(what, || async {
+        let first = std::fs::read_dir(&new).ok()?.flatten().next()?;
+        std::fs::read(first.path()).ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_through_a_real_smtp_server() {
+    let maildir = std::env::temp_dir().join(format!("toolsight-maildir-{}", std::process::id()));
+    let (_smtp, port) = smtp_server(&maildir, &[]).await;
 
     let svc = notifying(
         "notify_email",
@@ -500,13 +520,7 @@ async fn email_through_a_real_smtp_server() {
     )
     .await;
     send(&svc, loops(&["search"])).await;
-
-    let new = maildir.join("new");
-    let raw = eventually("the email", || async {
-        let first = std::fs::read_dir(&new).ok()?.flatten().next()?;
-        std::fs::read(first.path()).ok()
-    })
-    .await;
+    let raw = first_mail("the email", &maildir).await;
     let msg = mail_parser::MessageParser::default()
         .parse(&raw)
         .expect("a parsable email");
@@ -793,27 +807,8 @@ async fn webhooks_and_smtp_trust_a_private_ca_from_ca_file() {
     svc.stop().await.unwrap();
 
     // ... and so is the email, over STARTTLS to a real SMTP server with the same certificate.
-    let python = common::python::venv("smtp-venv", "import aiosmtpd", |pip| {
-        common::python::run(pip().arg("aiosmtpd==1.4.6"))
-    });
     let maildir = pki.dir.join("maildir");
-    let smtp_port = free_port();
-    let _smtp = Process(
-        Command::new(python)
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{smtp_port}"))
-            .arg("--tlscert")
-            .arg(&cert)
-            .arg("--tlskey")
-            .arg(&key)
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(&maildir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port(smtp_port).await;
+    let (_smtp, smtp_port) = smtp_server(&maildir, &[cert.as_path(), key.as_path()]).await;
     let svc = notifying(
         "notify_ca_mail",
         &format!(
@@ -822,12 +817,7 @@ async fn webhooks_and_smtp_trust_a_private_ca_from_ca_file() {
     )
     .await;
     send(&svc, loops(&["search"])).await;
-    let new = maildir.join("new");
-    let raw = eventually("the email over STARTTLS", || async {
-        let first = std::fs::read_dir(&new).ok()?.flatten().next()?;
-        std::fs::read(first.path()).ok()
-    })
-    .await;
+    let raw = first_mail("the email over STARTTLS", &maildir).await;
     let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();
     assert_eq!(msg.subject(), Some("[FIRING:1] alertname=Loop"));
     svc.stop().await.unwrap();
