@@ -350,12 +350,9 @@ pub(super) async fn get_silence(State(s): State<AdminState>, Path(id): Path<Stri
         Ok(i) => i,
         Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
-    let now = Utc::now();
-    match store::notify::silences(&s.pool, DateTime::<Utc>::MIN_UTC).await {
-        Ok(rows) => match rows.into_iter().find(|x| x.id == id) {
-            Some(x) => axum::Json(gettable_silence(x, now)).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no silence with id {id}")),
-        },
+    match store::notify::silence(&s.pool, id).await {
+        Ok(Some(x)) => axum::Json(gettable_silence(x, Utc::now())).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no silence with id {id}")),
         Err(e) => store_error(e),
     }
 }
@@ -403,17 +400,7 @@ pub(super) async fn delete_silence(
         Ok(i) => i,
         Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
-    match store::notify::expire_silence(&s.pool, id).await {
-        Ok(true) => {
-            tracing::info!(id, "silence expired");
-            StatusCode::OK.into_response()
-        }
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            format!("no active silence with id {id}"),
-        ),
-        Err(e) => store_error(e),
-    }
+    super::expire(&s, id, StatusCode::OK).await
 }
 
 #[cfg(test)]

@@ -505,10 +505,15 @@ async fn expire_silence(
     State(s): State<AdminState>,
     axum::extract::Path(id): axum::extract::Path<i64>,
 ) -> Response {
+    expire(&s, id, StatusCode::NO_CONTENT).await
+}
+
+/// Ends silence `id` now (both APIs): `done` when it did, 404 when no such silence is active.
+async fn expire(s: &AdminState, id: i64, done: StatusCode) -> Response {
     match store::notify::expire_silence(&s.pool, id).await {
         Ok(true) => {
             tracing::info!(id, "silence expired");
-            StatusCode::NO_CONTENT.into_response()
+            done.into_response()
         }
         Ok(false) => error(
             StatusCode::NOT_FOUND,

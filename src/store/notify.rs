@@ -231,6 +231,17 @@ pub(crate) async fn silences(
     .await?)
 }
 
+/// One silence, whatever its state.
+pub(crate) async fn silence(pool: &PgPool, id: i64) -> Result<Option<Silence>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, matchers, starts_at, ends_at, created_by, comment, created_at
+         FROM silences WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Ends a silence now; false when it does not exist or already ended.
 pub(crate) async fn expire_silence(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
     let r = sqlx::query("UPDATE silences SET ends_at = now() WHERE id = $1 AND ends_at > now()")

@@ -141,13 +141,34 @@ CREATE TEMP TABLE IF NOT EXISTS stage_loop_calls (LIKE loop_calls_1m INCLUDING D
 CREATE TEMP TABLE IF NOT EXISTS stage_session_tokens (LIKE session_tokens_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 ";
 
-/// The raw tables, each with the columns its COPY writes.
-const RAW_TABLES: [(&str, &[&str]); 4] = [
-    ("tool_calls", &columns::TOOL_CALLS),
-    ("mcp_requests", &columns::MCP_REQUESTS),
-    ("llm_calls", &columns::LLM_CALLS),
-    ("upstream_calls", &columns::UPSTREAM_CALLS),
-];
+/// The statements that write one raw table, every column named, built once.
+struct RawWrite {
+    /// `COPY` straight into the table (a batch of new spans).
+    copy: String,
+    /// `COPY` into its staging table, then the move of the rows not stored yet.
+    copy_stage: String,
+    insert_new: String,
+}
+
+/// The four raw tables' statements, in `encode_records`' order.
+static RAW_WRITES: std::sync::LazyLock<[RawWrite; 4]> = std::sync::LazyLock::new(|| {
+    [
+        ("tool_calls", &columns::TOOL_CALLS[..]),
+        ("mcp_requests", &columns::MCP_REQUESTS[..]),
+        ("llm_calls", &columns::LLM_CALLS[..]),
+        ("upstream_calls", &columns::UPSTREAM_CALLS[..]),
+    ]
+    .map(|(table, columns)| {
+        let list = columns.join(", ");
+        RawWrite {
+            copy: format!("COPY {table} ({list}) FROM STDIN (FORMAT binary)"),
+            copy_stage: format!("COPY stage_{table} ({list}) FROM STDIN (FORMAT binary)"),
+            insert_new: format!(
+                "INSERT INTO {table} ({list}) SELECT {list} FROM stage_{table} ON CONFLICT DO NOTHING RETURNING trace_id, span_id"
+            ),
+        }
+    })
+});
 
 /// Merges of the staged rollup deltas, in key order (the COPY order) so concurrent writers lock
 /// rows in the same order: (the COPY into staging, the merge), every column named.
@@ -638,18 +659,12 @@ async fn write_fast(
     target: &Target,
 ) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
-    for (buf, (table, columns)) in encode_records(jobs, &target.policy)
+    for (buf, w) in encode_records(jobs, &target.policy)
         .into_iter()
-        .zip(RAW_TABLES)
+        .zip(RAW_WRITES.iter())
     {
         if buf.rows() > 0 {
-            let list = columns.join(", ");
-            copy_in(
-                &mut tx,
-                &format!("COPY {table} ({list}) FROM STDIN (FORMAT binary)"),
-                buf,
-            )
-            .await?;
+            copy_in(&mut tx, &w.copy, buf).await?;
         }
     }
     merge_rollups(&mut tx, jobs, &mut Inserted::default(), target.shard).await?;
@@ -664,26 +679,17 @@ async fn write_dedup(
 ) -> Result<Written, StoreError> {
     let mut tx = conn.begin().await?;
     let mut sets: [Option<HashSet<Key>>; 4] = Default::default();
-    for ((buf, (table, columns)), set) in encode_records(jobs, &target.policy)
+    for ((buf, w), set) in encode_records(jobs, &target.policy)
         .into_iter()
-        .zip(RAW_TABLES)
+        .zip(RAW_WRITES.iter())
         .zip(sets.iter_mut())
     {
         if buf.rows() == 0 {
             continue;
         }
-        let list = columns.join(", ");
-        copy_in(
-            &mut tx,
-            &format!("COPY stage_{table} ({list}) FROM STDIN (FORMAT binary)"),
-            buf,
-        )
-        .await?;
-        let keys: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(&format!(
-            "INSERT INTO {table} ({list}) SELECT {list} FROM stage_{table} ON CONFLICT DO NOTHING RETURNING trace_id, span_id"
-        ))
-        .fetch_all(&mut *tx)
-        .await?;
+        copy_in(&mut tx, &w.copy_stage, buf).await?;
+        let keys: Vec<(Vec<u8>, Vec<u8>)> =
+            sqlx::query_as(&w.insert_new).fetch_all(&mut *tx).await?;
         *set = Some(
             keys.into_iter()
                 .filter_map(|(t, s)| Some((t.try_into().ok()?, s.try_into().ok()?)))
