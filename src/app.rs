@@ -128,6 +128,14 @@ pub async fn run(
         close_writer.clone(),
     );
     let auth = ingest_auth(&config)?;
+    // Forwarding outlives the listeners: what they accepted while draining still goes out.
+    let stop_forwarding = CancellationToken::new();
+    let (forwarder, forwarding) = crate::forward::Forwarder::start(
+        &config.forward,
+        &parts.metrics,
+        config.otlp.drain_timeout,
+        stop_forwarding.clone(),
+    )?;
     let ingest = Arc::new(
         Ingest::new(
             writer,
@@ -138,7 +146,8 @@ pub async fn run(
         )
         .with_auth(auth.clone())
         .with_cardinality(config.cardinality())
-        .with_decode_budget(config.otlp.decode_budget_bytes),
+        .with_decode_budget(config.otlp.decode_budget_bytes)
+        .with_forwarder(forwarder),
     );
     let background = start_background(&config, &parts, auth, rule_files);
     let servers = serve_listeners(&config, &parts, listeners, ingest)?;
@@ -152,6 +161,8 @@ pub async fn run(
     // The write queue takes no more exports; what it holds is written, then the writers stop.
     close_writer.cancel();
     writer_task.await?;
+    stop_forwarding.cancel();
+    forwarding.wait().await;
     background.wait().await;
     parts.pool.close().await;
     tracing::info!("stopped");

@@ -29,6 +29,7 @@ pub struct Config {
     pub auth: crate::receive::auth::AuthConfig,
     pub retention: crate::store::retention::Retention,
     pub tls: crate::tls::TlsConfig,
+    pub forward: crate::forward::Forward,
     pub log: Log,
 }
 
@@ -133,6 +134,7 @@ impl Config {
                 "auth" => cfg.auth = l.section(&name, value),
                 "retention" => cfg.retention = l.section(&name, value),
                 "tls" => cfg.tls = l.section(&name, value),
+                "forward" => cfg.forward = l.section(&name, value),
                 "log" => cfg.log = l.section(&name, value),
                 _ => l.unknown(&name, &value),
             }
@@ -207,6 +209,7 @@ impl Config {
             }
         }
         self.notify.validate(p);
+        self.forward.validate(p);
         self.validate_auth(p);
         match (&self.tls.cert_file, &self.tls.key_file) {
             (Some(_), Some(_)) => {

@@ -16,6 +16,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod evaluate;
+pub mod forward;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub(crate) mod listener;

@@ -82,6 +82,17 @@ pub struct ReceiverLabel {
     pub receiver: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabel {
+    pub target: String,
+    pub result: &'static str,
+}
+
 /// Every metric toolsight exports. Cheap to share: all fields are atomics behind `Arc`s.
 pub struct Metrics {
     pub registry: Registry,
@@ -104,6 +115,9 @@ pub struct Metrics {
     pub notifications: Family<DeliveryLabel, Counter>,
     pub notify_circuit_open: Family<ReceiverLabel, Gauge>,
     pub notify_outbox_pending: Gauge,
+    pub forward_exports: Family<ForwardLabel, Counter>,
+    pub forward_retries: Family<TargetLabel, Counter>,
+    pub forward_queue_bytes: Family<TargetLabel, Gauge>,
     pub cardinality_folded: Family<KindLabel, Counter>,
     pub cardinality_tracked: Gauge,
     pub leader: Family<RoleLabel, Gauge>,
@@ -151,6 +165,9 @@ impl Metrics {
             notify_attempts: Family::default(),
             notifications: Family::default(),
             notify_circuit_open: Family::default(),
+            forward_exports: Family::default(),
+            forward_retries: Family::default(),
+            forward_queue_bytes: Family::default(),
             notify_outbox_pending: Gauge::default(),
             cardinality_folded: Family::default(),
             cardinality_tracked: Gauge::default(),
@@ -258,6 +275,21 @@ impl Metrics {
             "notify_circuit_open",
             "1 while a receiver's circuit breaker is open",
             m.notify_circuit_open.clone(),
+        );
+        registry.register(
+            "forward_exports",
+            "accepted exports handed to a forwarding target, by target and result (sent, filtered, queue_full, failed, rejected, stopped)",
+            m.forward_exports.clone(),
+        );
+        registry.register(
+            "forward_retries",
+            "retried sends to a forwarding target",
+            m.forward_retries.clone(),
+        );
+        registry.register(
+            "forward_queue_bytes",
+            "bytes of exports waiting for a forwarding target",
+            m.forward_queue_bytes.clone(),
         );
         registry.register(
             "notify_outbox_pending",

@@ -65,7 +65,8 @@ pub fn key_of(labels: &BTreeMap<String, String>) -> String {
 }
 
 /// The signal of one observation, and the threshold it was judged against (for annotations).
-pub fn signal(rule: &Rule, o: &Observation, firing: bool) -> (Signal, f64) {
+pub fn signal(rule: &Rule, o: &Observation, phase: Phase) -> (Signal, f64) {
+    let firing = phase == Phase::Firing;
     let min = rule.min_samples;
     let n = o.samples.max(0) as u64;
     match &rule.kind {
@@ -121,14 +122,16 @@ pub fn signal(rule: &Rule, o: &Observation, firing: bool) -> (Signal, f64) {
             // A tool whose baseline is mostly empty anyway does not page. With `confidence`,
             // "mostly empty" must hold with that confidence too (the baseline's sample count
             // taken as the current one's): 3 empties in 15 calls of a tool that is empty 10% of
-            // the time do not silence it.
+            // the time do not silence it. The baseline is judged at the onset only: once the
+            // alert is pending, the baseline window moves onto the incident's first minutes
+            // (windows start on whole minutes), and the incident must not silence itself.
             let base_share = match rule.confidence {
                 Some(c) => o.baseline.map(|b| wilson_lower(b, n, z_of(c))),
                 None => o.baseline,
             };
             if let (Some(limit), Some(base)) = (e.baseline_below, base_share)
                 && base >= limit
-                && !firing
+                && !matches!(phase, Phase::Pending | Phase::Firing)
             {
                 return (Signal::Clear, e.fire_above);
             }
@@ -204,8 +207,9 @@ pub struct Judged {
 /// conditions (rate-limit headroom, or the share of 429s) reports the one that fired: a 429
 /// storm without rate-limit headers is "answered 429 to 30% of calls (pages above 5%)", not
 /// "NaN of its rate limit left".
-pub fn judge(rule: &Rule, o: &Observation, firing: bool) -> Judged {
-    let (sig, threshold) = signal(rule, o, firing);
+pub fn judge(rule: &Rule, o: &Observation, phase: Phase) -> Judged {
+    let firing = phase == Phase::Firing;
+    let (sig, threshold) = signal(rule, o, phase);
     if let Kind::RateLimitHeadroom(h) = &rule.kind {
         let n = o.samples.max(0) as u64;
         let headroom = state::below(
@@ -439,7 +443,7 @@ pub fn apply(
                 labels: o.labels.clone(),
                 state: AlertState::default(),
             });
-        let judged = judge(rule, o, entry.state.phase == Phase::Firing);
+        let judged = judge(rule, o, entry.state.phase);
         let value = Some(judged.value).filter(|v| v.is_finite());
         let before = entry.state.clone();
         let event = entry.state.step(judged.signal, value, now_ms, timing);
@@ -784,6 +788,44 @@ mod tests {
         assert!(matches!(resolved[0].event, Event::Resolved { .. }));
     }
 
+    /// The baseline that silences a tool "always mostly empty" is judged when the alert starts
+    /// pending. Windows start on whole minutes, so while pending the previous window moves onto
+    /// the incident's first seconds; the incident must not silence itself (the demo's 1-minute
+    /// empty-results alert failed to fire on some starting seconds).
+    #[test]
+    fn an_empty_results_incident_does_not_become_its_own_baseline() {
+        let r = rule(
+            "      - alert: Empty\n        kind: empty_results\n        window: 1m\n        fire_above: 0.5\n        baseline_below: 0.2\n        min_samples: 10\n        for: 20s\n",
+        );
+        let mut alerts = Alerts::default();
+        let mut changed = Vec::new();
+        let mut at = |s: i64, v: f64, base: f64| {
+            apply(
+                &r,
+                "g",
+                &[obs("list_items", v, 300, Some(base))],
+                &mut alerts,
+                s * 1000,
+                &mut changed,
+            )
+        };
+        assert!(at(0, 0.9, 0.6).is_empty(), "mostly empty anyway: silent");
+        assert!(at(10, 0.9, 0.0).is_empty(), "healthy baseline: pending");
+        assert!(
+            at(20, 0.9, 0.25).is_empty(),
+            "the baseline now holds the onset: still pending"
+        );
+        let fired = at(30, 0.9, 0.25);
+        assert_eq!(fired.len(), 1, "fires after `for`");
+        assert!(matches!(
+            fired[0].event,
+            Event::Firing {
+                since_ms: 10_000,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn low_traffic_never_fires() {
         let r = rule(
@@ -812,7 +854,14 @@ mod tests {
         let r = rule(
             "      - alert: Slow\n        kind: latency\n        window: 10m\n        regression: {fire_ratio: 1.5, clear_ratio: 1.2, min_increase: 200ms}\n        min_samples: 10\n",
         );
-        let sig = |v: f64, b: f64, firing: bool| signal(&r, &obs("t", v, 50, Some(b)), firing).0;
+        let sig = |v: f64, b: f64, firing: bool| {
+            let phase = if firing {
+                Phase::Firing
+            } else {
+                Phase::Inactive
+            };
+            signal(&r, &obs("t", v, 50, Some(b)), phase).0
+        };
         assert_eq!(sig(30.0, 10.0, false), Signal::Clear, "×3 but only +20 ms");
         assert_eq!(sig(2000.0, 200.0, false), Signal::Fire, "200 ms → 2 s");
         assert_eq!(
@@ -828,7 +877,7 @@ mod tests {
         );
         assert_eq!(sig(230.0, 200.0, true), Signal::Clear);
         assert_eq!(
-            signal(&r, &obs("t", 2000.0, 50, None), false).0,
+            signal(&r, &obs("t", 2000.0, 50, None), Phase::Inactive).0,
             Signal::Clear,
             "no baseline, no regression"
         );

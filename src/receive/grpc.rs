@@ -38,6 +38,8 @@ fn to_status(e: &ReceiveError) -> Status {
 pub(crate) struct Bounded {
     req: ExportTraceServiceRequest,
     reserved: Reserved,
+    /// The message's bytes, kept when exports are forwarded.
+    original: Option<bytes::Bytes>,
 }
 
 /// prost, with the decoded size estimated and reserved before decoding.
@@ -92,9 +94,23 @@ impl Decoder for BoundedCodec {
         }
         .map_err(refuse)?;
         let reserved = self.ingest.reserve(estimate).map_err(refuse)?;
-        let req = ExportTraceServiceRequest::decode(buf)
-            .map_err(|e| refuse(ReceiveError::Malformed(format!("protobuf: {e}"))))?;
-        Ok(Some(Bounded { req, reserved }))
+        let malformed =
+            |e: prost::DecodeError| refuse(ReceiveError::Malformed(format!("protobuf: {e}")));
+        if self.ingest.forwarding() {
+            let original = buf.copy_to_bytes(len);
+            let req = ExportTraceServiceRequest::decode(original.clone()).map_err(malformed)?;
+            return Ok(Some(Bounded {
+                req,
+                reserved,
+                original: Some(original),
+            }));
+        }
+        let req = ExportTraceServiceRequest::decode(buf).map_err(malformed)?;
+        Ok(Some(Bounded {
+            req,
+            reserved,
+            original: None,
+        }))
     }
 }
 
@@ -113,13 +129,18 @@ impl tonic::server::UnaryService<Bounded> for Export {
         Box::pin(async move {
             // The admission permit rides in the extensions until the export is answered.
             let (_meta, extensions, bounded) = request.into_parts();
-            let Bounded { req, reserved } = bounded;
+            let Bounded {
+                req,
+                reserved,
+                original,
+            } = bounded;
             let principal = extensions
                 .get::<super::auth::Principal>()
                 .cloned()
                 .ok_or_else(|| Status::unauthenticated("no credentials"))?;
             ingest.count_received(TRANSPORT, span_count(&req));
-            let result = ingest.export(req, &principal).await;
+            let original = original.map(crate::forward::Original::Protobuf);
+            let result = ingest.export(req, &principal, original).await;
             drop(reserved);
             match result {
                 Ok(acc) => {

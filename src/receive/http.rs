@@ -238,17 +238,29 @@ async fn export(
             Format::Json => super::budget::estimate_json(&b),
         };
         let reserved = state.ingest.reserve(estimate)?;
-        Ok((decode(format, &b)?, reserved))
+        let req = decode(format, &b)?;
+        // Accepted exports are forwarded as they came (JSON also as protobuf for gRPC targets).
+        let original = state.ingest.forwarding().then(|| match format {
+            Format::Protobuf => crate::forward::Original::Protobuf(b.clone()),
+            Format::Json => crate::forward::Original::Json {
+                json: b.clone(),
+                protobuf: state
+                    .ingest
+                    .forwarding_needs_protobuf()
+                    .then(|| bytes::Bytes::from(req.encode_to_vec())),
+            },
+        });
+        Ok((req, original, reserved))
     });
     drop(body);
-    let (req, _reserved) = match decoded {
+    let (req, original, _reserved) = match decoded {
         Ok(r) => r,
         Err(e) => return error_response(&state, format, e),
     };
     state
         .ingest
         .count_received(format.transport(), span_count(&req));
-    match state.ingest.export(req, &principal).await {
+    match state.ingest.export(req, &principal, original).await {
         Ok(acc) => {
             let partial = acc.rejected_spans > 0;
             state

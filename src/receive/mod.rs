@@ -182,6 +182,7 @@ pub struct Ingest {
     auth: Arc<auth::Auth>,
     guard: normalize::cardinality::Guard,
     budget: budget::Budget,
+    forward: crate::forward::Forwarder,
 }
 
 impl Ingest {
@@ -201,6 +202,7 @@ impl Ingest {
             auth: Arc::new(auth::Auth::open()),
             guard: normalize::cardinality::Guard::new(Default::default()),
             budget: budget::Budget::new(512 << 20),
+            forward: Default::default(),
         }
     }
 
@@ -219,6 +221,22 @@ impl Ingest {
     pub fn with_cardinality(mut self, limits: normalize::cardinality::Limits) -> Self {
         self.guard = normalize::cardinality::Guard::new(limits);
         self
+    }
+
+    /// Passes accepted exports on to the `[forward]` targets.
+    pub fn with_forwarder(mut self, forward: crate::forward::Forwarder) -> Self {
+        self.forward = forward;
+        self
+    }
+
+    /// Whether accepted exports are forwarded (so their bytes must be kept).
+    pub fn forwarding(&self) -> bool {
+        self.forward.is_enabled()
+    }
+
+    /// Whether a JSON export must also be kept as protobuf (for a gRPC forwarding target).
+    pub fn forwarding_needs_protobuf(&self) -> bool {
+        self.forward.needs_protobuf()
     }
 
     /// Requires the given tokens on every export.
@@ -264,11 +282,13 @@ impl Ingest {
             .map_err(|_| ReceiveError::Overloaded)
     }
 
-    /// Normalizes and stores one export; returns once its records are committed.
+    /// Normalizes and stores one export; returns once its records are committed. An accepted
+    /// export's `original` bytes are then queued for the forwarding targets.
     pub async fn export(
         &self,
         req: ExportTraceServiceRequest,
         principal: &auth::Principal,
+        original: Option<crate::forward::Original>,
     ) -> Result<Accepted, ReceiveError> {
         if let Some(service) = principal.forbidden_service(&req) {
             let service = service.to_owned();
@@ -324,6 +344,7 @@ impl Ingest {
             error_message: records.first_rejection.clone().unwrap_or_default(),
         };
         let dropped = records.dropped.clone();
+        let mcp = !records.tool_calls.is_empty() || !records.mcp_requests.is_empty();
         if records.records() > 0 {
             self.writer.submit(records).await.map_err(|e| match e {
                 SubmitError::QueueFull => ReceiveError::Overloaded,
@@ -342,6 +363,9 @@ impl Ingest {
                 .inc_by(n);
         }
         self.metrics.spans_accepted.inc_by(spans - rejected);
+        if let Some(original) = original {
+            self.forward.offer(&original, mcp);
+        }
         Ok(accepted)
     }
 

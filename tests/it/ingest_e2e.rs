@@ -13,15 +13,15 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 
-struct SpanSpec {
-    name: &'static str,
-    kind: SpanKind,
-    ms: u64,
-    status: Status,
-    attrs: Vec<KeyValue>,
+pub(crate) struct SpanSpec {
+    pub(crate) name: &'static str,
+    pub(crate) kind: SpanKind,
+    pub(crate) ms: u64,
+    pub(crate) status: Status,
+    pub(crate) attrs: Vec<KeyValue>,
 }
 
-fn span_data(trace: u128, span: u64, start: SystemTime, s: SpanSpec) -> SpanData {
+pub(crate) fn span_data(trace: u128, span: u64, start: SystemTime, s: SpanSpec) -> SpanData {
     SpanData {
         span_context: SpanContext::new(
             TraceId::from(trace),
@@ -71,7 +71,7 @@ fn header_value(v: &'static str) -> opentelemetry::Value {
 /// The spans one "agent" sends: 10 `search` calls (100..1000 ms, one failing), 2 `fetch` calls
 /// with captured results (one empty), a `tools/list`, an LLM call, a rate-limited upstream call
 /// and a database span that toolsight does not model.
-fn workload(seed: u128) -> Vec<SpanData> {
+pub(crate) fn workload(seed: u128) -> Vec<SpanData> {
     let start = SystemTime::now() - Duration::from_secs(30);
     let mut specs = Vec::new();
     for i in 0..10u64 {
@@ -179,7 +179,12 @@ fn workload(seed: u128) -> Vec<SpanData> {
         .collect()
 }
 
-async fn export(protocol: &str, svc: &Service, service_name: &str, spans: Vec<SpanData>) {
+pub(crate) async fn export(
+    protocol: &str,
+    svc: &Service,
+    service_name: &str,
+    spans: Vec<SpanData>,
+) {
     let mut exporter = match protocol {
         "grpc" => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()

@@ -12,6 +12,7 @@ mod architecture;
 mod dashboards;
 mod demo;
 mod fastmcp_e2e;
+mod forward_e2e;
 mod fuzz_corpus;
 mod histogram_sql;
 mod hostile_input;
