@@ -272,3 +272,92 @@ async fn a_dead_or_hanging_upstream_neither_slows_nor_fails_ingest() {
     );
     a.stop().await.unwrap();
 }
+
+/// An OTLP/HTTP receiver that keeps every body it gets, with its content type and encoding.
+async fn capture() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
+) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let h = |k: &str| {
+                        headers
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    kept.lock().unwrap().push((
+                        h("content-type"),
+                        h("content-encoding"),
+                        body.to_vec(),
+                    ));
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_bytes_are_the_bytes_received() {
+    use prost::Message;
+    let (addr, got) = capture().await;
+    let a = Service::start_with("forward_bytes", move |cfg| {
+        cfg.forward.targets = vec![target("capture", Protocol::Http, format!("http://{addr}"))];
+    })
+    .await;
+    let mut spans = common::spans::Spans::new();
+    spans.tool("lookup", chrono::Utc::now(), 20, false, vec![]);
+    let json = spans.body();
+    // The same export as protobuf, sent gzip-compressed.
+    let req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
+        serde_json::from_slice(&spans.body_for("svc-proto")).unwrap();
+    let proto = req.encode_to_vec();
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&proto).unwrap();
+        e.finish().unwrap()
+    };
+    common::spans::send_body(&a, json.clone()).await;
+    let r = reqwest::Client::new()
+        .post(a.http_url())
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(gz)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = eventually("both forwarded", || {
+        let got = got.clone();
+        async move {
+            let g = got.lock().unwrap().clone();
+            (g.len() >= 2).then_some(g)
+        }
+    })
+    .await;
+    assert_eq!(
+        got,
+        vec![
+            ("application/json".to_string(), String::new(), json),
+            ("application/x-protobuf".to_string(), String::new(), proto),
+        ],
+        "byte for byte, as received (decompressed)"
+    );
+    a.stop().await.unwrap();
+}
