@@ -475,22 +475,34 @@ async fn record_own_metrics(
     }
 }
 
-/// Creates partitions ahead of time every 10 minutes (`store::partitions::ahead`), so ingest
-/// finds them ready.
+/// Keeps partitions ready: creates them ahead of time every 10 minutes
+/// (`store::partitions::ahead`), so ingest finds them ready, and every minute gathers the
+/// statistics of partitions that filled since (`store::partitions::analyze_stale`), so no plan
+/// meets a large partition without them.
 async fn create_partitions_ahead(
     pool: sqlx::PgPool,
     retention: crate::store::retention::Retention,
     max_clock_skew: Duration,
     stop: CancellationToken,
 ) {
+    let mut tick: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        let now = chrono::Utc::now();
-        if let Err(e) = store::partitions::prepare(&pool, &retention, max_clock_skew, now).await {
-            tracing::warn!(error = %e, "creating partitions ahead failed; trying again in 10 minutes");
+        tick += 1;
+        if tick % 10 == 0 {
+            let now = chrono::Utc::now();
+            if let Err(e) = store::partitions::prepare(&pool, &retention, max_clock_skew, now).await
+            {
+                tracing::warn!(error = %e, "creating partitions ahead failed; trying again in 10 minutes");
+            }
+        }
+        if let Err(e) =
+            store::partitions::analyze_stale(&pool, store::partitions::ANALYZE_AFTER_ROWS).await
+        {
+            tracing::warn!(error = %e, "gathering partition statistics failed; trying again in a minute");
         }
     }
 }

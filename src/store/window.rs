@@ -13,6 +13,10 @@
 //! after each evaluation, so what is kept is bounded by the keys the cardinality guard admits
 //! times the minutes of the longest window (and of its baseline).
 //!
+//! Keys are kept as small ids (a key's strings once, however many minutes and shards hold it),
+//! so the rules aggregate by indexing arrays instead of hashing strings for every row, and the
+//! sums of a span are computed once per evaluation however many rules read it.
+//!
 //! The rules then aggregate in memory. Each function here computes exactly what its SQL
 //! definition in [`super::alerts`] computes (tests hold the two equal, value for value), at a
 //! cost that follows the keys of the window, never the calls, and without merging histograms in
@@ -20,6 +24,7 @@
 //! merging a hundred thousand histograms.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -131,10 +136,46 @@ pub struct LoopMinute {
 /// A session, as `session_tokens_1m` keys it: (service, session).
 pub type SessionKey = (String, String);
 
-/// The rows of one table for the minutes read, by minute, then by (key, shard).
+/// The keys of one table as small ids: rows are kept, and summed, by id, so an evaluation
+/// hashes and compares integers and indexes arrays instead of hashing strings for every row of
+/// its window.
+#[derive(Debug)]
+struct Keys<K> {
+    ids: HashMap<Arc<K>, u32>,
+    keys: Vec<Arc<K>>,
+}
+
+impl<K> Default for Keys<K> {
+    fn default() -> Self {
+        Keys {
+            ids: HashMap::new(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Keys<K> {
+    fn id(&mut self, key: K) -> u32 {
+        if let Some(&id) = self.ids.get(&key) {
+            return id;
+        }
+        let id = self.keys.len() as u32;
+        let key = Arc::new(key);
+        self.keys.push(key.clone());
+        self.ids.insert(key, id);
+        id
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// The rows of one table for the minutes read, by minute, then by (key id, shard).
 #[derive(Debug)]
 struct Minutes<K, V> {
-    rows: BTreeMap<i64, HashMap<(K, i16), V>>,
+    keys: Keys<K>,
+    rows: BTreeMap<i64, HashMap<(u32, i16), V>>,
     /// The spans read (normalized).
     loaded: Vec<Span>,
     /// The spans this evaluation read (kept when it finishes; the rest is dropped).
@@ -144,6 +185,7 @@ struct Minutes<K, V> {
 impl<K, V> Default for Minutes<K, V> {
     fn default() -> Self {
         Minutes {
+            keys: Keys::default(),
             rows: BTreeMap::new(),
             loaded: Vec::new(),
             used: Vec::new(),
@@ -153,25 +195,64 @@ impl<K, V> Default for Minutes<K, V> {
 
 impl<K: std::hash::Hash + Eq, V> Minutes<K, V> {
     fn put(&mut self, minute: i64, key: K, shard: i16, v: V) {
-        self.rows.entry(minute).or_default().insert((key, shard), v);
+        let id = self.keys.id(key);
+        self.rows.entry(minute).or_default().insert((id, shard), v);
     }
 
-    fn within(&self, (lo, hi): Span) -> impl Iterator<Item = (&(K, i16), &V)> {
+    fn within(&self, (lo, hi): Span) -> impl Iterator<Item = (&(u32, i16), &V)> {
         self.rows.range(lo..hi.max(lo)).flat_map(|(_, m)| m.iter())
     }
 
-    /// Keeps only the minutes of the spans used since the last call.
+    /// Keeps only the minutes of the spans used since the last call, and forgets the keys no
+    /// kept row has once they are most of those known (so ids stay dense and bounded by the
+    /// keys of the window).
     fn finish(&mut self) {
         let used = normalize(std::mem::take(&mut self.used));
         self.loaded = intersect(&self.loaded, &used);
         let loaded = &self.loaded;
         self.rows
             .retain(|m, _| loaded.iter().any(|(lo, hi)| lo <= m && m < hi));
+        if self.keys.len() < 4096 {
+            return;
+        }
+        let mut live = vec![false; self.keys.len()];
+        for m in self.rows.values() {
+            for (id, _) in m.keys() {
+                live[*id as usize] = true;
+            }
+        }
+        let n = live.iter().filter(|l| **l).count();
+        if n * 2 > self.keys.len() {
+            return;
+        }
+        let mut renumbered = vec![u32::MAX; self.keys.len()];
+        let mut keys = Keys::default();
+        for (old, key) in std::mem::take(&mut self.keys.keys).into_iter().enumerate() {
+            if live[old] {
+                renumbered[old] = keys.keys.len() as u32;
+                keys.ids.insert(key.clone(), keys.keys.len() as u32);
+                keys.keys.push(key);
+            }
+        }
+        self.keys = keys;
+        for m in self.rows.values_mut() {
+            *m = std::mem::take(m)
+                .into_iter()
+                .map(|((id, shard), v)| ((renumbered[id as usize], shard), v))
+                .collect();
+        }
     }
 
     fn len(&self) -> usize {
         self.rows.values().map(HashMap::len).sum()
     }
+}
+
+/// Per-tool sums over a span, by key id (ids without rows in it hold zeros).
+#[derive(Debug, Default)]
+struct ToolSums {
+    by_id: Vec<ToolMinute>,
+    present: Vec<u32>,
 }
 
 /// Which of the three tables.
@@ -199,6 +280,10 @@ pub struct Window {
     refreshed: bool,
     /// Rows read since [`Window::begin`] (changed and newly loaded).
     pub rows_read: u64,
+    /// The tool sums of the spans this evaluation's rules read: rules of one group share
+    /// windows (both latency rules, the error rate and empty results), and each span is summed
+    /// once. Cleared when an evaluation begins and whenever tool rows are read.
+    tool_sums: Vec<(Span, Arc<ToolSums>)>,
 }
 
 impl Window {
@@ -206,6 +291,7 @@ impl Window {
     pub fn begin(&mut self) {
         self.refreshed = false;
         self.rows_read = 0;
+        self.tool_sums.clear();
     }
 
     /// Ends an evaluation: minutes no rule read in it are dropped.
@@ -306,6 +392,9 @@ impl Window {
                 .fetch_all(pool)
                 .await?;
                 self.rows_read += rows.len() as u64;
+                if !rows.is_empty() {
+                    self.tool_sums.clear();
+                }
                 for (m, service, tool, side, shard, calls, errors, with_result, empty, hist) in rows
                 {
                     let from = hist.iter().position(|&c| c != 0).unwrap_or(hist.len());
@@ -379,11 +468,22 @@ impl Window {
         Ok(())
     }
 
-    /// Sums of the tool rows in `span`, per tool, histograms merged.
-    fn tool_sums(&self, span: Span) -> HashMap<&ToolKey, ToolMinute> {
-        let mut out: HashMap<&ToolKey, ToolMinute> = HashMap::new();
-        for ((key, _), v) in self.tools.within(span) {
-            let a = out.entry(key).or_default();
+    /// Sums of the tool rows in `span`, per tool, histograms merged (once per span and
+    /// evaluation).
+    fn tool_sums(&mut self, span: Span) -> Arc<ToolSums> {
+        if let Some((_, sums)) = self.tool_sums.iter().find(|(s, _)| *s == span) {
+            return sums.clone();
+        }
+        let mut out = ToolSums {
+            by_id: vec![ToolMinute::default(); self.tools.keys.len()],
+            present: Vec::new(),
+        };
+        let mut seen = vec![false; self.tools.keys.len()];
+        for ((id, _), v) in self.tools.within(span) {
+            let a = &mut out.by_id[*id as usize];
+            if !std::mem::replace(&mut seen[*id as usize], true) {
+                out.present.push(*id);
+            }
             a.calls += v.calls;
             a.errors += v.errors;
             a.with_result += v.with_result;
@@ -392,11 +492,17 @@ impl Window {
             if a.hist.len() < len {
                 a.hist.resize(len, 0);
             }
-            for (i, c) in v.hist.iter().enumerate() {
-                a.hist[v.hist_from + i] += c;
+            for (c, add) in a.hist[v.hist_from..len].iter_mut().zip(&v.hist) {
+                *c += add;
             }
         }
+        let out = Arc::new(out);
+        self.tool_sums.push((span, out.clone()));
         out
+    }
+
+    fn tool_key(&self, id: u32) -> &ToolKey {
+        &self.tools.keys.keys[id as usize]
     }
 
     /// [`super::alerts::latency`], from the kept rows.
@@ -414,17 +520,21 @@ impl Window {
         let spans: Vec<Span> = std::iter::once(cur).chain(base).collect();
         self.ensure(pool, Table::Tools, &spans).await?;
         let current = self.tool_sums(cur);
-        let base = base.map(|b| self.tool_sums(b)).unwrap_or_default();
-        let mut out = Vec::with_capacity(current.len());
-        for (key, a) in current {
+        let base = base.map(|b| self.tool_sums(b));
+        let mut out = Vec::with_capacity(current.present.len());
+        for &id in &current.present {
+            let a = &current.by_id[id as usize];
             let Some(v) = hist_quantile(&a.hist, quantile) else {
                 continue;
             };
             let lo = hist_quantile(&a.hist, engine::quantile_lower_rank(quantile, z, a.calls));
-            let b = base.get(key).and_then(|b| {
-                hist_quantile(&b.hist, engine::quantile_upper_rank(quantile, z, b.calls))
-            });
-            out.push(tool_observation(key, v, a.calls, b, lo));
+            let b = base
+                .as_ref()
+                .and_then(|base| base.by_id.get(id as usize))
+                .and_then(|b| {
+                    hist_quantile(&b.hist, engine::quantile_upper_rank(quantile, z, b.calls))
+                });
+            out.push(tool_observation(self.tool_key(id), v, a.calls, b, lo));
         }
         Ok(out)
     }
@@ -438,12 +548,15 @@ impl Window {
     ) -> Result<Vec<Observation>, StoreError> {
         let cur = span(to, window_secs);
         self.ensure(pool, Table::Tools, &[cur]).await?;
-        Ok(self
-            .tool_sums(cur)
-            .into_iter()
+        let current = self.tool_sums(cur);
+        Ok(current
+            .present
+            .iter()
+            .map(|&id| (id, &current.by_id[id as usize]))
             .filter(|(_, a)| a.calls > 0)
-            .map(|(key, a)| {
-                tool_observation(key, a.errors as f64 / a.calls as f64, a.calls, None, None)
+            .map(|(id, a)| {
+                let v = a.errors as f64 / a.calls as f64;
+                tool_observation(self.tool_key(id), v, a.calls, None, None)
             })
             .collect())
     }
@@ -460,13 +573,19 @@ impl Window {
         self.ensure(pool, Table::Tools, &[cur, base]).await?;
         let share = |a: &ToolMinute| a.empty_results as f64 / a.with_result as f64;
         let base = self.tool_sums(base);
-        Ok(self
-            .tool_sums(cur)
-            .into_iter()
+        let current = self.tool_sums(cur);
+        Ok(current
+            .present
+            .iter()
+            .map(|&id| (id, &current.by_id[id as usize]))
             .filter(|(_, a)| a.with_result > 0)
-            .map(|(key, a)| {
-                let b = base.get(key).filter(|b| b.with_result > 0).map(share);
-                tool_observation(key, share(&a), a.with_result, b, None)
+            .map(|(id, a)| {
+                let b = base
+                    .by_id
+                    .get(id as usize)
+                    .filter(|b| b.with_result > 0)
+                    .map(share);
+                tool_observation(self.tool_key(id), share(a), a.with_result, b, None)
             })
             .collect())
     }
@@ -484,28 +603,42 @@ impl Window {
         let cur = span(to, window_secs);
         self.ensure(pool, Table::Loops, &[cur]).await?;
         let polling = super::alerts::polling_calls_per_minute(polling_secs);
-        #[derive(Default)]
+        #[derive(Default, Clone, Copy)]
         struct Sums {
             n: i64,
             failed: i64,
             stuck: i64,
             busiest: i64,
         }
-        let mut keys: HashMap<&LoopKey, Sums> = HashMap::new();
+        // Dense by key id: per minute over the writers' shards, then per key over the minutes.
+        let keys = &self.loops.keys;
+        let folded: Vec<bool> = keys.keys.iter().map(|k| k.session == OVERFLOW).collect();
+        let mut sums = vec![Sums::default(); keys.len()];
+        let mut touched: Vec<u32> = Vec::new();
+        let mut minute_sums = vec![LoopMinute::default(); keys.len()];
+        let mut in_minute: Vec<u32> = Vec::new();
         for (_, minute) in self.loops.rows.range(cur.0..cur.1.max(cur.0)) {
-            // Per minute over the writers' shards, then per key over the minutes.
-            let mut m: HashMap<&LoopKey, LoopMinute> = HashMap::new();
-            for ((key, _), v) in minute {
-                if key.session == OVERFLOW {
+            for ((id, _), v) in minute {
+                if folded[*id as usize] {
                     continue;
                 }
-                let s = m.entry(key).or_default();
+                let s = &mut minute_sums[*id as usize];
+                if *s == LoopMinute::default() {
+                    in_minute.push(*id);
+                }
                 s.calls += v.calls;
                 s.failed += v.failed;
                 s.stuck += v.stuck;
             }
-            for (key, v) in m.into_iter().filter(|(_, v)| v.calls > 0) {
-                let s = keys.entry(key).or_default();
+            for id in in_minute.drain(..) {
+                let v = std::mem::take(&mut minute_sums[id as usize]);
+                if v.calls <= 0 {
+                    continue;
+                }
+                let s = &mut sums[id as usize];
+                if s.n == 0 && s.busiest == 0 {
+                    touched.push(id);
+                }
                 s.n += v.calls;
                 s.failed += v.failed;
                 s.stuck += v.stuck;
@@ -513,7 +646,8 @@ impl Window {
             }
         }
         let mut best: HashMap<(&str, &str, &str), i64> = HashMap::new();
-        for (key, s) in keys {
+        for id in touched {
+            let (key, s) = (&keys.keys[id as usize], &sums[id as usize]);
             if s.n < min_repeats
                 || (after_errors_only && s.failed <= 0)
                 || !(s.stuck > 0 || s.busiest > polling)
@@ -551,12 +685,17 @@ impl Window {
     ) -> Result<Vec<Observation>, StoreError> {
         let cur = span(to, window_secs);
         self.ensure(pool, Table::Tokens, &[cur]).await?;
-        let mut sessions: HashMap<&SessionKey, i64> = HashMap::new();
-        for ((key, _), tokens) in self.tokens.within(cur) {
-            if key.1 != OVERFLOW {
-                *sessions.entry(key).or_default() += tokens;
-            }
+        let keys = &self.tokens.keys.keys;
+        let mut by_id = vec![None::<i64>; keys.len()];
+        for ((id, _), tokens) in self.tokens.within(cur) {
+            *by_id[*id as usize].get_or_insert(0) += tokens;
         }
+        let sessions: Vec<(&SessionKey, i64)> = by_id
+            .into_iter()
+            .enumerate()
+            .filter_map(|(id, t)| Some((&*keys[id], t?)))
+            .filter(|(key, _)| key.1 != OVERFLOW)
+            .collect();
         let mut per_service: HashMap<&str, Vec<f64>> = HashMap::new();
         for ((service, _), tokens) in &sessions {
             per_service
@@ -646,6 +785,41 @@ mod tests {
             "2026-12-01T09:55:00+00:00"
         );
         assert_eq!(hi, to.timestamp_millis());
+    }
+
+    #[test]
+    fn keys_no_kept_row_has_are_forgotten_and_the_rest_keep_their_rows() {
+        let mut m: Minutes<String, i64> = Minutes::default();
+        // 5,000 keys in minute 0, 1,000 of them again in minute 60,000.
+        for k in 0..5_000i64 {
+            m.put(0, format!("k{k}"), 0, k);
+        }
+        for k in 0..1_000i64 {
+            m.put(MINUTE_MS, format!("k{k}"), 1, -k);
+        }
+        m.loaded = vec![(0, 2 * MINUTE_MS)];
+        m.used = vec![(0, 2 * MINUTE_MS)];
+        m.finish();
+        assert_eq!(m.keys.len(), 5_000, "every key still has a row");
+        // Minute 0 leaves the window: 4,000 keys have no row any more.
+        m.used = vec![(MINUTE_MS, 2 * MINUTE_MS)];
+        m.finish();
+        assert_eq!(m.keys.len(), 1_000);
+        assert_eq!(m.len(), 1_000);
+        let mut seen: Vec<(String, i16, i64)> = m
+            .within((0, 2 * MINUTE_MS))
+            .map(|((id, shard), v)| ((*m.keys.keys[*id as usize]).clone(), *shard, *v))
+            .collect();
+        seen.sort();
+        let mut want: Vec<(String, i16, i64)> =
+            (0..1_000i64).map(|k| (format!("k{k}"), 1, -k)).collect();
+        want.sort();
+        assert_eq!(seen, want);
+        // Ids are dense again and a known key finds its id.
+        assert!(m.keys.ids.values().all(|&id| (id as usize) < 1_000));
+        let id = m.keys.id("k7".to_owned());
+        assert_eq!(*m.keys.keys[id as usize], "k7");
+        assert_eq!(m.keys.len(), 1_000);
     }
 
     #[test]
