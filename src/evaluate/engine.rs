@@ -434,22 +434,30 @@ pub fn apply(
                 .any(|m| m.iter().all(|(k, v)| o.labels.get(k) == Some(v)))
     }) {
         let key = key_of(&o.labels);
+        let map_key = (rule.alert.clone(), key);
+        let phase = alerts
+            .map
+            .get(&map_key)
+            .map_or(Phase::Inactive, |t| t.state.phase);
+        let judged = judge(rule, o, phase);
+        // A key that is not active and does not fire is not tracked: nothing is kept or
+        // written for the many keys that are fine (an inactive state has no stored row).
+        if !alerts.map.contains_key(&map_key) && judged.signal != Signal::Fire {
+            continue;
+        }
+        let (alert, key) = map_key;
         seen.insert(key.clone());
         let entry = alerts
             .map
-            .entry((rule.alert.clone(), key.clone()))
+            .entry((alert, key.clone()))
             .or_insert_with(|| Tracked {
                 group: group.to_owned(),
                 labels: o.labels.clone(),
                 state: AlertState::default(),
             });
-        let judged = judge(rule, o, entry.state.phase);
         let value = Some(judged.value).filter(|v| v.is_finite());
         let before = entry.state.clone();
         let event = entry.state.step(judged.signal, value, now_ms, timing);
-        if entry.state != before {
-            changed.push((rule.alert.clone(), key.clone()));
-        }
         if let Some(event) = event {
             notices.push(notice(
                 rule,
@@ -460,6 +468,15 @@ pub fn apply(
                 Some(judged.threshold),
                 &judged.reason,
             ));
+        }
+        if entry.state.phase == Phase::Inactive {
+            // Back to inactive (a pending alert that cleared): forgotten, its row deleted.
+            alerts.map.remove(&(rule.alert.clone(), key.clone()));
+            if before.phase != Phase::Inactive {
+                changed.push((rule.alert.clone(), key));
+            }
+        } else if entry.state != before {
+            changed.push((rule.alert.clone(), key));
         }
     }
     let unseen: Vec<String> = alerts
@@ -906,6 +923,64 @@ mod tests {
         assert!(matches!(resolved[0].event, Event::Resolved { .. }));
         apply(&r, "g", &[], &mut alerts, 90 * MIN, &mut changed);
         assert!(alerts.map.is_empty(), "{alerts:?}");
+    }
+
+    #[test]
+    fn keys_that_are_fine_are_neither_kept_nor_written() {
+        // 50,000 sessions or tools below their threshold, their values moving every minute:
+        // each evaluation used to keep every key and write (delete) a stored state for each.
+        let r = rule(
+            "      - alert: Err\n        kind: error_rate\n        window: 5m\n        fire_above: 0.05\n        for: 2m\n        min_samples: 1\n",
+        );
+        let mut alerts = Alerts::default();
+        for minute in 0..3 {
+            let fine: Vec<Observation> = (0..1_000)
+                .map(|i| {
+                    obs(
+                        &format!("t{i}"),
+                        0.001 * f64::from(minute + i % 7),
+                        100,
+                        None,
+                    )
+                })
+                .collect();
+            let mut changed = Vec::new();
+            let notices = apply(
+                &r,
+                "g",
+                &fine,
+                &mut alerts,
+                minute as i64 * MIN,
+                &mut changed,
+            );
+            assert!(notices.is_empty());
+            assert!(changed.is_empty(), "{} states to write", changed.len());
+            assert!(alerts.map.is_empty(), "{} keys kept", alerts.map.len());
+        }
+        // One goes above: pending (kept, written); it clears before `for`: forgotten, and its
+        // stored state deleted.
+        let mut changed = Vec::new();
+        apply(
+            &r,
+            "g",
+            &[obs("t1", 0.5, 100, None)],
+            &mut alerts,
+            3 * MIN,
+            &mut changed,
+        );
+        assert_eq!(alerts.map.len(), 1);
+        assert_eq!(changed.len(), 1);
+        let mut changed = Vec::new();
+        apply(
+            &r,
+            "g",
+            &[obs("t1", 0.0, 100, None)],
+            &mut alerts,
+            4 * MIN,
+            &mut changed,
+        );
+        assert!(alerts.map.is_empty());
+        assert_eq!(changed.len(), 1, "the pending state is deleted");
     }
 
     #[test]
