@@ -12,6 +12,7 @@ use super::StoreError;
 /// retention applies. Partitioned tables are in [`super::partitions::PARTITIONED`].
 pub const TABLES: &[(&str, &str, Class)] = &[
     ("alert_events", "at", Class::Rollup),
+    ("toolsight_changed_minutes", "minute", Class::Rollup),
     ("notify_outbox", "created_at", Class::Delivered),
     ("collector_metrics", "at", Class::OwnMetrics),
 ];

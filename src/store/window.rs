@@ -9,7 +9,11 @@
 //! version of an older transaction was committed before that read and is in it; a row of a
 //! transaction running then, or started since, is read again. A writer's upsert or the join's
 //! correction writes a new row version, so nothing is missed and nothing is counted twice: a
-//! re-read row replaces the kept one. Minutes no rule of the group reads any more are dropped
+//! re-read row replaces the kept one. Which minutes to re-read comes from
+//! `toolsight_changed_minutes`, where the three tables' statement triggers mark (table, minute,
+//! writer shard) in every writing transaction (migration 0011): a marker's row version has the
+//! xmin of the rows it points at, so the same test finds the changed minutes, and an
+//! evaluation reads a few minutes' rows, not its whole windows again. Minutes no rule of the group reads any more are dropped
 //! after each evaluation, so what is kept is bounded by the keys the cardinality guard admits
 //! times the minutes of the longest window (and of its baseline).
 //!
@@ -263,10 +267,27 @@ enum Table {
     Tokens,
 }
 
-/// The `xmin` test: the row version was written by a transaction not older than `$3` (the low
+/// The `xmin` test: the row version was written by a transaction not older than `$n` (the low
 /// 32 bits of a snapshot's xmin), modulo 2^32 as PostgreSQL compares transaction ids.
-const CHANGED: &str =
-    "($3::bigint IS NULL OR ((xmin::text::bigint - $3) & 4294967295) < 2147483648)";
+fn changed(n: u8) -> String {
+    format!("(${n}::bigint IS NULL OR ((xmin::text::bigint - ${n}) & 4294967295) < 2147483648)")
+}
+
+/// Which rows of a table a read takes: a span of minutes, or some minutes.
+enum Rows<'a> {
+    Span(Span),
+    Minutes(&'a [DateTime<Utc>]),
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Tools => "tool_rollup_1m",
+            Table::Loops => "loop_calls_1m",
+            Table::Tokens => "session_tokens_1m",
+        }
+    }
+}
 
 /// The windows of one rule group: see the module documentation.
 #[derive(Debug, Default)]
@@ -325,14 +346,35 @@ impl Window {
             .fetch_one(pool)
             .await?;
             if let Some(old) = self.watermark {
+                // The minutes written since the last read (`toolsight_changed_minutes`, marked
+                // by the tables' triggers in the writing transactions), and of those only the
+                // ones kept: re-read, only the row versions written since.
+                let marked: Vec<(String, DateTime<Utc>)> = sqlx::query_as(&format!(
+                    "SELECT tbl, minute FROM toolsight_changed_minutes WHERE {}",
+                    changed(1)
+                ))
+                .bind(old)
+                .fetch_all(pool)
+                .await?;
                 for t in [Table::Tools, Table::Loops, Table::Tokens] {
                     let loaded = match t {
-                        Table::Tools => self.tools.loaded.clone(),
-                        Table::Loops => self.loops.loaded.clone(),
-                        Table::Tokens => self.tokens.loaded.clone(),
+                        Table::Tools => &self.tools.loaded,
+                        Table::Loops => &self.loops.loaded,
+                        Table::Tokens => &self.tokens.loaded,
                     };
-                    for s in loaded {
-                        self.read(pool, t, s, Some(old)).await?;
+                    let mut minutes: Vec<DateTime<Utc>> = marked
+                        .iter()
+                        .filter(|(tbl, m)| {
+                            let m = m.timestamp_millis();
+                            tbl == t.name() && loaded.iter().any(|(lo, hi)| *lo <= m && m < *hi)
+                        })
+                        .map(|(_, m)| *m)
+                        .collect();
+                    minutes.sort_unstable();
+                    minutes.dedup();
+                    if !minutes.is_empty() {
+                        self.read(pool, t, Rows::Minutes(&minutes), Some(old))
+                            .await?;
                     }
                 }
             }
@@ -346,7 +388,7 @@ impl Window {
             Table::Tokens => &self.tokens.loaded,
         };
         for s in subtract(&spans, loaded) {
-            self.read(pool, table, s, None).await?;
+            self.read(pool, table, Rows::Span(s), None).await?;
         }
         let (loaded, used) = match table {
             Table::Tools => (&mut self.tools.loaded, &mut self.tools.used),
@@ -358,16 +400,35 @@ impl Window {
         Ok(())
     }
 
-    /// Reads the rows of `table` in `span`: all of them, or those changed since `since`.
+    /// Reads the rows of `table` in `rows`: all of them, or those changed since `since`.
     async fn read(
         &mut self,
         pool: &PgPool,
         table: Table,
-        (lo, hi): Span,
+        rows: Rows<'_>,
         since: Option<i64>,
     ) -> Result<(), StoreError> {
         let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
-        let (lo, hi) = (at(lo), at(hi));
+        let (which, lo, hi, minutes) = match rows {
+            Rows::Span((lo, hi)) => (
+                format!("minute >= $1 AND minute < $2 AND {}", changed(3)),
+                Some(at(lo)),
+                Some(at(hi)),
+                None,
+            ),
+            Rows::Minutes(m) => (
+                format!("minute = ANY($4) AND {}", changed(3)),
+                None,
+                None,
+                Some(m),
+            ),
+        };
+        // Binds the same four parameters whichever form the filter takes.
+        macro_rules! bind {
+            ($q:expr) => {
+                $q.bind(lo).bind(hi).bind(since).bind(minutes)
+            };
+        }
         match table {
             Table::Tools => {
                 type Row = (
@@ -382,13 +443,10 @@ impl Window {
                     i64,
                     Vec<i64>,
                 );
-                let rows: Vec<Row> = sqlx::query_as(&format!(
+                let rows: Vec<Row> = bind!(sqlx::query_as(&format!(
                     "SELECT minute, service, tool, side, shard, calls, errors, with_result, empty_results, latency_hist
-                     FROM tool_rollup_1m WHERE minute >= $1 AND minute < $2 AND {CHANGED}"
-                ))
-                .bind(lo)
-                .bind(hi)
-                .bind(since)
+                     FROM tool_rollup_1m WHERE {which}"
+                )))
                 .fetch_all(pool)
                 .await?;
                 self.rows_read += rows.len() as u64;
@@ -422,13 +480,10 @@ impl Window {
                     i64,
                     i64,
                 );
-                let rows: Vec<Row> = sqlx::query_as(&format!(
+                let rows: Vec<Row> = bind!(sqlx::query_as(&format!(
                     "SELECT minute, service, tool, session_key, args_hash, shard, calls, failed, stuck
-                     FROM loop_calls_1m WHERE minute >= $1 AND minute < $2 AND {CHANGED}"
-                ))
-                .bind(lo)
-                .bind(hi)
-                .bind(since)
+                     FROM loop_calls_1m WHERE {which}"
+                )))
                 .fetch_all(pool)
                 .await?;
                 self.rows_read += rows.len() as u64;
@@ -449,13 +504,10 @@ impl Window {
             }
             Table::Tokens => {
                 let rows: Vec<(DateTime<Utc>, String, String, i16, i64)> =
-                    sqlx::query_as(&format!(
+                    bind!(sqlx::query_as(&format!(
                         "SELECT minute, service, session_key, shard, tokens
-                         FROM session_tokens_1m WHERE minute >= $1 AND minute < $2 AND {CHANGED}"
-                    ))
-                    .bind(lo)
-                    .bind(hi)
-                    .bind(since)
+                         FROM session_tokens_1m WHERE {which}"
+                    )))
                     .fetch_all(pool)
                     .await?;
                 self.rows_read += rows.len() as u64;
