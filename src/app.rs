@@ -492,7 +492,7 @@ async fn create_partitions_ahead(
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
         tick += 1;
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             let now = chrono::Utc::now();
             if let Err(e) = store::partitions::prepare(&pool, &retention, max_clock_skew, now).await
             {
