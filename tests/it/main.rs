@@ -17,6 +17,7 @@ mod fuzz_corpus;
 mod histogram_sql;
 mod hostile_input;
 mod ingest_e2e;
+mod metric_captures;
 mod notify_e2e;
 mod outage_e2e;
 mod protocol_e2e;
