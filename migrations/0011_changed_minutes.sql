@@ -20,15 +20,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER toolsight_changed_insert AFTER INSERT ON tool_rollup_1m
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION toolsight_mark_changed();
-CREATE TRIGGER toolsight_changed_update AFTER UPDATE ON tool_rollup_1m
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION toolsight_mark_changed();
-CREATE TRIGGER toolsight_changed_insert AFTER INSERT ON loop_calls_1m
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION toolsight_mark_changed();
-CREATE TRIGGER toolsight_changed_update AFTER UPDATE ON loop_calls_1m
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION toolsight_mark_changed();
-CREATE TRIGGER toolsight_changed_insert AFTER INSERT ON session_tokens_1m
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION toolsight_mark_changed();
-CREATE TRIGGER toolsight_changed_update AFTER UPDATE ON session_tokens_1m
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION toolsight_mark_changed();
+DO $$
+DECLARE
+    tbl text;
+    ev text;
+BEGIN
+    FOREACH tbl IN ARRAY ARRAY['tool_rollup_1m', 'loop_calls_1m', 'session_tokens_1m'] LOOP
+        FOREACH ev IN ARRAY ARRAY['insert', 'update'] LOOP
+            EXECUTE format(
+                'CREATE TRIGGER toolsight_changed_%s AFTER %s ON %I
+                 REFERENCING NEW TABLE AS changed FOR EACH STATEMENT
+                 EXECUTE FUNCTION toolsight_mark_changed()', ev, upper(ev), tbl);
+        END LOOP;
+    END LOOP;
+END $$;

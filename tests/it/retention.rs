@@ -318,16 +318,23 @@ async fn filled_partitions_get_statistics_without_waiting_for_autovacuum() {
         }
     };
     assert!(reltuples(today.clone()).await < 0.0, "never analyzed yet");
-    let analyzed = common::eventually("the filled partition analyzed", || {
+    // Runs the maintainer's step until it analyzes something.
+    let analyze = |what: &'static str| {
         let pool = pool.clone();
         async move {
-            let done = partitions::analyze_stale(&pool, partitions::ANALYZE_AFTER_ROWS)
-                .await
-                .unwrap();
-            (!done.is_empty()).then_some(done)
+            common::eventually(what, || {
+                let pool = pool.clone();
+                async move {
+                    let done = partitions::analyze_stale(&pool, partitions::ANALYZE_AFTER_ROWS)
+                        .await
+                        .unwrap();
+                    (!done.is_empty()).then_some(done)
+                }
+            })
+            .await
         }
-    })
-    .await;
+    };
+    let analyzed = analyze("the filled partition analyzed").await;
     assert_eq!(analyzed, vec![today.clone()]);
     assert_eq!(reltuples(today.clone()).await, 20_000.0);
     assert!(
@@ -352,16 +359,7 @@ async fn filled_partitions_get_statistics_without_waiting_for_autovacuum() {
             .is_empty()
     );
     insert(minute + Duration::minutes(1), 1, 25_000).await;
-    let again = common::eventually("the doubled partition analyzed again", || {
-        let pool = pool.clone();
-        async move {
-            let done = partitions::analyze_stale(&pool, partitions::ANALYZE_AFTER_ROWS)
-                .await
-                .unwrap();
-            (!done.is_empty()).then_some(done)
-        }
-    })
-    .await;
+    let again = analyze("the doubled partition analyzed again").await;
     assert_eq!(again, vec![today.clone()]);
     assert_eq!(reltuples(today).await, 45_000.0);
 }
