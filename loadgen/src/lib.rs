@@ -185,7 +185,7 @@ fn now_nanos() -> u64 {
 }
 
 /// A trace-id prefix no generated request uses: marks where the ids sit in an encoded template.
-const MARKER: [u8; 8] = [0xA5, 0x5A, 0xC3, 0x3C, 0x96, 0x69, 0x0F, 0xF0];
+pub(crate) const MARKER: [u8; 8] = [0xA5, 0x5A, 0xC3, 0x3C, 0x96, 0x69, 0x0F, 0xF0];
 /// An encoded template is re-encoded (fresh timestamps) after this long.
 const REENCODE_AFTER: Duration = Duration::from_secs(10);
 

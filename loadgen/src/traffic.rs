@@ -529,11 +529,23 @@ impl Traffic {
         self.with_prefix(prefix, now_unix_nanos)
     }
 
-    /// The next unique trace-id prefix of this generator: (run, worker, sequence).
+    /// The next unique trace-id prefix of this generator: (run, worker, sequence), spread over
+    /// the whole range one to one (the splitmix64 finalizer is a bijection), so prefixes look
+    /// like the random trace ids of real exporters: a raw-row policy sampling by the id's
+    /// leading bytes keeps the share it is set to, not every trace.
     pub fn next_prefix(&mut self, run: u16) -> [u8; 8] {
-        self.seq += 1;
-        ((u64::from(run) << 48) | (u64::from(self.worker) << 32) | (self.seq & 0xFFFF_FFFF))
-            .to_be_bytes()
+        loop {
+            self.seq += 1;
+            let id =
+                (u64::from(run) << 48) | (u64::from(self.worker) << 32) | (self.seq & 0xFFFF_FFFF);
+            let mut z = id;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            let prefix = (z ^ (z >> 31)).to_be_bytes();
+            if prefix != crate::MARKER {
+                return prefix;
+            }
+        }
     }
 
     /// The template with every trace id starting with `prefix` and current timestamps.
@@ -554,5 +566,26 @@ impl Traffic {
             }
         }
         &self.request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Traffic;
+
+    #[test]
+    fn trace_id_prefixes_are_unique_and_spread_like_random_ids() {
+        let mut t = Traffic::new(14, 3, 7);
+        let prefixes: Vec<u64> = (0..20_000)
+            .map(|_| u64::from_be_bytes(t.next_prefix(2)))
+            .collect();
+        let unique: std::collections::HashSet<u64> = prefixes.iter().copied().collect();
+        assert_eq!(unique.len(), prefixes.len());
+        // A policy keeping 10% of traces by the leading bytes keeps about 10% of them.
+        let below = prefixes
+            .iter()
+            .filter(|&&p| (p as f64) < 0.1 * u64::MAX as f64)
+            .count();
+        assert!((1_700..2_300).contains(&below), "{below} of 20,000");
     }
 }
