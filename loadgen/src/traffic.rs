@@ -579,8 +579,13 @@ mod tests {
         let prefixes: Vec<u64> = (0..20_000)
             .map(|_| u64::from_be_bytes(t.next_prefix(2)))
             .collect();
-        let unique: std::collections::HashSet<u64> = prefixes.iter().copied().collect();
+        let mut unique: std::collections::HashSet<u64> = prefixes.iter().copied().collect();
         assert_eq!(unique.len(), prefixes.len());
+        // Another run of the same worker never repeats them.
+        let mut again = Traffic::new(14, 3, 7);
+        for _ in 0..20_000 {
+            assert!(unique.insert(u64::from_be_bytes(again.next_prefix(3))));
+        }
         // A policy keeping 10% of traces by the leading bytes keeps about 10% of them.
         let below = prefixes
             .iter()
