@@ -435,26 +435,20 @@ pub fn apply(
     }) {
         let key = key_of(&o.labels);
         let map_key = (rule.alert.clone(), key);
-        let phase = alerts
-            .map
-            .get(&map_key)
-            .map_or(Phase::Inactive, |t| t.state.phase);
-        let judged = judge(rule, o, phase);
+        let tracked = alerts.map.get(&map_key).map(|t| t.state.phase);
+        let judged = judge(rule, o, tracked.unwrap_or(Phase::Inactive));
         // A key that is not active and does not fire is not tracked: nothing is kept or
         // written for the many keys that are fine (an inactive state has no stored row).
-        if !alerts.map.contains_key(&map_key) && judged.signal != Signal::Fire {
+        if tracked.is_none() && judged.signal != Signal::Fire {
             continue;
         }
-        let (alert, key) = map_key;
+        let key = map_key.1.clone();
         seen.insert(key.clone());
-        let entry = alerts
-            .map
-            .entry((alert, key.clone()))
-            .or_insert_with(|| Tracked {
-                group: group.to_owned(),
-                labels: o.labels.clone(),
-                state: AlertState::default(),
-            });
+        let entry = alerts.map.entry(map_key).or_insert_with(|| Tracked {
+            group: group.to_owned(),
+            labels: o.labels.clone(),
+            state: AlertState::default(),
+        });
         let value = Some(judged.value).filter(|v| v.is_finite());
         let before = entry.state.clone();
         let event = entry.state.step(judged.signal, value, now_ms, timing);

@@ -13,9 +13,10 @@
 //! `toolsight_changed_minutes`, where the three tables' statement triggers mark (table, minute,
 //! writer shard) in every writing transaction (migration 0011): a marker's row version has the
 //! xmin of the rows it points at, so the same test finds the changed minutes, and an
-//! evaluation reads a few minutes' rows, not its whole windows again. Minutes no rule of the group reads any more are dropped
-//! after each evaluation, so what is kept is bounded by the keys the cardinality guard admits
-//! times the minutes of the longest window (and of its baseline).
+//! evaluation reads a few minutes' rows, not its whole windows again. Minutes no rule of the
+//! group reads any more are dropped after each evaluation, so what is kept is bounded by the
+//! keys the cardinality guard admits times the minutes of the longest window (and of its
+//! baseline).
 //!
 //! Keys are kept as small ids (a key's strings once, however many minutes and shards hold it),
 //! so the rules aggregate by indexing arrays instead of hashing strings for every row, and the
@@ -409,6 +410,8 @@ impl Window {
         since: Option<i64>,
     ) -> Result<(), StoreError> {
         let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+        // A span is a range scan on the minute index; listed minutes are looked up one by one
+        // (a late row in an old minute must not turn the read into a scan of the window).
         let (which, lo, hi, minutes) = match rows {
             Rows::Span((lo, hi)) => (
                 format!("minute >= $1 AND minute < $2 AND {}", changed(3)),
